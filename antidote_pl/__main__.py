@@ -1,0 +1,11 @@
+"""Entry point: ``python -m antidote_pl {fit,validate,test,predict} --config a.yaml [--config b.yaml]``."""
+
+import os
+
+# Fast tokenizers warn (and may deadlock) when forked by DataLoader workers after use.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from antidote_pl.cli import main
+
+if __name__ == "__main__":
+    main()

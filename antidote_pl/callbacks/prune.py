@@ -1,0 +1,374 @@
+"""Post-fine-tuning pruning callbacks (Antidote and its ablations).
+
+When ``fit`` ends, the callback scores the target weights, zeroes the top fraction ``alpha`` and
+writes ``mask.safetensors``, ``mask.json`` and the pruned model (Hugging Face format) to its output
+directory. With ``trainer.max_epochs: 0`` it repairs an already fine-tuned adapter without training::
+
+    python -m antidote_pl fit --config configs/tiny/repair.yaml
+    python -m antidote_pl fit --config configs/tiny/repair.yaml --config callbacks/random.yaml
+
+The math lives in :mod:`antidote_pl.pruning`; this module is glue: device placement, DDP sharding and
+all-reduce, timing and artefacts.
+
+Why ``on_fit_end``: the design card asks for it, and it runs after every ``ModelCheckpoint`` write,
+so the callback saves its own artefacts. By then Lightning has torn down the DDP wrapper and, on GPU,
+moved the module to CPU, so the module is moved back to ``trainer.strategy.root_device`` first. The
+process group is still up, so statistics are all-reduced there and every rank derives the same mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.pruning import (
+    SCOPES,
+    STATISTICS,
+    TARGET_KINDS,
+    apply_target_masks_,
+    collect,
+    find_targets,
+    magnitude_scores,
+    masks_for_alphas,
+    overall_fraction,
+    random_masks,
+    realised_fractions,
+    run_calibration,
+    save_tensors,
+    target_weights,
+    to_param_layout,
+    wanda_scores,
+)
+from antidote_pl.pruning.select import check_alpha
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SETS = ("realignment", "task")
+TOKEN_MASKS = ("attention", "response")
+RANDOM_SCOPES = ("row", "tensor")
+
+
+class BasePruneCallback(Callback):
+    """Scores target weights at the end of fit, removes the top ``alpha`` and saves the result.
+
+    Subclasses implement :meth:`compute_masks` (or :meth:`compute_scores` for score-based methods).
+
+    Args:
+        alpha: Fraction of target weights removed, in (0, 1).
+        target: ``lora`` (the fine-tuning LoRA's A and B, official), ``lora_delta`` (the effective
+            update scale*B*A) or ``linear`` (weights of a fully fine-tuned model).
+        scope: ``row`` (per output row, official), ``matrix`` or ``global``.
+        include: Optional module-name substrings restricting the targets.
+        adapter_name: peft adapter to prune.
+        output_dir: Where masks and the pruned model go; defaults to the model's ``output_dir``.
+        save_scores: Also save the scores (``scores.safetensors``) so other alphas can be swept
+            without another forward pass.
+    """
+
+    method = "base"
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        target: str = "lora",
+        scope: str = "row",
+        include: list[str] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
+        save_scores: bool = False,
+    ) -> None:
+        super().__init__()
+        self.alpha = check_alpha(alpha, "alpha")
+        if target not in TARGET_KINDS:
+            raise bad_value("target", target, f"one of {list(TARGET_KINDS)}")
+        if scope not in SCOPES:
+            raise bad_value("scope", scope, f"one of {list(SCOPES)}")
+        self.target = target
+        self.scope = scope
+        self.include = include
+        self.adapter_name = adapter_name
+        self.output_dir = output_dir
+        self.save_scores = save_scores
+        self.report: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ extension points
+    def compute_scores(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, targets
+    ) -> dict[str, torch.Tensor]:
+        """Row-layout scores per target (larger = removed first)."""
+        raise NotImplementedError
+
+    def compute_masks(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, targets
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """Row-layout boolean masks (True = remove) and the scores behind them (or ``None``)."""
+        scores = self.compute_scores(trainer, pl_module, targets)
+        return masks_for_alphas(scores, [self.alpha], self.scope)[self.alpha], scores
+
+    def describe(self) -> dict[str, Any]:
+        """Settings recorded in ``mask.json``."""
+        return {"method": self.method, "alpha": self.alpha, "target": self.target, "scope": self.scope}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and not hasattr(pl_module, "model"):
+            raise ConfigError(
+                f"{type(self).__name__} needs a module with a `.model` (e.g. CausalLMSFTModule)."
+            )
+        if (
+            stage == "fit"
+            and self.output_dir is None
+            and getattr(pl_module.hparams, "output_dir", None) is None
+        ):
+            raise bad_value(
+                f"{type(self).__name__}.output_dir", None, "a directory (or set model.output_dir)"
+            )
+        if stage == "fit":
+            # Fail now, not after training: targets must exist in the model.
+            find_targets(pl_module.model, self.target, self.adapter_name, self.include)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.to(trainer.strategy.root_device)
+        model = pl_module.model
+        targets = find_targets(model, self.target, self.adapter_name, self.include)
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        masks, scores = self.compute_masks(trainer, pl_module, targets)
+        seconds = time.perf_counter() - start
+        param_masks = to_param_layout(masks, targets)
+        apply_target_masks_(targets, param_masks)
+        fractions = realised_fractions(masks)
+        self.report = {
+            **self.describe(),
+            "device": str(device),
+            "world_size": trainer.world_size,
+            "num_targets": len(targets),
+            "removed_fraction": overall_fraction(masks),
+            "per_tensor_fraction": fractions,
+            "scoring_seconds": seconds,
+            "peak_memory_bytes": _peak_memory(device),
+            **self.extra_report(trainer),
+        }
+        out = self.output_dir or pl_module.hparams.output_dir
+        # Every rank records it, so the module's own on_fit_end takes the same branch on all ranks.
+        pl_module.saved_stage_dir = str(out)
+        if trainer.is_global_zero:
+            param_scores = (
+                to_param_layout(scores, targets) if scores is not None and self.save_scores else None
+            )
+            pl_module.save_stage(
+                out,
+                extra_metadata={"pruning": self.report},
+                extra_files=lambda tmp: _write_artifacts(tmp, param_masks, param_scores, self.report),
+            )
+        trainer.strategy.barrier("antidote_pl.prune")
+        rank_zero_info(
+            f"{type(self).__name__}: removed {self.report['removed_fraction']:.4f} of {len(targets)} target "
+            f"tensors in {seconds:.2f}s; wrote {out}"
+        )
+
+    def extra_report(self, trainer: L.Trainer) -> dict[str, Any]:
+        """Method-specific entries for ``mask.json``."""
+        return {}
+
+
+class WandaPruneCallback(BasePruneCallback):
+    """Antidote: Wanda scores ``|W| * ||X||_2`` over a calibration set, top ``alpha`` removed.
+
+    Args:
+        calibration: ``realignment`` (harmful samples, Antidote) or ``task`` (benign task data, the
+            paper's "no harmful dataset" ablation).
+        statistic: ``sample_mean`` (official), ``token_mean`` or ``sample_token_mean``.
+        token_mask: ``attention`` (every real token, official) or ``response`` (response tokens only).
+        batch_size: Calibration batch size (default: the DataModule's).
+        protect_fraction: Never remove weights in the top fraction of a second Wanda score computed on
+            the task calibration set ("harm minus utility" variant); 0 disables.
+        **kwargs: See :class:`BasePruneCallback`.
+    """
+
+    method = "wanda"
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        target: str = "lora",
+        scope: str = "row",
+        include: list[str] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
+        save_scores: bool = False,
+        calibration: str = "realignment",
+        statistic: str = "sample_mean",
+        token_mask: str = "attention",
+        batch_size: int | None = None,
+        protect_fraction: float = 0.0,
+    ) -> None:
+        super().__init__(alpha, target, scope, include, adapter_name, output_dir, save_scores)
+        if calibration not in CALIBRATION_SETS:
+            raise bad_value("calibration", calibration, f"one of {list(CALIBRATION_SETS)}")
+        if statistic not in STATISTICS:
+            raise bad_value("statistic", statistic, f"one of {list(STATISTICS)}")
+        if token_mask not in TOKEN_MASKS:
+            raise bad_value("token_mask", token_mask, f"one of {list(TOKEN_MASKS)}")
+        if batch_size is not None and batch_size <= 0:
+            raise bad_value("batch_size", batch_size, "a positive integer or null")
+        if not 0.0 <= protect_fraction < 1.0:
+            raise bad_value("protect_fraction", protect_fraction, "a number in [0, 1)")
+        self.calibration = calibration
+        self.statistic = statistic
+        self.token_mask = token_mask
+        self.batch_size = batch_size
+        self.protect_fraction = protect_fraction
+        self._calibration_counts: dict[str, int] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "calibration": self.calibration,
+            "statistic": self.statistic,
+            "token_mask": self.token_mask,
+            "protect_fraction": self.protect_fraction,
+        }
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        sets = [self.calibration] + (["task"] if self.protect_fraction > 0 else [])
+        for name in sets:
+            records = _calibration_records(trainer, name)
+            if not records:
+                raise bad_value(f"data ({name} set)", 0, "at least one calibration sample for Wanda scoring")
+
+    def _statistics(self, trainer: L.Trainer, model: torch.nn.Module, targets, which: str):
+        loader = _calibration_loader(trainer, which, self.batch_size)
+        rank, world = trainer.global_rank, trainer.world_size
+        # Each rank scores its shard of batches; sums and counts are then all-reduced, so every
+        # rank holds the statistics of the whole set and derives the same mask.
+        shard = (b for i, b in enumerate(loader) if i % world == rank)
+        with collect(model, targets, device=trainer.strategy.root_device) as stats:
+            run_calibration(
+                model, shard, stats, token_mask=self.token_mask, device=trainer.strategy.root_device
+            )
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            stats.all_reduce_()
+        self._calibration_counts[which] = int(max(stats.n_samples.values(), default=0))
+        return stats
+
+    def compute_masks(self, trainer, pl_module, targets):
+        model = pl_module.model
+        weights = target_weights(targets)
+        scores = wanda_scores(
+            weights, self._statistics(trainer, model, targets, self.calibration), self.statistic
+        )
+        protect = None
+        if self.protect_fraction > 0:
+            protect = wanda_scores(weights, self._statistics(trainer, model, targets, "task"), self.statistic)
+        masks = masks_for_alphas(
+            scores, [self.alpha], self.scope, protect_scores=protect, protect_fraction=self.protect_fraction
+        )[self.alpha]
+        return masks, scores
+
+    def extra_report(self, trainer: L.Trainer) -> dict[str, Any]:
+        records = _calibration_records(trainer, self.calibration)
+        from antidote_pl.data.records import fingerprint_records
+
+        return {
+            "calibration_samples": self._calibration_counts.get(self.calibration, 0),
+            "dataset_fingerprint": fingerprint_records(records),
+        }
+
+
+class MagnitudePruneCallback(BasePruneCallback):
+    """Ablation: data-free scores ``|W|`` (the official ``--sample_num 0`` fallback)."""
+
+    method = "magnitude"
+
+    def compute_scores(self, trainer, pl_module, targets):
+        return magnitude_scores(target_weights(targets))
+
+
+class RandomPruneCallback(BasePruneCallback):
+    """Ablation: remove ``alpha`` of the weights at seeded random positions.
+
+    Args:
+        seed: Random seed (recorded in ``mask.json``).
+        random_scope: ``row`` (Wanda's per-row budget) or ``tensor`` (official ``random_prune``:
+            ``floor(numel * alpha)`` positions over each whole tensor).
+        **kwargs: See :class:`BasePruneCallback`.
+    """
+
+    method = "random"
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        target: str = "lora",
+        include: list[str] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
+        seed: int = 0,
+        random_scope: str = "row",
+    ) -> None:
+        super().__init__(alpha, target, "row", include, adapter_name, output_dir, False)
+        if random_scope not in RANDOM_SCOPES:
+            raise bad_value("random_scope", random_scope, f"one of {list(RANDOM_SCOPES)}")
+        self.seed = seed
+        self.random_scope = random_scope
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "scope": self.random_scope, "seed": self.seed}
+
+    def compute_masks(self, trainer, pl_module, targets):
+        return random_masks(target_weights(targets), self.alpha, self.random_scope, self.seed), None
+
+
+class NoPruneCallback(Callback):
+    """Ablation: no pruning. Present so that swapping the callback slot to "none" is explicit."""
+
+    method = "none"
+
+
+def _calibration_records(trainer: L.Trainer, which: str) -> list:
+    dm = trainer.datamodule
+    attr = "realignment_records" if which == "realignment" else "task_calibration_records"
+    if dm is None or not hasattr(dm, attr):
+        raise ConfigError(
+            f"calibration={which!r} needs a DataModule with `{attr}` (e.g. HarmfulFinetuneDataModule); "
+            f"got {type(dm).__name__}."
+        )
+    return list(getattr(dm, attr))
+
+
+def _calibration_loader(trainer: L.Trainer, which: str, batch_size: int | None):
+    dm = trainer.datamodule
+    if which == "realignment":
+        return dm.realignment_dataloader(batch_size=batch_size)
+    return dm.task_calibration_dataloader(batch_size=batch_size)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # CPU: the process's peak resident set (kB on Linux), an upper bound for scoring's own peak.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _write_artifacts(tmp: Path, masks, scores, report: dict[str, Any]) -> None:
+    save_tensors(tmp / "mask.safetensors", masks, metadata={"report": json.dumps(report, default=str)})
+    if scores is not None:
+        save_tensors(tmp / "scores.safetensors", scores)
+    (tmp / "mask.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")

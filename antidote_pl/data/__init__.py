@@ -1,0 +1,1 @@
+"""Data: prompt templates, record sources, collators and the LightningDataModules."""

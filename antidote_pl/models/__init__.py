@@ -1,0 +1,1 @@
+"""Models: loading causal LMs and adapters, and the SFT LightningModule."""

@@ -1,0 +1,277 @@
+"""Supervised fine-tuning stage: alignment, harmful fine-tuning, pretraining and repair.
+
+One LightningModule serves every SFT stage of the pipeline. It loads a causal LM (hub name, local
+path or a random-init config), merges earlier stages' LoRA adapters in order, then either attaches a
+fresh LoRA, loads an existing adapter as trainable (for repair-only runs), or trains all weights.
+At the end of ``fit`` it writes the stage result in Hugging Face format to ``output_dir``.
+
+Run a stage::
+
+    python -m antidote_pl fit --config configs/tiny/align.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from antidote_pl.errors import bad_value
+from antidote_pl.models.loading import (
+    STAGE_FILE,
+    base_fingerprint,
+    check_adapter_dir,
+    load_causal_lm,
+    load_tokenizer,
+)
+from antidote_pl.models.loading import (
+    merge_adapters as merge_lora_adapters,
+)
+from antidote_pl.utils.io import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FINETUNING = ("lora", "full")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+class CausalLMSFTModule(L.LightningModule):
+    """Causal-LM SFT with cross-entropy on response tokens only.
+
+    Args:
+        model_name_or_path: Hub name or local directory of the starting model.
+        model_config: Random-init config instead (dict with ``model_type``, or ``"tiny-world"`` /
+            ``"tiny-world-fast"``).
+        tokenizer: Tokenizer spec; defaults to ``model_name_or_path`` (or ``"tiny-world"``).
+        dtype: Weight dtype: ``fp32``, ``bf16`` or ``fp16``.
+        merge_adapters: LoRA adapter dirs merged into the weights in order before training
+            (e.g. the alignment adapter before harmful fine-tuning).
+        adapter_path: An existing adapter loaded as trainable instead of a fresh LoRA (repairing an
+            already fine-tuned model; combine with ``trainer.max_epochs: 0``).
+        finetuning: ``lora`` (fresh adapter) or ``full`` (train every weight).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (scaling = alpha / r).
+        lora_dropout: LoRA dropout.
+        lora_target_modules: Module leaf names to adapt; ``None`` finds the attention q/k/v
+            projections generically.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        betas: AdamW betas.
+        scheduler: ``constant``, ``constant_with_warmup``, ``cosine`` or ``linear``.
+        warmup_ratio: Fraction of total optimizer steps used for warmup.
+        output_dir: Where the stage result goes at the end of fit; ``None`` writes nothing.
+        save_merged: Also write the merged full model to ``output_dir/merged`` (LoRA only).
+        attn_implementation: Optional transformers attention implementation.
+        gradient_checkpointing: Trade compute for memory on large models.
+        trust_remote_code: Off by default.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict | str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "fp32",
+        merge_adapters: list[str] | None = None,
+        adapter_path: str | None = None,
+        finetuning: str = "lora",
+        lora_r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        scheduler: str = "constant",
+        warmup_ratio: float = 0.0,
+        output_dir: str | None = None,
+        save_merged: bool = False,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if finetuning not in FINETUNING:
+            raise bad_value("model.finetuning", finetuning, f"one of {FINETUNING}")
+        if scheduler not in SCHEDULERS:
+            raise bad_value("model.scheduler", scheduler, f"one of {SCHEDULERS}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise bad_value("model.warmup_ratio", warmup_ratio, "a number in [0, 1)")
+        if learning_rate <= 0:
+            raise bad_value("model.learning_rate", learning_rate, "a positive number")
+        if finetuning == "lora" and adapter_path is None and lora_r <= 0:
+            raise bad_value("model.lora_r", lora_r, "a positive integer")
+        if finetuning == "full" and adapter_path is not None:
+            raise bad_value("model.adapter_path", adapter_path, "null when model.finetuning is 'full'")
+        if tokenizer is None:
+            tokenizer = model_name_or_path if model_name_or_path is not None else "tiny-world"
+        self.tokenizer_spec = tokenizer
+        self.tokenizer = load_tokenizer(tokenizer, field="model.tokenizer")
+        model = load_causal_lm(
+            model_name_or_path,
+            model_config,
+            dtype=dtype,
+            vocab_size=len(self.tokenizer),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        self.base_fingerprint = base_fingerprint(model.config)
+        model = merge_lora_adapters(model, list(merge_adapters or []))
+        self.model = self._attach_training_params(model)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Checkpoints hold trainable weights only; the frozen base is rebuilt from the config.
+        self.strict_loading = False
+        self.resolved_config: str | None = None  # set by the CLI so the stage output records it
+        self.saved_stage_dir: str | None = None  # set once a callback (e.g. pruning) wrote the stage
+
+    # ----------------------------------------------------------------- model set-up
+    def _attach_training_params(self, model: torch.nn.Module) -> torch.nn.Module:
+        hp = self.hparams
+        if hp.finetuning == "full":
+            model.requires_grad_(True)
+            return model
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if hp.adapter_path is not None:
+            check_adapter_dir(hp.adapter_path, model, "model.adapter_path")
+            return PeftModel.from_pretrained(model, hp.adapter_path, is_trainable=True)
+        from antidote_pl.pruning.targets import default_lora_target_modules
+
+        targets = list(hp.lora_target_modules or default_lora_target_modules(model))
+        config = LoraConfig(
+            r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, config)
+        except ValueError as err:
+            raise bad_value(
+                "model.lora_target_modules", targets, f"module names present in the model ({err})"
+            )
+
+    @property
+    def is_peft(self) -> bool:
+        """Whether the trained weights are a peft adapter."""
+        return hasattr(self.model, "peft_config")
+
+    def trainable_parameter_count(self) -> int:
+        """Number of parameters that receive gradients."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # ----------------------------------------------------------------- training
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=split != "train")
+        return out.loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # As in HF Trainer: no weight decay on biases and normalisation weights.
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        from transformers import get_scheduler
+
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_ratio * total)
+        scheduler = get_scheduler(hp.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A 7B LoRA checkpoint must not carry the frozen base: keep trainable weights only.
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    # ----------------------------------------------------------------- stage output
+    def on_fit_end(self) -> None:
+        # Callbacks' on_fit_end (e.g. Wanda pruning) run before this hook, so the output holds
+        # their result.
+        out = self.hparams.output_dir
+        if out is None or self.saved_stage_dir == str(out):
+            return
+        if self.trainer.is_global_zero:
+            self.save_stage(self.hparams.output_dir)
+        self.trainer.strategy.barrier("antidote_pl.save_stage")
+
+    def save_stage(
+        self,
+        output_dir: str,
+        extra_metadata: dict[str, Any] | None = None,
+        extra_files: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Writes the model in Hugging Face format to ``output_dir``, atomically.
+
+        LoRA stages write the adapter (``save_pretrained``) and, with ``save_merged``, the merged full
+        model under ``merged/``; full fine-tuning writes the whole model. The tokenizer, the
+        resolved config and ``antidote_stage.json`` (provenance) go beside them.
+
+        Args:
+            output_dir: Destination; replaced as a whole only once everything is written.
+            extra_metadata: Merged into ``antidote_stage.json``.
+            extra_files: Called with the temporary directory to add files (e.g. pruning masks).
+        """
+        import transformers
+
+        with atomic_dir(output_dir) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.is_peft and self.hparams.save_merged:
+                merged = copy.deepcopy(self.model).merge_and_unload()
+                merged.save_pretrained(tmp / "merged")
+                self.tokenizer.save_pretrained(tmp / "merged")
+            if self.resolved_config is not None:
+                (tmp / "config.yaml").write_text(self.resolved_config)
+            meta = {
+                "kind": "adapter" if self.is_peft else "full_model",
+                "base_model": self.hparams.model_name_or_path or self.hparams.model_config,
+                "merged_adapters": list(self.hparams.merge_adapters or []),
+                "base_fingerprint": self.base_fingerprint,
+                "tokenizer": self.tokenizer_spec,
+                "dtype": self.hparams.dtype,
+                "trainable_parameters": self.trainable_parameter_count(),
+                "global_step": self.trainer.global_step if self._trainer is not None else None,
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "lightning": L.__version__,
+                    "python": platform.python_version(),
+                },
+                **(extra_metadata or {}),
+            }
+            atomic_write_json(tmp / STAGE_FILE, meta)
+            if extra_files is not None:
+                extra_files(tmp)
+        self.saved_stage_dir = str(output_dir)
+        rank_zero_info(f"antidote_pl: stage output written to {output_dir}")
+        return Path(output_dir)

@@ -1,0 +1,72 @@
+"""Importance scores for row-layout ``[out, in]`` weights: Wanda, magnitude and seeded random.
+
+All scores are fp32 and have the weight's shape; larger means more important for the calibration
+data, i.e. more likely to be removed by Antidote (reference §B.2).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import torch
+
+from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.pruning.stats import ActivationStats
+from antidote_pl.pruning.targets import lora_delta_weight
+
+__all__ = ["lora_delta_weight", "magnitude_scores", "name_generator", "random_scores", "wanda_scores"]
+
+
+def wanda_scores(
+    weights: Mapping[str, torch.Tensor],
+    stats: ActivationStats | Mapping[str, torch.Tensor],
+    statistic: str = "sample_mean",
+) -> dict[str, torch.Tensor]:
+    """Wanda scores ``S_ij = |W_ij| * sqrt(stat_j)``, the statistic broadcast over rows.
+
+    Args:
+        weights: Row-layout weights ``[out, in]`` per target.
+        stats: Accumulated :class:`ActivationStats`, or precomputed per-feature statistics ``[in]``.
+        statistic: Normalisation to use when ``stats`` is an :class:`ActivationStats`.
+
+    Raises:
+        ConfigError: A weight without a statistic, or a feature-count mismatch.
+    """
+    per_feature = stats.statistic(statistic) if isinstance(stats, ActivationStats) else stats
+    scores = {}
+    for name, w in weights.items():
+        if name not in per_feature:
+            raise bad_value("stats", f"no statistic for {name}", "a statistic for every weight")
+        stat = per_feature[name]
+        if w.dim() != 2 or stat.shape != (w.shape[1],):
+            raise ConfigError(
+                f"target {name}: weight shape {tuple(w.shape)} does not fit statistic shape "
+                f"{tuple(stat.shape)}."
+            )
+        scores[name] = w.detach().float().abs() * stat.to(w.device, torch.float32).sqrt().unsqueeze(0)
+    return scores
+
+
+def magnitude_scores(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Data-free scores ``|W|`` (the official ``--sample_num 0`` fallback)."""
+    return {name: w.detach().float().abs() for name, w in weights.items()}
+
+
+def name_generator(seed: int, name: str) -> torch.Generator:
+    """CPU generator seeded from ``seed`` and the tensor name.
+
+    Deriving the stream from the name (with a stable CRC, not Python's salted ``hash``) makes each
+    tensor's random draw independent of which other tensors are present or their order.
+    """
+    return torch.Generator(device="cpu").manual_seed(
+        (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+    )
+
+
+def random_scores(weights: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Seeded uniform random scores, deterministic across runs and devices (drawn on CPU)."""
+    return {
+        name: torch.rand(w.shape, generator=name_generator(seed, name)).to(w.device)
+        for name, w in weights.items()
+    }

@@ -1,0 +1,330 @@
+"""Streaming Wanda activation statistics: per-input-feature sums of squared activations.
+
+The official code collects them with a per-sample, layer-by-layer loop that keeps every layer input in
+memory (reference §B.3). Because no mask is applied during calibration, one ordinary batched forward
+pass with hooks on every target is exactly equivalent; here it needs O(in_features) memory per target
+plus one batch, and padding is excluded through a per-batch token mask (reference §G.3, §G.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.pruning.targets import TargetInfo
+
+STATISTICS = ("sample_mean", "token_mean", "sample_token_mean")
+TOKEN_MASKS = ("attention", "response")
+IGNORE_INDEX = -100
+
+
+class ActivationStats:
+    """Accumulates, per target, fp32 sums of squared inputs per input feature over real tokens.
+
+    Three normalisations are available from the same pass (see :meth:`statistic`):
+
+    * ``"sample_mean"`` (official parity): ``Σ_s Σ_t x²`` divided by the number of samples, so long
+      samples weigh more.
+    * ``"token_mean"``: the same sum divided by the number of tokens. It differs from
+      ``"sample_mean"`` only by a factor shared by all targets that saw the same tokens, so it selects
+      the same masks; it puts score values on a per-token scale.
+    * ``"sample_token_mean"``: the mean over samples of each sample's per-token mean, so every sample
+      weighs the same regardless of its length (the fix suggested in reference §G.5).
+
+    Attributes:
+        sum_sq: Per target, ``Σ_s Σ_t x²`` per input feature (fp32).
+        sum_sample_mean_sq: Per target, ``Σ_s (Σ_t x² / T_s)`` per input feature (fp32).
+        n_tokens: Per target, number of counted tokens.
+        n_samples: Per target, number of samples with at least one counted token.
+    """
+
+    def __init__(self, features: Mapping[str, int], device: torch.device | str | None = None) -> None:
+        """Creates zeroed accumulators.
+
+        Args:
+            features: Input-feature count per target name.
+            device: Where the accumulators live (move them next to the activations to avoid
+                per-batch transfers; under DDP it must be a device the process group can reduce on).
+        """
+        self.sum_sq = {
+            n: torch.zeros(int(f), dtype=torch.float32, device=device) for n, f in features.items()
+        }
+        self.sum_sample_mean_sq = {n: torch.zeros_like(t) for n, t in self.sum_sq.items()}
+        self.n_tokens = dict.fromkeys(features, 0)
+        self.n_samples = dict.fromkeys(features, 0)
+        self._mask: torch.Tensor | None = None
+        self._mask_tokens = 0
+        self._mask_samples = 0
+        self._mask_row_tokens: torch.Tensor | None = None
+
+    @classmethod
+    def for_targets(
+        cls, targets: Mapping[str, TargetInfo], device: torch.device | str | None = None
+    ) -> ActivationStats:
+        """Accumulators sized for ``targets`` (see :func:`~antidote_pl.pruning.targets.find_targets`)."""
+        return cls({name: info.in_features for name, info in targets.items()}, device=device)
+
+    @property
+    def names(self) -> list[str]:
+        """Target names, in insertion order."""
+        return list(self.sum_sq)
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Sets which positions of the *next* forward pass count; call before every batch.
+
+        Args:
+            mask: ``[B, T]`` bool (True = count), e.g. ``attention_mask.bool()``; ``None`` counts
+                every position of every hooked input.
+        """
+        if mask is None:
+            self._mask = self._mask_row_tokens = None
+            return
+        if mask.dim() != 2:
+            raise bad_value("token_mask.shape", tuple(mask.shape), "a [batch, seq_len] mask")
+        self._mask = mask.bool()
+        self._mask_row_tokens = self._mask.sum(dim=1)
+        # One host sync per batch here instead of one per hooked module.
+        self._mask_tokens, self._mask_samples = torch.stack(
+            [self._mask_row_tokens.sum(), (self._mask_row_tokens > 0).sum()]
+        ).tolist()
+
+    @torch.no_grad()
+    def update(self, name: str, x: torch.Tensor) -> None:
+        """Adds one forward input of target ``name`` (the hook body).
+
+        Args:
+            name: Target name.
+            x: ``[B, T, in]`` (or ``[T, in]``, counted as one sample) input activations of any float
+                dtype; they are cast to fp32 before squaring.
+        """
+        acc = self.sum_sq[name]
+        if x.shape[-1] != acc.numel():
+            raise ConfigError(
+                f"target {name}: input has {x.shape[-1]} features, statistic expects {acc.numel()}."
+            )
+        x = x.detach().float()
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        if self._mask is None:
+            sq = x.square()
+            row_tokens = torch.full((x.shape[0],), x.shape[1], device=x.device, dtype=torch.long)
+            tokens, samples = x.shape[0] * x.shape[1], x.shape[0]
+        else:
+            if tuple(x.shape[:-1]) != tuple(self._mask.shape):
+                raise ConfigError(
+                    f"target {name}: input positions {tuple(x.shape[:-1])} do not match the token mask "
+                    f"{tuple(self._mask.shape)}; set a mask for this batch or None."
+                )
+            mask = self._mask.to(x.device)
+            # where() rather than multiply: padded positions may hold inf/NaN and must not leak.
+            sq = torch.where(mask.unsqueeze(-1), x, 0.0).square()
+            row_tokens = self._mask_row_tokens.to(x.device)
+            tokens, samples = self._mask_tokens, self._mask_samples
+        if acc.device != x.device:
+            acc = self.sum_sq[name] = acc.to(x.device)
+            self.sum_sample_mean_sq[name] = self.sum_sample_mean_sq[name].to(x.device)
+        per_sample = sq.sum(dim=1)
+        acc.add_(per_sample.sum(dim=0))
+        self.sum_sample_mean_sq[name].add_((per_sample / row_tokens.clamp_min(1).unsqueeze(-1)).sum(dim=0))
+        self.n_tokens[name] += int(tokens)
+        self.n_samples[name] += int(samples)
+
+    def statistic(self, kind: str = "sample_mean") -> dict[str, torch.Tensor]:
+        """Per-target, per-input-feature mean squared activation (the Wanda ``scaler_row``).
+
+        Args:
+            kind: One of ``"sample_mean"``, ``"token_mean"``, ``"sample_token_mean"``.
+
+        Raises:
+            ConfigError: Unknown ``kind``, or a target that saw no counted token.
+        """
+        if kind not in STATISTICS:
+            raise bad_value("statistic", kind, f"one of {list(STATISTICS)}")
+        empty = [n for n in self.names if self.n_tokens[n] == 0]
+        if empty:
+            raise bad_value(
+                "calibration data",
+                f"0 counted tokens for {len(empty)} targets (e.g. {empty[0]})",
+                "at least one real token reaching every target",
+            )
+        if kind == "token_mean":
+            return {n: self.sum_sq[n] / self.n_tokens[n] for n in self.names}
+        sums = self.sum_sq if kind == "sample_mean" else self.sum_sample_mean_sq
+        return {n: sums[n] / self.n_samples[n] for n in self.names}
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name → tensor dict (CPU) for saving with safetensors."""
+        out: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            out[f"sum_sq/{n}"] = self.sum_sq[n].cpu()
+            out[f"sum_sample_mean_sq/{n}"] = self.sum_sample_mean_sq[n].cpu()
+            out[f"counts/{n}"] = torch.tensor([self.n_tokens[n], self.n_samples[n]], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], device: torch.device | str | None = None
+    ) -> ActivationStats:
+        """Inverse of :meth:`to_tensors`."""
+        prefix = "sum_sq/"
+        features = {k[len(prefix) :]: v.numel() for k, v in tensors.items() if k.startswith(prefix)}
+        stats = cls(features, device=device)
+        try:
+            for n in features:
+                stats.sum_sq[n].copy_(tensors[f"sum_sq/{n}"])
+                stats.sum_sample_mean_sq[n].copy_(tensors[f"sum_sample_mean_sq/{n}"])
+                stats.n_tokens[n], stats.n_samples[n] = (int(v) for v in tensors[f"counts/{n}"].tolist())
+        except KeyError as e:
+            raise bad_value(
+                "stats tensors", sorted(tensors)[:4], f"the keys written by to_tensors ({e})"
+            ) from e
+        return stats
+
+    def all_reduce_(self, group: dist.ProcessGroup | None = None) -> None:
+        """SUM-reduces sums and counts over ``group``; a no-op unless torch.distributed is initialised.
+
+        All sums are packed into one fp32 buffer and all counts into one int64 buffer on the device of
+        the first accumulator, so two collectives serve any number of targets. Every rank must hold the
+        same target names in the same order.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or not self.names:
+            return
+        device = next(iter(self.sum_sq.values())).device
+        sums = [self.sum_sq, self.sum_sample_mean_sq]
+        flat = torch.cat([d[n].to(device) for d in sums for n in self.names])
+        counts = torch.tensor(
+            [c[n] for c in (self.n_tokens, self.n_samples) for n in self.names],
+            dtype=torch.int64,
+            device=device,
+        )
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for d in sums:
+            for n in self.names:
+                size = d[n].numel()
+                d[n] = flat[offset : offset + size].clone()
+                offset += size
+        k = len(self.names)
+        values = counts.tolist()
+        self.n_tokens = dict(zip(self.names, values[:k]))
+        self.n_samples = dict(zip(self.names, values[k:]))
+
+
+def _hook(stats: ActivationStats, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    if x is None:
+        raise ConfigError(f"target {name}: forward was called without a tensor input.")
+    stats.update(name, x)
+
+
+@contextlib.contextmanager
+def collect(
+    model: nn.Module,
+    targets: Mapping[str, TargetInfo],
+    stats: ActivationStats | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[ActivationStats]:
+    """Hooks every target's input for the duration of the block; hooks are removed on exit.
+
+    Args:
+        model: The model the targets were found in (checked, so targets from another model instance,
+            e.g. one rebuilt by peft, fail loudly instead of silently collecting nothing).
+        targets: From :func:`~antidote_pl.pruning.targets.find_targets`.
+        stats: Accumulators to add to; new ones are created when omitted.
+        device: Device for new accumulators (default: the first target's parameter device).
+
+    Yields:
+        The statistics being accumulated.
+    """
+    module_ids = {id(m) for m in model.modules()}
+    foreign = [n for n, t in targets.items() if id(t.hook_module) not in module_ids]
+    if foreign:
+        raise bad_value("targets", foreign[:3], "targets discovered on this same model instance")
+    if stats is None:
+        if device is None and targets:
+            device = next(iter(targets.values())).param.device
+        stats = ActivationStats.for_targets(targets, device=device)
+    missing = [n for n in targets if n not in stats.sum_sq]
+    if missing:
+        raise bad_value("stats", missing[:3], "accumulators for every target")
+    handles = [
+        t.hook_module.register_forward_pre_hook(partial(_hook, stats, name), with_kwargs=True)
+        for name, t in targets.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+        stats.set_token_mask(None)
+
+
+def batch_token_mask(batch: Mapping[str, torch.Tensor], token_mask: str = "attention") -> torch.Tensor:
+    """Positions that count for the statistic: real tokens, optionally only response tokens.
+
+    Args:
+        batch: Dict with ``input_ids``, ``attention_mask`` and (for ``"response"``) ``labels``.
+        token_mask: ``"attention"``: every non-padding token (official parity); ``"response"``:
+            non-padding tokens whose label is not -100 (labels are unshifted, as in HF batches).
+    """
+    if token_mask not in TOKEN_MASKS:
+        raise bad_value("token_mask", token_mask, f"one of {list(TOKEN_MASKS)}")
+    if "attention_mask" in batch:
+        mask = batch["attention_mask"].bool()
+    else:
+        mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    if token_mask == "response":
+        if "labels" not in batch:
+            raise bad_value("token_mask", token_mask, "batches with `labels` (or token_mask='attention')")
+        mask = mask & (batch["labels"] != IGNORE_INDEX)
+    return mask
+
+
+def run_calibration(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    stats: ActivationStats,
+    token_mask: str = "attention",
+    device: torch.device | str | None = None,
+) -> int:
+    """Runs the no-grad forward passes that feed hooked statistics (inside :func:`collect`).
+
+    The model is put in eval mode (LoRA dropout off, as in the official run) and its previous mode is
+    restored afterwards. Labels are not passed to the model, so no loss is computed.
+
+    Args:
+        model: The hooked model.
+        batches: Dicts with ``input_ids``, ``attention_mask`` and optionally ``labels``.
+        stats: The statistics returned by :func:`collect`.
+        token_mask: ``"attention"`` or ``"response"`` (see :func:`batch_token_mask`).
+        device: Where inputs go (default: the device of the model's first parameter).
+
+    Returns:
+        Number of batches run.
+    """
+    if token_mask not in TOKEN_MASKS:
+        raise bad_value("token_mask", token_mask, f"one of {list(TOKEN_MASKS)}")
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch_token_mask(batch, token_mask)
+                stats.set_token_mask(mask.to(device))
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
+                model(**inputs, use_cache=False)
+                n += 1
+    finally:
+        stats.set_token_mask(None)
+        model.train(was_training)
+    return n
