@@ -125,7 +125,8 @@ class CausalLMSFTModule(L.LightningModule):
         )
         self.base_fingerprint = base_fingerprint(model.config)
         model = merge_lora_adapters(model, list(merge_adapters or []))
-        self.model = self._attach_training_params(model)
+        # from_pretrained returns eval mode; Lightning keeps module modes, so LoRA dropout would be off.
+        self.model = self._attach_training_params(model).train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Checkpoints hold trainable weights only; the frozen base is rebuilt from the config.
@@ -160,7 +161,7 @@ class CausalLMSFTModule(L.LightningModule):
         except ValueError as err:
             raise bad_value(
                 "model.lora_target_modules", targets, f"module names present in the model ({err})"
-            )
+            ) from err
 
     @property
     def is_peft(self) -> bool:
