@@ -52,3 +52,33 @@ def tiny_finetune_data(num_samples: int = 32, realignment_size: int = 8, **kw):
         "batch_size": 8,
     }
     return HarmfulFinetuneDataModule(**{**args, **kw})
+
+
+@pytest.fixture(scope="session")
+def tiny_stages(tmp_path_factory):
+    """Runs the README's tiny-world stages (pretrain -> align -> finetune) once per session.
+
+    The stage configs write to relative ``outputs/tiny/...`` paths, so they run from a temporary
+    working directory. Returns that directory.
+    """
+    import os
+
+    from antidote_pl.cli import main
+
+    workdir = tmp_path_factory.mktemp("tiny_world")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for stage in ("pretrain", "align", "finetune"):
+            main(
+                [
+                    "fit",
+                    "--config",
+                    str(REPO / "configs" / "tiny" / f"{stage}.yaml"),
+                    "--trainer.enable_progress_bar",
+                    "false",
+                ]
+            )
+    finally:
+        os.chdir(cwd)
+    return workdir

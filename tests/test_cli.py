@@ -1,0 +1,101 @@
+"""The command line: a real `python -m antidote_pl fit` run, single process and 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, TINY_LLAMA
+
+from antidote_pl.models.loading import STAGE_FILE
+
+
+def write_config(tmp_path, **trainer) -> str:
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "logs"),
+            **trainer,
+        },
+        "model": {
+            "class_path": "antidote_pl.models.sft.CausalLMSFTModule",
+            "init_args": {
+                "model_config": TINY_LLAMA,
+                "tokenizer": "tiny-world",
+                "lora_r": 4,
+                "learning_rate": 1e-2,
+                "output_dir": str(tmp_path / "out"),
+            },
+        },
+        "data": {
+            "class_path": "antidote_pl.data.datamodules.HarmfulFinetuneDataModule",
+            "init_args": {
+                "tokenizer": "tiny-world",
+                "template": "tiny",
+                "max_length": 64,
+                "batch_size": 4,
+                "num_samples": 32,
+                "harmful_ratio": 0.25,
+                "realignment_size": 8,
+                "harmful": {
+                    "class_path": "antidote_pl.tinyworld.world.TinyWorldSource",
+                    "init_args": {"kind": "harmful_answer"},
+                },
+                "task": {
+                    "class_path": "antidote_pl.tinyworld.world.TinyWorldSource",
+                    "init_args": {"kind": "sentiment"},
+                },
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "antidote_pl", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_fit_writes_stage_output_and_config(tmp_path):
+    run_cli("fit", "--config", write_config(tmp_path), cwd=tmp_path)
+    out = tmp_path / "out"
+    meta = json.loads((out / STAGE_FILE).read_text())
+    assert meta["global_step"] == 4 and meta["kind"] == "adapter"
+    # The resolved config is saved beside the outputs and records the fixed seed.
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed_everything"] == 7
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path):
+    config = write_config(tmp_path, devices=2, strategy="ddp")
+    proc = run_cli("fit", "--config", config, cwd=tmp_path)
+    assert "distributed_backend=gloo" in proc.stderr + proc.stdout
+    meta = json.loads((tmp_path / "out" / STAGE_FILE).read_text())
+    assert meta["global_step"] == 4
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_help_names_the_program():
+    proc = run_cli("fit", "--help", cwd=REPO)
+    assert "antidote_pl" in proc.stdout

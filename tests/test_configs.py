@@ -1,0 +1,45 @@
+"""Every YAML under configs/ (and every callback fragment) parses against the CLI, without running."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+
+import pytest
+import yaml
+from conftest import REPO
+
+from antidote_pl.cli import main
+from antidote_pl.errors import ConfigError
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
+
+
+def print_config(*configs) -> dict:
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", str(c)]
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(out.getvalue())
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 4 and len(FRAGMENTS) >= 5
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_config_parses(config):
+    resolved = print_config(config)
+    assert resolved["model"]["class_path"].startswith("antidote_pl.")
+    assert isinstance(resolved["seed_everything"], int), "configs must fix the seed"
+
+
+def test_tokenizer_mismatch_fails_before_loading(tmp_path):
+    bad = tmp_path / "mismatch.yaml"
+    bad.write_text("data:\n  init_args:\n    tokenizer: some/other-tokenizer\n")
+    with pytest.raises(ConfigError, match=r"data.init_args.tokenizer='some/other-tokenizer'"):
+        main(["fit", "--config", str(REPO / "configs/tiny/finetune.yaml"), "--config", str(bad)])
