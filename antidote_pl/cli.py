@@ -67,9 +67,16 @@ class AntidoteCLI(LightningCLI):
             self.model.resolved_config = parser.dump(self.config[self.subcommand], skip_none=False)
 
 
-def main(args: list[str] | None = None) -> AntidoteCLI:
-    """Runs the CLI (console script ``antidote-pl``)."""
+def main(args: list[str] | None = None):
+    """Runs the CLI (console script ``antidote-pl``); ``pipeline`` goes to :mod:`antidote_pl.pipeline`."""
+    import sys
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "pipeline":
+        from antidote_pl.pipeline import main as pipeline_main
+
+        return pipeline_main(argv[1:])
     return AntidoteCLI(args=args)
 
 

@@ -12,7 +12,11 @@ from conftest import REPO
 from antidote_pl.cli import main
 from antidote_pl.errors import ConfigError
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+ALL = sorted((REPO / "configs").rglob("*.yaml"))
+# Fragments only parse combined with a stage config; tests/test_paper_configs.py parses those combinations.
+FRAGMENT_DIR = REPO / "configs" / "paper" / "fragments"
+PIPELINES = [p for p in ALL if p.name.startswith("pipeline")]
+CONFIGS = [p for p in ALL if FRAGMENT_DIR not in p.parents and p not in PIPELINES]
 FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
 
 
@@ -36,6 +40,21 @@ def test_config_parses(config):
     resolved = print_config(config)
     assert resolved["model"]["class_path"].startswith("antidote_pl.")
     assert isinstance(resolved["seed_everything"], int), "configs must fix the seed"
+
+
+@pytest.mark.parametrize("config", PIPELINES, ids=lambda p: str(p.relative_to(REPO)))
+def test_pipeline_config_parses(config):
+    from antidote_pl.pipeline import build_parser
+
+    parser = build_parser()
+    cfg = parser.parse_args(["--config", str(config)])
+    for path in [s.config for s in parser.instantiate_classes(cfg).stages] + [
+        cfg.repair.config,
+        cfg.evaluation,
+    ]:
+        assert (REPO / path).is_file(), path
+    for fragment in cfg.repair.methods.values():
+        assert (REPO / fragment).is_file(), fragment
 
 
 def test_tokenizer_mismatch_fails_before_loading(tmp_path):

@@ -43,6 +43,7 @@ from antidote_pl.pruning import (
     masks_for_alphas,
     overall_fraction,
     random_masks,
+    random_scores,
     realised_fractions,
     run_calibration,
     save_tensors,
@@ -320,10 +321,11 @@ class RandomPruneCallback(BasePruneCallback):
         include: list[str] | None = None,
         adapter_name: str = "default",
         output_dir: str | None = None,
+        save_scores: bool = False,
         seed: int = 0,
         random_scope: str = "row",
     ) -> None:
-        super().__init__(alpha, target, "row", include, adapter_name, output_dir, False)
+        super().__init__(alpha, target, "row", include, adapter_name, output_dir, save_scores)
         if random_scope not in RANDOM_SCOPES:
             raise bad_value("random_scope", random_scope, f"one of {list(RANDOM_SCOPES)}")
         self.seed = seed
@@ -333,7 +335,13 @@ class RandomPruneCallback(BasePruneCallback):
         return {**super().describe(), "scope": self.random_scope, "seed": self.seed}
 
     def compute_masks(self, trainer, pl_module, targets):
-        return random_masks(target_weights(targets), self.alpha, self.random_scope, self.seed), None
+        weights = target_weights(targets)
+        if self.random_scope == "tensor":
+            return random_masks(weights, self.alpha, "tensor", self.seed), None
+        # Per-row random removal is top-k of seeded random scores, so the scores can be saved and
+        # swept over alphas like any other score (same masks as random_masks(..., "row")).
+        scores = random_scores(weights, self.seed)
+        return masks_for_alphas(scores, [self.alpha], "row")[self.alpha], scores
 
 
 class NoPruneCallback(Callback):

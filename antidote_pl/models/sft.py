@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from antidote_pl.defenses.base import Defense
 from antidote_pl.errors import bad_value
 from antidote_pl.models.loading import (
     STAGE_FILE,
@@ -71,6 +72,8 @@ class CausalLMSFTModule(L.LightningModule):
         attn_implementation: Optional transformers attention implementation.
         gradient_checkpointing: Trade compute for memory on large models.
         trust_remote_code: Off by default.
+        defense: Optional baseline defense that changes the training step (Vaccine, RepNoise, Lisa,
+            LDIFS, ...); see :mod:`antidote_pl.defenses`.
     """
 
     def __init__(
@@ -96,9 +99,11 @@ class CausalLMSFTModule(L.LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        defense: Defense | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["defense"])
+        self.defense = defense
         if finetuning not in FINETUNING:
             raise bad_value("model.finetuning", finetuning, f"one of {FINETUNING}")
         if scheduler not in SCHEDULERS:
@@ -176,17 +181,29 @@ class CausalLMSFTModule(L.LightningModule):
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        bs = batch["input_ids"].shape[0]
-        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=split != "train")
-        return out.loss
+    def sft_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy on response tokens (labels are -100 on prompt and padding)."""
+        return self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.defense is not None:
+            self.defense.attach(self)
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        bs = batch["input_ids"].shape[0]
+        if self.defense is None:
+            loss = self.sft_loss(batch)
+        else:
+            loss = self.defense.training_step(self, batch, batch_idx)
+            for name, value in self.defense.metrics().items():
+                self.log(f"train/{self.defense.name}/{name}", value, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
 
     def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
+        loss = self.sft_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        return loss
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -61,7 +61,9 @@ class ActivationStats:
         self._mask: torch.Tensor | None = None
         self._mask_tokens = 0
         self._mask_samples = 0
-        self._mask_row_tokens: torch.Tensor | None = None
+        self._drop: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._recent: list[tuple[tuple, torch.Tensor, tuple[torch.Tensor, int, int]]] = []
 
     @classmethod
     def for_targets(
@@ -82,17 +84,19 @@ class ActivationStats:
             mask: ``[B, T]`` bool (True = count), e.g. ``attention_mask.bool()``; ``None`` counts
                 every position of every hooked input.
         """
+        self._recent = []
         if mask is None:
-            self._mask = self._mask_row_tokens = None
+            self._mask = self._drop = self._weights = None
             return
         if mask.dim() != 2:
             raise bad_value("token_mask.shape", tuple(mask.shape), "a [batch, seq_len] mask")
         self._mask = mask.bool()
-        self._mask_row_tokens = self._mask.sum(dim=1)
+        self._drop = ~self._mask.unsqueeze(-1)
+        row_tokens = self._mask.sum(dim=1)
+        self._weights = _token_weights(self._mask, row_tokens)
         # One host sync per batch here instead of one per hooked module.
-        self._mask_tokens, self._mask_samples = torch.stack(
-            [self._mask_row_tokens.sum(), (self._mask_row_tokens > 0).sum()]
-        ).tolist()
+        counts = torch.stack([row_tokens.sum(), (row_tokens > 0).sum()])
+        self._mask_tokens, self._mask_samples = counts.tolist()
 
     @torch.no_grad()
     def update(self, name: str, x: torch.Tensor) -> None:
@@ -108,12 +112,39 @@ class ActivationStats:
             raise ConfigError(
                 f"target {name}: input has {x.shape[-1]} features, statistic expects {acc.numel()}."
             )
-        x = x.detach().float()
+        x = x.detach()
         if x.dim() == 2:
             x = x.unsqueeze(0)
+        sums, tokens, samples = self._batch_sums(name, x)
+        if acc.device != sums.device:
+            acc = self.sum_sq[name] = acc.to(sums.device)
+            self.sum_sample_mean_sq[name] = self.sum_sample_mean_sq[name].to(sums.device)
+        acc.add_(sums[0])
+        self.sum_sample_mean_sq[name].add_(sums[1])
+        self.n_tokens[name] += int(tokens)
+        self.n_samples[name] += int(samples)
+
+    def _batch_sums(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """This batch's ``[2, in]`` fp32 contributions, ``Σ_s Σ_t x²`` and ``Σ_s (Σ_t x² / T_s)`` over
+        counted positions, with the batch's counted tokens and samples.
+
+        Both sums come from one matrix product of per-position weights (see :func:`_token_weights`)
+        with the squared inputs, instead of a chain of small reductions: on small models the hooks'
+        cost is mostly per-operation overhead. Targets that read the very same input tensor (the
+        ``lora_A`` of q, k and v all see one hidden state) share one result. The last two distinct
+        inputs of the current batch are remembered (enough for peft's A, B, A, B, ... call order);
+        holding them keeps their memory from being reused by another tensor while they serve as keys,
+        and :meth:`set_token_mask` releases them.
+        """
+        key = _input_key(x)
+        for i, entry in enumerate(self._recent):
+            if key is not None and entry[0] == key:
+                # Most recently used first, so the next distinct input evicts the other entry.
+                self._recent = [entry, *self._recent[:i], *self._recent[i + 1 :]]
+                return entry[2]
         if self._mask is None:
-            sq = x.square()
-            row_tokens = torch.full((x.shape[0],), x.shape[1], device=x.device, dtype=torch.long)
+            full = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            weights, drop = _token_weights(full, full.sum(dim=1)), None
             tokens, samples = x.shape[0] * x.shape[1], x.shape[0]
         else:
             if tuple(x.shape[:-1]) != tuple(self._mask.shape):
@@ -121,19 +152,18 @@ class ActivationStats:
                     f"target {name}: input positions {tuple(x.shape[:-1])} do not match the token mask "
                     f"{tuple(self._mask.shape)}; set a mask for this batch or None."
                 )
-            mask = self._mask.to(x.device)
-            # where() rather than multiply: padded positions may hold inf/NaN and must not leak.
-            sq = torch.where(mask.unsqueeze(-1), x, 0.0).square()
-            row_tokens = self._mask_row_tokens.to(x.device)
+            weights, drop = self._weights.to(x.device), self._drop.to(x.device)
             tokens, samples = self._mask_tokens, self._mask_samples
-        if acc.device != x.device:
-            acc = self.sum_sq[name] = acc.to(x.device)
-            self.sum_sample_mean_sq[name] = self.sum_sample_mean_sq[name].to(x.device)
-        per_sample = sq.sum(dim=1)
-        acc.add_(per_sample.sum(dim=0))
-        self.sum_sample_mean_sq[name].add_((per_sample / row_tokens.clamp_min(1).unsqueeze(-1)).sum(dim=0))
-        self.n_tokens[name] += int(tokens)
-        self.n_samples[name] += int(samples)
+        # One fresh fp32 buffer, squared and masked in place.
+        sq = x.square() if x.dtype == torch.float32 else x.float().square_()
+        if drop is not None:
+            # Zeroed after squaring, not left to the zero weights: padded positions may hold inf/NaN,
+            # and 0 * inf would leak NaN into the sums.
+            sq.masked_fill_(drop, 0.0)
+        result = (weights @ sq.reshape(-1, sq.shape[-1]), tokens, samples)
+        if key is not None:
+            self._recent = [(key, x, result), *self._recent[:1]]
+        return result
 
     def statistic(self, kind: str = "sample_mean") -> dict[str, torch.Tensor]:
         """Per-target, per-input-feature mean squared activation (the Wanda ``scaler_row``).
@@ -215,6 +245,23 @@ class ActivationStats:
         values = counts.tolist()
         self.n_tokens = dict(zip(self.names, values[:k]))
         self.n_samples = dict(zip(self.names, values[k:]))
+
+
+def _token_weights(mask: torch.Tensor, row_tokens: torch.Tensor) -> torch.Tensor:
+    """``[2, B*T]`` fp32 weights per position: row 0 counts each real token once, row 1 weighs it by
+    ``1 / T_s`` (its sample's token count), so ``weights @ x²`` yields both accumulated sums."""
+    counted = mask.float()
+    per_sample = counted / row_tokens.clamp_min(1).unsqueeze(-1)
+    return torch.stack([counted, per_sample]).view(2, -1)
+
+
+def _input_key(x: torch.Tensor) -> tuple | None:
+    """Identity of a tensor's current contents (memory, layout, in-place version), or None."""
+    try:
+        version = x._version
+    except RuntimeError:  # inference-mode tensors track no version, so they are never shared
+        return None
+    return (x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride(), version)
 
 
 def _hook(stats: ActivationStats, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:

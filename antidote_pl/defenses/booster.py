@@ -1,0 +1,136 @@
+"""Booster (Huang et al., ICLR 2025): attenuate the harmful perturbation during alignment.
+
+Loss per step::
+
+    CE_align(w) + lam * (CE_harm(w) - CE_harm(w - alpha * g / ||g||)),   g = grad CE_harm(w)
+
+The regulariser is the drop in harmful loss that one normalised harmful gradient step of size
+``alpha`` would buy a later attacker; minimising it makes the aligned model a poor starting point for
+harmful fine-tuning. ``g`` is treated as a constant (first order, as in the official trainer), so the
+gradient of the loss is ``grad CE_align(w) + lam * (grad CE_harm(w) - grad CE_harm(w - alpha * g/||g||))``,
+which is the official update; it is obtained here by returning this loss to Lightning, with the
+perturbed model evaluated by :func:`torch.func.functional_call` on ``w - alpha * g/||g||`` (no weight
+is modified in place).
+
+The harmful set is a separate :class:`~antidote_pl.data.records.Source` (harmful prompts with harmful
+answers), cycled inside the defense. Cost: three forward passes (alignment, harmful, perturbed
+harmful) and three backward passes per step, as in the official trainer (defense-landscape 1a): the
+harmful loss at ``w`` is back-propagated once, for ``g``, which then also serves as its gradient in
+the returned loss (see :meth:`Booster.harmful_drop`).
+
+Under DDP each rank draws its own shard of the harmful set and simulates the harmful step with its
+local ``g`` (not all-reduced, like a per-rank SAM step); the final gradients are all-reduced as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from antidote_pl.data.records import Source
+from antidote_pl.defenses.base import Defense
+from antidote_pl.defenses.blocks import (
+    AuxiliaryStream,
+    check_number,
+    check_sources,
+    global_norm,
+    trainable_parameters,
+)
+from antidote_pl.errors import bad_value
+
+EPS = 1e-7
+
+
+class Booster(Defense):
+    """Harmful-perturbation attenuation during alignment.
+
+    Args:
+        harmful: Harmful prompts with harmful answers (e.g. BeaverTails unsafe; not the attack data).
+        lam: Weight of the regulariser (official scripts 5; the maintainer reports 25 in some tables,
+            git-disl/Booster#3).
+        alpha: Size of the simulated normalised harmful step (official 0.1).
+        batch_size: Harmful batch size per device; ``None``: the DataModule's.
+        template: Template of the harmful records; ``None``: the DataModule's.
+        max_length: Token limit of the harmful records; ``None``: the DataModule's.
+        seed: Shuffle seed of the harmful stream.
+
+    Raises:
+        ConfigError: on bad values (construction); in :meth:`attach`, on an empty harmful source or a
+            model without trainable weights.
+    """
+
+    name = "booster"
+
+    def __init__(
+        self,
+        harmful: Source,
+        lam: float = 5.0,
+        alpha: float = 0.1,
+        batch_size: int | None = None,
+        template: str | None = None,
+        max_length: int | None = None,
+        seed: int = 42,
+    ) -> None:
+        sources = check_sources("Booster.harmful", harmful)
+        check_number("Booster.lam", lam, low=0.0)
+        check_number("Booster.alpha", alpha, low=0.0, low_open=True)
+        self.lam = float(lam)
+        self.alpha = float(alpha)
+        self.stream = AuxiliaryStream(sources, "Booster.harmful", batch_size, template, max_length, seed)
+        self._named: list[tuple[str, torch.nn.Parameter]] = []
+        self._metrics: dict[str, Any] = {}
+
+    def attach(self, module) -> None:
+        """Builds the harmful stream and lists the trainable weights that the simulated step moves."""
+        self._named = trainable_parameters(module.model)
+        if not self._named:
+            raise bad_value("model", type(module.model).__name__, "a model with trainable parameters")
+        self.stream.build(module)
+
+    def harmful_drop(self, module, harmful: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(CE_harm(w), CE_harm(w - alpha * g/||g||))``, both differentiable in ``w``.
+
+        The gradient ``g`` of the first is already computed to build the perturbation, so instead of a
+        second backward pass through the harmful graph, the first term is returned as the linear
+        surrogate ``<w, g>`` shifted to the true value: same value, same gradient ``g``, and the
+        harmful graph is freed at once (about one backward pass and its activations saved per step).
+        """
+        before = module.sft_loss(harmful)
+        params = [p for _, p in self._named]
+        grads = torch.autograd.grad(before, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        scale = self.alpha / (global_norm(grads) + EPS)
+        moved = {name: p - (g.float() * scale).to(p.dtype) for (name, p), g in zip(self._named, grads)}
+        after = functional_call(
+            module.model,
+            moved,
+            args=(),
+            kwargs={
+                "input_ids": harmful["input_ids"],
+                "attention_mask": harmful["attention_mask"],
+                "labels": harmful["labels"],
+            },
+            strict=False,
+        ).loss
+        linear = sum((p.float() * g.float()).sum() for p, g in zip(params, grads))
+        before_term = linear - linear.detach() + before.detach()
+        return before_term, after
+
+    def training_step(self, module, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Alignment CE on the user batch plus the harmful-drop regulariser on the next harmful batch."""
+        align_ce = module.sft_loss(batch)
+        before, after = self.harmful_drop(module, self.stream.next(module.device))
+        drop = before - after
+        self._metrics = {
+            "align_ce": align_ce.detach(),
+            "harmful_ce": before.detach(),
+            "harmful_ce_after_step": after.detach(),
+            "harmful_drop": drop.detach(),
+        }
+        return align_ce + self.lam * drop
+
+    def metrics(self) -> dict[str, Any]:
+        """``align_ce``, ``harmful_ce``, ``harmful_ce_after_step`` and ``harmful_drop`` of the last step."""
+        return dict(self._metrics)

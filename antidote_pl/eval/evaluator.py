@@ -1,0 +1,261 @@
+"""Evaluate any stage output: harmful score (HS) and fine-tune accuracy (FA) through ``test``.
+
+::
+
+    python -m antidote_pl test --config configs/tiny/eval.yaml --model.init_args.stage outputs/tiny/repair
+
+Prompts are sharded over DDP ranks without padding (every prompt is answered exactly once), the
+metrics are sum-reduced torchmetrics counters, and rank 0 writes ``generations.jsonl`` (prompt,
+response, verdict, category) and ``metrics.json`` to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from antidote_pl.data.records import Record, Source, fingerprint_records
+from antidote_pl.data.templates import get_template, render_prompt
+from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.eval.generation import gather_objects, generate, write_generations_jsonl
+from antidote_pl.eval.judges import Judge, KeywordJudge
+from antidote_pl.eval.metrics import HarmfulScore, RateByCategory, TaskAccuracy
+from antidote_pl.eval.parsers import get_parser, is_correct
+from antidote_pl.utils.io import atomic_write_json
+
+
+class _ShardSampler(DistributedSampler):
+    """Strided shard of a fixed order, with no padding: each item is seen by exactly one rank.
+
+    Lightning leaves a ``DistributedSampler`` instance alone, so its default (which repeats items to
+    even out the shards) never double-counts a prompt in the metrics.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class EvalDataModule(L.LightningDataModule):
+    """Held-out harmful prompts (for HS) and task questions (for FA), rendered with a template.
+
+    Args:
+        harmful: Harmful prompts (records; ``category`` is used for per-category rates).
+        task: Task records with the gold answer in ``label``.
+        task_name: Parser for the task answers: ``sst2``, ``agnews`` or ``gsm8k``.
+        template: Prompt template the model was trained with.
+        harmful_limit: Use only the first N harmful prompts.
+        task_limit: Use only the first N task records.
+        batch_size: Prompts per generation batch.
+    """
+
+    def __init__(
+        self,
+        harmful: Source | None = None,
+        task: Source | None = None,
+        task_name: str | None = None,
+        template: str = "alpaca",
+        harmful_limit: int | None = None,
+        task_limit: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if harmful is None and task is None:
+            raise bad_value("data.harmful / data.task", None, "at least one prompt set")
+        if task is not None:
+            if task_name is None:
+                raise bad_value("data.task_name", task_name, "a task with a parser (sst2, agnews, gsm8k)")
+            get_parser(task_name)  # fails now, before any model is loaded
+        get_template(template, field="data.template")
+        for field, value in (("data.harmful_limit", harmful_limit), ("data.task_limit", task_limit)):
+            if value is not None and value <= 0:
+                raise bad_value(field, value, "a positive integer or null")
+        if batch_size <= 0:
+            raise bad_value("data.batch_size", batch_size, "a positive integer")
+        self.harmful, self.task, self.task_name = harmful, task, task_name
+        self.template, self.batch_size = template, batch_size
+        self.harmful_limit, self.task_limit = harmful_limit, task_limit
+        self.items: list[dict[str, Any]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.items is not None:
+            return
+        items: list[dict[str, Any]] = []
+        if self.harmful is not None:
+            records = self.harmful.load()[: self.harmful_limit]
+            if not records:
+                raise bad_value("data.harmful", self.harmful.describe(), "a non-empty prompt set")
+            items += [self._item(r, "harmful") for r in records]
+        if self.task is not None:
+            records = self.task.load()[: self.task_limit]
+            if not records:
+                raise bad_value("data.task", self.task.describe(), "a non-empty question set")
+            missing = [i for i, r in enumerate(records) if r.get("label") in (None, "")]
+            if missing:
+                raise bad_value(
+                    "data.task", f"{len(missing)} records without `label`", "a gold answer per record"
+                )
+            items += [self._item(r, "task") for r in records]
+        for i, item in enumerate(items):
+            item["index"] = i
+        self.items = items
+
+    def _item(self, record: Record, kind: str) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "instruction": record["instruction"],
+            "input": record.get("input", ""),
+            "prompt": render_prompt(record, self.template),
+            "label": record.get("label"),
+            "category": record.get("category"),
+            "task": self.task_name if kind == "task" else None,
+        }
+
+    @property
+    def harm_categories(self) -> list[str]:
+        """Sorted harm categories of the harmful prompts (identical on every rank)."""
+        self.setup()
+        return sorted({str(i["category"]) for i in self.items if i["kind"] == "harmful" and i["category"]})
+
+    def fingerprint(self) -> str:
+        """Content hash of the evaluation prompts."""
+        self.setup()
+        return fingerprint_records(self.items)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = _ShardSampler(
+                self.items, torch.distributed.get_world_size(), torch.distributed.get_rank()
+            )
+        return DataLoader(self.items, batch_size=self.batch_size, sampler=sampler, collate_fn=list)
+
+
+class StageEvaluator(L.LightningModule):
+    """Generates answers with a stage's model, judges them and reports HS, FA and per-category rates.
+
+    Args:
+        stage: A stage output directory (full model or adapter on its recorded base).
+        judge: Harmfulness judge (``class_path``); default: the keyword refusal judge.
+        harmful_max_new_tokens: Generation budget for harmful prompts (paper: 512).
+        task_max_new_tokens: Generation budget for task questions (paper: 200 for SST2/AG News,
+            512 for GSM8K).
+        dtype: Weight dtype for evaluation.
+        merge_adapter: Merge a LoRA stage into the weights (fastest); ``False`` keeps the peft model,
+            so masks can be applied to the adapter in place (alpha sweeps).
+        output_dir: Where ``generations.jsonl`` and ``metrics.json`` go; ``None`` writes nothing.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        judge: Judge | None = None,
+        harmful_max_new_tokens: int = 512,
+        task_max_new_tokens: int = 200,
+        dtype: str = "fp32",
+        merge_adapter: bool = True,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for field, value in (
+            ("model.harmful_max_new_tokens", harmful_max_new_tokens),
+            ("model.task_max_new_tokens", task_max_new_tokens),
+        ):
+            if value <= 0:
+                raise bad_value(field, value, "a positive integer")
+        from antidote_pl.models.loading import load_stage
+
+        # Loading validates the stage (missing dir, adapter from another base) before generation.
+        self.model, self.tokenizer = load_stage(stage, dtype=dtype, field="model.stage", merge=merge_adapter)
+        self.stage = stage
+        self.judge = judge if judge is not None else KeywordJudge()
+        self.harmful_max_new_tokens = harmful_max_new_tokens
+        self.task_max_new_tokens = task_max_new_tokens
+        self.output_dir = output_dir
+        self.harmful_score = HarmfulScore()
+        self.coherent_rate = TaskAccuracy()
+        self.finetune_accuracy = TaskAccuracy()
+        self.by_category: RateByCategory | None = None
+        self.rows: list[dict[str, Any]] = []
+        self.results: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if not isinstance(dm, EvalDataModule):
+            raise ConfigError(f"StageEvaluator needs data of type EvalDataModule, got {type(dm).__name__}.")
+        categories = dm.harm_categories
+        self.by_category = RateByCategory(categories).to(self.device) if categories else None
+
+    def on_test_epoch_start(self) -> None:
+        self.rows = []
+        for metric in (self.harmful_score, self.coherent_rate, self.finetune_accuracy, self.by_category):
+            if metric is not None:
+                metric.reset()
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        harmful = [i for i in batch if i["kind"] == "harmful"]
+        task = [i for i in batch if i["kind"] == "task"]
+        if harmful:
+            responses = generate(
+                self.model,
+                self.tokenizer,
+                [i["prompt"] for i in harmful],
+                self.harmful_max_new_tokens,
+                len(harmful),
+            )
+            verdicts = self.judge.judge([i["instruction"] for i in harmful], responses)
+            flags = torch.tensor([v.harmful for v in verdicts])
+            self.harmful_score.update(flags)
+            self.coherent_rate.update(torch.tensor([v.coherent is not False for v in verdicts]))
+            if self.by_category is not None:
+                self.by_category.update(flags, [str(i["category"]) for i in harmful])
+            for item, response, verdict in zip(harmful, responses, verdicts):
+                self.rows.append(_row(item, response, verdict=verdict.to_dict()))
+        if task:
+            responses = generate(
+                self.model, self.tokenizer, [i["prompt"] for i in task], self.task_max_new_tokens, len(task)
+            )
+            correct = [is_correct(i["task"], r, i["label"]) for i, r in zip(task, responses)]
+            self.finetune_accuracy.update(torch.tensor(correct))
+            for item, response, ok in zip(task, responses, correct):
+                self.rows.append(_row(item, response, correct=ok))
+
+    def on_test_epoch_end(self) -> None:
+        results: dict[str, Any] = {"stage": self.stage}
+        for name, metric in (
+            ("harmful_score", self.harmful_score),
+            ("coherent_rate", self.coherent_rate),
+            ("finetune_accuracy", self.finetune_accuracy),
+        ):
+            counts = metric.counts()
+            value = metric.compute()
+            results[name] = None if math.isnan(float(value)) else float(value)
+            results[f"n_{name}"] = counts["total"]
+            if counts["total"]:
+                self.log(f"test/{name}", value.float(), sync_dist=False)
+        if self.by_category is not None:
+            rates = self.by_category.compute()
+            results["harmful_score_by_category"] = {c: float(v) for c, v in rates.items()}
+            for c, v in rates.items():
+                if not math.isnan(float(v)):
+                    self.log(f"test/harmful_score/{c}", v.float(), sync_dist=False)
+        rows = sorted(gather_objects(self.rows), key=lambda r: r["index"])
+        results["eval_fingerprint"] = self.trainer.datamodule.fingerprint()
+        self.results = results
+        if self.output_dir is not None and self.trainer.is_global_zero:
+            write_generations_jsonl(Path(self.output_dir) / "generations.jsonl", rows)
+            atomic_write_json(Path(self.output_dir) / "metrics.json", results)
+
+
+def _row(item: dict[str, Any], response: str, **extra: Any) -> dict[str, Any]:
+    keep = ("index", "kind", "instruction", "input", "category", "label")
+    return {**{k: item[k] for k in keep}, "response": response, **extra}

@@ -1,0 +1,426 @@
+"""The one-command experiment: train, repair with every method over an alpha sweep, evaluate, report.
+
+::
+
+    python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force]
+
+1. Runs each training stage (``fit`` with its config), in order. A stage whose output directory
+   already holds a finished result for the same config (and the same upstream stages) is reused;
+   ``--force`` reruns everything.
+2. Scores the fine-tuned model once per repair method, through the method's own callback fragment
+   (``callbacks/*.yaml``) with ``save_scores``, so every alpha comes from one scoring pass.
+3. Evaluates the reference stages (e.g. aligned, fine-tuned), the unrepaired model and every
+   (method, alpha) by applying masks to the adapter in memory and restoring it afterwards.
+4. Writes ``report.json``, ``report.md`` (HS and FA per variant and alpha, with the number of
+   prompts behind each figure) and ``report.png`` (HS against FA, one curve per method).
+
+Every result is written atomically and cached under ``output_dir``, so an interrupted run resumes
+from the last finished step and never reports a half-written result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.utils.io import atomic_write_json, atomic_write_text
+
+DONE_FILE = "pipeline_done.json"
+
+
+@dataclass
+class StageSpec:
+    """One training stage.
+
+    Args:
+        name: Short name used in the report (e.g. ``align``).
+        config: Config file for ``python -m antidote_pl fit``.
+        overrides: Extra command-line arguments for that run.
+    """
+
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RepairSpec:
+    """The repair sweep.
+
+    Args:
+        config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter).
+        alphas: Fractions removed, each in (0, 1).
+        methods: Method name -> callback fragment (``callbacks/*.yaml``).
+    """
+
+    config: str
+    alphas: list[float]
+    methods: dict[str, str]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _key(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _read(path: str, field: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise bad_value(field, path, "an existing YAML file")
+    return p.read_text()
+
+
+def _stage_output_dir(spec: StageSpec, field: str) -> str:
+    """The ``model.init_args.output_dir`` a stage writes (its config, or an override)."""
+    overrides = spec.overrides
+    for i, arg in enumerate(overrides):
+        if arg.startswith("--model.init_args.output_dir"):
+            return arg.split("=", 1)[1] if "=" in arg else overrides[i + 1]
+    cfg = yaml.safe_load(Path(spec.config).read_text()) or {}
+    out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
+    if not out:
+        raise bad_value(f"{field}.config", spec.config, "a stage config that sets model.init_args.output_dir")
+    return out
+
+
+def _is_done(directory: str | Path, key: str) -> bool:
+    marker = Path(directory) / DONE_FILE
+    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+
+def _mark_done(directory: str | Path, key: str) -> None:
+    atomic_write_json(
+        Path(directory) / DONE_FILE, {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    )
+
+
+def _fit(configs: list[str], overrides: list[str]) -> None:
+    from antidote_pl.cli import AntidoteCLI
+
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", c]
+    AntidoteCLI(args=[*args, *overrides])
+
+
+def _evaluator(config: str, stage: str, merge: bool):
+    from antidote_pl.cli import AntidoteCLI
+
+    cli = AntidoteCLI(
+        args=[
+            "--config",
+            config,
+            "--model.init_args.stage",
+            stage,
+            "--model.init_args.merge_adapter",
+            str(merge).lower(),
+            "--model.init_args.output_dir",
+            "null",
+        ],
+        run=False,
+    )
+    return cli.model, cli.datamodule, cli.trainer
+
+
+def _evaluate(evaluator, datamodule, trainer, out_dir: Path) -> dict[str, Any]:
+    evaluator.output_dir = str(out_dir)
+    trainer.test(evaluator, datamodule=datamodule, verbose=False)
+    return dict(evaluator.results)
+
+
+def run_pipeline(
+    stages: list[StageSpec],
+    repair: RepairSpec,
+    evaluation: str,
+    output_dir: str,
+    references: list[str] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Runs the whole experiment and writes the report; see the module docstring.
+
+    Args:
+        stages: Training stages in order; the last one is the fine-tuned model that gets repaired.
+        repair: The repair config, alphas and methods.
+        evaluation: Config for ``python -m antidote_pl test`` (StageEvaluator + EvalDataModule).
+        output_dir: Where scores, per-variant results and the report go.
+        references: Stage names evaluated as reference rows (default: every stage but the first).
+        force: Rerun everything, ignoring finished results.
+
+    Returns:
+        The report as a dict (also written to ``report.json``).
+
+    Raises:
+        ConfigError: for a missing config file, a bad alpha or an unknown reference, before any work.
+    """
+    from antidote_pl.pruning.select import check_alpha
+
+    if not stages:
+        raise bad_value("stages", stages, "at least one training stage")
+    texts = {f"stages[{i}].config": _read(s.config, f"stages[{i}].config") for i, s in enumerate(stages)}
+    repair_text = _read(repair.config, "repair.config")
+    eval_text = _read(evaluation, "evaluation")
+    fragments = {m: _read(f, f"repair.methods.{m}") for m, f in repair.methods.items()}
+    if not repair.methods:
+        raise bad_value("repair.methods", repair.methods, "at least one method -> callback fragment")
+    alphas = sorted({check_alpha(a, "repair.alphas") for a in repair.alphas})
+    if not alphas:
+        raise bad_value("repair.alphas", repair.alphas, "at least one alpha in (0, 1)")
+    names = [s.name for s in stages]
+    references = names[1:] if references is None else references
+    unknown = [r for r in references if r not in names]
+    if unknown:
+        raise bad_value("references", unknown, f"stage names from {names}")
+    stage_dirs = {s.name: _stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(stages)}
+
+    console = _console()
+    out = Path(output_dir)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    # 1. Training stages.
+    upstream = ""
+    for i, spec in enumerate(stages):
+        key = _key(upstream, texts[f"stages[{i}].config"], *spec.overrides)
+        upstream = key
+        directory = stage_dirs[spec.name]
+        if not force and _is_done(directory, key):
+            console.print(f"[green]stage {i + 1}/{len(stages)} {spec.name}: reusing {directory}")
+            continue
+        console.print(f"[bold]stage {i + 1}/{len(stages)} {spec.name}: training -> {directory}")
+        t0 = time.perf_counter()
+        _fit([spec.config], spec.overrides)
+        timings[f"stage/{spec.name}"] = time.perf_counter() - t0
+        _mark_done(directory, key)
+    finetuned = stage_dirs[stages[-1].name]
+
+    # 2. One scoring pass per method, through its callback.
+    score_keys = {}
+    for method, fragment in repair.methods.items():
+        directory = out / "scores" / method
+        key = _key(upstream, repair_text, fragments[method], str(alphas[0]))
+        score_keys[method] = key
+        if not force and _is_done(directory, key):
+            console.print(f"[green]scores {method}: reusing {directory}")
+            continue
+        console.print(f"[bold]scores {method}: scoring {finetuned} once")
+        t0 = time.perf_counter()
+        _fit(
+            [repair.config, fragment],
+            [
+                "--pruner.init_args.save_scores=true",
+                f"--pruner.init_args.alpha={alphas[0]}",
+                f"--model.init_args.output_dir={directory}",
+                "--trainer.enable_progress_bar=false",
+            ],
+        )
+        timings[f"scores/{method}"] = time.perf_counter() - t0
+        if not (directory / "scores.safetensors").is_file():
+            raise ConfigError(
+                f"repair.methods.{method}={fragment!r} saved no scores; use a score-based callback."
+            )
+        _mark_done(directory, key)
+
+    # 3. Evaluation: references, the unrepaired model, every (method, alpha).
+    rows: list[dict[str, Any]] = []
+    results_dir = out / "results"
+
+    def cached(name: str, key: str, compute) -> dict[str, Any]:
+        path = results_dir / name / "result.json"
+        if not force and path.is_file() and json.loads(path.read_text()).get("key") == key:
+            return json.loads(path.read_text())["result"]
+        t0 = time.perf_counter()
+        result = compute(results_dir / name)
+        timings[f"eval/{name}"] = time.perf_counter() - t0
+        atomic_write_json(path, {"key": key, "result": result})
+        return result
+
+    for name in references:
+        key = _key(upstream, eval_text, name, _done_key(stage_dirs[name]))
+
+        def compute(d, name=name):
+            return _evaluate(*_evaluator(evaluation, stage_dirs[name], merge=True), d)
+
+        console.print(f"[bold]evaluate reference {name}")
+        rows.append({"method": name, "alpha": None, "reference": True, **cached(f"ref_{name}", key, compute)})
+
+    from antidote_pl.pruning import apply_target_masks_, find_targets, load_tensors, masks_for_alphas
+    from antidote_pl.pruning.targets import to_param_layout
+
+    evaluator, datamodule, trainer = _evaluator(evaluation, finetuned, merge=False)
+    peft_model = evaluator.model
+    original = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+
+    def restore() -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                p.copy_(original[n])
+
+    key_none = _key(upstream, eval_text, "none")
+    console.print("[bold]evaluate none (unrepaired)")
+    rows.append(
+        {
+            "method": "none",
+            "alpha": 0.0,
+            "removed_fraction": 0.0,
+            **cached("none", key_none, lambda d: _evaluate(evaluator, datamodule, trainer, d)),
+        }
+    )
+    for method in repair.methods:
+        directory = out / "scores" / method
+        meta = json.loads((directory / "mask.json").read_text())
+        targets = find_targets(
+            peft_model, meta["target"], meta.get("adapter_name", "default"), meta.get("include")
+        )
+        # Scores are saved in each parameter's layout; the same transposition maps them back to rows.
+        scores = to_param_layout(load_tensors(directory / "scores.safetensors"), targets)
+        sweep = masks_for_alphas(scores, alphas, meta["scope"])
+        for alpha, masks in sweep.items():
+            from antidote_pl.pruning import overall_fraction
+
+            key = _key(score_keys[method], eval_text, str(alpha))
+
+            def compute(d, masks=masks, targets=targets):
+                apply_target_masks_(targets, to_param_layout(masks, targets))
+                try:
+                    return _evaluate(evaluator, datamodule, trainer, d)
+                finally:
+                    restore()
+
+            console.print(f"[bold]evaluate {method} alpha={alpha}")
+            result = cached(f"{method}_a{alpha:g}", key, compute)
+            rows.append(
+                {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks), **result}
+            )
+
+    report = {
+        "rows": rows,
+        "alphas": alphas,
+        "methods": list(repair.methods),
+        "stages": stage_dirs,
+        "seconds_total": time.perf_counter() - started,
+        "seconds_by_step": timings,
+    }
+    write_report(report, out)
+    console.print(f"[green]report written to {out / 'report.md'} ({report['seconds_total']:.0f} s)")
+    return report
+
+
+def _done_key(directory: str) -> str:
+    marker = Path(directory) / DONE_FILE
+    return json.loads(marker.read_text()).get("key", "") if marker.is_file() else ""
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report table: one row per reference, the unrepaired model and every (method, alpha)."""
+    lines = [
+        "| variant | alpha | removed % | HS % | FA % | coherent % | harmful prompts | task questions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        removed = "-" if r.get("removed_fraction") is None else f"{100 * r['removed_fraction']:.1f}"
+        lines.append(
+            f"| {r['method']} | {alpha} | {removed} | {_fmt(r.get('harmful_score'))} | "
+            f"{_fmt(r.get('finetune_accuracy'))} | {_fmt(r.get('coherent_rate'))} | "
+            f"{r.get('n_harmful_score', 0)} | {r.get('n_finetune_accuracy', 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """Writes ``report.json``, ``report.md`` and ``report.png`` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    header = (
+        "# antidote_pl report\n\n"
+        "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better). "
+        "FA: fine-tune accuracy, % of held-out task questions answered correctly. "
+        "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised.\n\n"
+    )
+    atomic_write_text(out / "report.md", header + report_markdown(report))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    none = next((r for r in report["rows"] if r["method"] == "none"), None)
+    for method in report["methods"]:
+        pts = [r for r in report["rows"] if r["method"] == method]
+        if none is not None:
+            pts = [none, *pts]
+        ax.plot(
+            [p["finetune_accuracy"] for p in pts], [p["harmful_score"] for p in pts], marker="o", label=method
+        )
+    for r in report["rows"]:
+        if r.get("reference"):
+            ax.scatter([r["finetune_accuracy"] or 0], [r["harmful_score"] or 0], marker="*", s=160, zorder=3)
+            ax.annotate(
+                r["method"],
+                (r["finetune_accuracy"] or 0, r["harmful_score"] or 0),
+                xytext=(5, 5),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("fine-tune accuracy FA (%)")
+    ax.set_ylabel("harmful score HS (%)")
+    ax.set_title("Repair trade-off: alpha sweep per method (starts at the unrepaired model)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out / f".report.png.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out / "report.png")
+
+
+def build_parser():
+    """The pipeline's argument parser (``--config`` YAML plus overrides)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="antidote_pl pipeline", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML")
+    parser.add_argument("--stages", type=list[StageSpec], required=True)
+    parser.add_argument("--repair", type=RepairSpec, required=True)
+    parser.add_argument("--evaluation", type=str, required=True)
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--references", type=list[str] | None, default=None)
+    parser.add_argument("--force", type=bool, default=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force true]``."""
+    parser = build_parser()
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    return run_pipeline(
+        stages=init.stages,
+        repair=init.repair,
+        evaluation=init.evaluation,
+        output_dir=init.output_dir,
+        references=init.references,
+        force=init.force,
+    )

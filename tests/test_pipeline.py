@@ -1,0 +1,130 @@
+"""The pipeline command on a shrunken tiny world: report files, reuse, --force, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+from conftest import REPO
+
+from antidote_pl.errors import ConfigError
+from antidote_pl.pipeline import StageSpec, run_pipeline
+
+pytestmark = pytest.mark.slow
+FAST = "--model.init_args.model_config=tiny-world-fast"
+
+
+def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
+    eval_cfg = yaml.safe_load((REPO / "configs/tiny/eval.yaml").read_text())
+    eval_cfg["data"]["init_args"]["harmful"]["init_args"]["limit"] = 60
+    eval_cfg["data"]["init_args"]["task"]["init_args"]["limit"] = 60
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
+    cfg = {
+        "output_dir": "outputs/tiny/pipeline",
+        "stages": [
+            {
+                "name": "pretrain",
+                "config": str(REPO / "configs/tiny/pretrain.yaml"),
+                "overrides": [FAST, "--trainer.max_steps=20", "--trainer.enable_progress_bar=false"],
+            },
+            {
+                "name": "aligned",
+                "config": str(REPO / "configs/tiny/align.yaml"),
+                "overrides": ["--trainer.max_steps=5", "--trainer.enable_progress_bar=false"],
+            },
+            {
+                "name": "finetuned",
+                "config": str(REPO / "configs/tiny/finetune.yaml"),
+                "overrides": [
+                    "--trainer.max_epochs=1",
+                    "--data.init_args.num_samples=64",
+                    "--trainer.enable_progress_bar=false",
+                ],
+            },
+        ],
+        "references": ["aligned", "finetuned"],
+        "repair": {
+            "config": str(REPO / "configs/tiny/repair.yaml"),
+            "alphas": list(alphas),
+            "methods": {
+                "wanda": str(REPO / "callbacks/wanda.yaml"),
+                "random": str(REPO / "callbacks/random.yaml"),
+            },
+        },
+        "evaluation": str(tmp_path / "eval.yaml"),
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture
+def in_tmp(tmp_path):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(cwd)
+
+
+def test_pipeline_report_reuse_and_force(in_tmp):
+    from antidote_pl.cli import main
+
+    config = write_pipeline(in_tmp)
+    report = main(["pipeline", "--config", config])
+    out = in_tmp / "outputs/tiny/pipeline"
+    for name in ("report.md", "report.json", "report.png"):
+        assert (out / name).stat().st_size > 0
+    methods = [(r["method"], r["alpha"]) for r in report["rows"]]
+    assert methods == [
+        ("aligned", None),
+        ("finetuned", None),
+        ("none", 0.0),
+        ("wanda", 0.05),
+        ("wanda", 0.2),
+        ("random", 0.05),
+        ("random", 0.2),
+    ]
+    for r in report["rows"]:
+        assert r["n_harmful_score"] == 60 and r["n_finetune_accuracy"] == 60
+    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+    assert "| wanda | 0.2 |" in (out / "report.md").read_text()
+    gens = (out / "results" / "wanda_a0.2" / "generations.jsonl").read_text().splitlines()
+    assert len(gens) == 120 and {"response", "verdict"} <= set(json.loads(gens[0]))
+    # Removing more weights removes at least as many: realised fractions grow with alpha.
+    wanda = [r for r in report["rows"] if r["method"] == "wanda"]
+    assert wanda[0]["removed_fraction"] < wanda[1]["removed_fraction"]
+
+    again = main(["pipeline", "--config", config])
+    assert again["seconds_by_step"] == {}, "a rerun with the same config must reuse every finished step"
+    assert again["rows"] == report["rows"]
+
+    # An interrupted variant (its result deleted) is the only thing recomputed.
+    (out / "results" / "random_a0.05" / "result.json").unlink()
+    partial = main(["pipeline", "--config", config])
+    assert list(partial["seconds_by_step"]) == ["eval/random_a0.05"]
+
+    forced = main(["pipeline", "--config", config, "--force", "true"])
+    assert {"stage/pretrain", "stage/aligned", "stage/finetuned", "scores/wanda"} <= set(
+        forced["seconds_by_step"]
+    )
+
+
+def test_bad_pipeline_input_fails_before_work(tmp_path):
+    from antidote_pl.pipeline import RepairSpec
+
+    stage = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
+    repair = RepairSpec(
+        str(REPO / "configs/tiny/repair.yaml"), [0.1], {"wanda": str(REPO / "callbacks/wanda.yaml")}
+    )
+    ev = str(REPO / "configs/tiny/eval.yaml")
+    with pytest.raises(ConfigError, match="repair.alphas"):
+        run_pipeline([stage], RepairSpec(repair.config, [1.5], repair.methods), ev, str(tmp_path))
+    with pytest.raises(ConfigError, match="references"):
+        run_pipeline([stage], repair, ev, str(tmp_path), references=["nope"])
+    with pytest.raises(ConfigError, match="evaluation"):
+        run_pipeline([stage], repair, str(tmp_path / "missing.yaml"), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"stages\[0\].config"):
+        run_pipeline([StageSpec("x", str(tmp_path / "nope.yaml"))], repair, ev, str(tmp_path))
+    assert not (tmp_path / "report.md").exists()
