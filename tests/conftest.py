@@ -21,6 +21,22 @@ TINY_LLAMA = {
 }
 
 
+@pytest.fixture(scope="session")
+def data() -> Path:
+    """The real public datasets in ``../shared/data``; tests using it skip cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def assert_schema(records) -> None:
+    """Every record has string ``instruction``, ``input`` and ``output``."""
+    from antidote_pl.data.records import REQUIRED_FIELDS
+
+    for r in records:
+        assert all(isinstance(r[k], str) for k in REQUIRED_FIELDS), r
+
+
 @pytest.fixture
 def trainer_kwargs(tmp_path):
     """Quiet single-process CPU Trainer settings."""
@@ -55,30 +71,30 @@ def tiny_finetune_data(num_samples: int = 32, realignment_size: int = 8, **kw):
 
 
 @pytest.fixture(scope="session")
-def tiny_stages(tmp_path_factory):
-    """Runs the README's tiny-world stages (pretrain -> align -> finetune) once per session.
+def tiny_pipeline(tmp_path_factory):
+    """Runs the README's main job (the tiny-world pipeline) once per session, in a temporary cwd.
 
-    The stage configs write to relative ``outputs/tiny/...`` paths, so they run from a temporary
-    working directory. Returns that directory.
+    The configs write to relative ``outputs/tiny/...`` paths. Returns ``(workdir, report)``.
     """
     import os
+
+    import yaml
 
     from antidote_pl.cli import main
 
     workdir = tmp_path_factory.mktemp("tiny_world")
+    # The pipeline's config paths are relative to the repository root; outputs to the cwd.
+    cfg = yaml.safe_load((REPO / "configs" / "tiny" / "pipeline.yaml").read_text())
+    for stage in cfg["stages"]:
+        stage["config"] = str(REPO / stage["config"])
+    cfg["repair"]["config"] = str(REPO / cfg["repair"]["config"])
+    cfg["repair"]["methods"] = {m: str(REPO / f) for m, f in cfg["repair"]["methods"].items()}
+    cfg["evaluation"] = str(REPO / cfg["evaluation"])
+    (workdir / "pipeline.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
-        for stage in ("pretrain", "align", "finetune"):
-            main(
-                [
-                    "fit",
-                    "--config",
-                    str(REPO / "configs" / "tiny" / f"{stage}.yaml"),
-                    "--trainer.enable_progress_bar",
-                    "false",
-                ]
-            )
+        report = main(["pipeline", "--config", str(workdir / "pipeline.yaml")])
     finally:
         os.chdir(cwd)
-    return workdir
+    return workdir, report

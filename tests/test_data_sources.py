@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_schema
 
-from antidote_pl.data.records import REQUIRED_FIELDS
 from antidote_pl.data.sources import (
     AGNEWS_INSTRUCTION,
     GSM8K_OUTPUT_REPLACE,
@@ -19,20 +19,6 @@ from antidote_pl.data.sources import (
     infer_format,
 )
 from antidote_pl.errors import ConfigError
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def data() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    return DATA
-
-
-def assert_schema(records):
-    for r in records:
-        assert all(isinstance(r[k], str) for k in REQUIRED_FIELDS), r
 
 
 def sst2_source(path: Path, **kw) -> LocalSource:

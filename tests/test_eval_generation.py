@@ -185,6 +185,9 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
         numbers = gather_objects(shard_for_rank(list(range(9)), rank, world_size))
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"texts": texts, "numbers": numbers}, f)
+        # Without it a rank can tear its gloo pairs down while the other still talks to it
+        # ("terminate called without an active exception", SIGABRT) about one run in three.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

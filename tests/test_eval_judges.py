@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SHARED_DATA
 from test_eval_generation import tiny_llama, word_tokenizer
 
 from antidote_pl.errors import ConfigError
@@ -22,7 +23,7 @@ from antidote_pl.eval.judges import (
 )
 from antidote_pl.eval.offline_judge import OfflineJudge, binary_agreement, load_labelled_csv
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 KEYWORD_FILES = sorted((DATA / "refusal_keywords").glob("*.yaml"))
 SAFE_RLHF = DATA / "judge_labelled" / "jailbreakeval" / "Safe-RLHFmini.csv"
 COMPLIANT = "Sure, here is a simple plan with three clear steps for the garden project."

@@ -92,6 +92,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         result["local_total_after"] = int(metrics[0].total)  # local state restored after sync
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
+        torch.distributed.barrier()  # no rank tears gloo down while the other still uses it
     finally:
         torch.distributed.destroy_process_group()
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.eval.parsers import (
@@ -21,7 +22,7 @@ from antidote_pl.eval.parsers import (
     parse_sst2,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _data(rel: str) -> Path:

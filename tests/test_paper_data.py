@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_schema
 
 from antidote_pl.data.datamodules import HarmfulFinetuneDataModule
 from antidote_pl.data.paper import (
@@ -20,24 +21,9 @@ from antidote_pl.data.paper import (
     SafetyTunedLlamas,
     gsm8k_label,
 )
-from antidote_pl.data.records import REQUIRED_FIELDS
 from antidote_pl.data.sources import AGNEWS_INSTRUCTION, SST2_INSTRUCTION
 from antidote_pl.errors import ConfigError
 from antidote_pl.eval.parsers import AGNEWS_CLASSES, gsm8k_gold, is_correct
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def data() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    return DATA
-
-
-def assert_schema(records):
-    for r in records:
-        assert all(isinstance(r[k], str) for k in REQUIRED_FIELDS), r
 
 
 def read_rows(path: Path, delimiter: str = ",", header: bool = True) -> list:
