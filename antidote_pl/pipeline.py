@@ -66,6 +66,25 @@ class RepairSpec:
     methods: dict[str, str]
 
 
+@dataclass
+class BaselineSpec:
+    """A baseline defense: its own training stages, evaluated as one report row.
+
+    Args:
+        name: Row name (e.g. ``vaccine``).
+        stages: Stages run after the main ones (e.g. a Vaccine alignment, then the same harmful
+            fine-tuning on top of it); the last one is evaluated.
+        repair_fragment: Optionally also repair the last stage with this callback fragment (e.g.
+            ``callbacks/wanda.yaml``), reported as ``<name>+<method>`` (a combined defense).
+        repair_alpha: Alpha for that repair.
+    """
+
+    name: str
+    stages: list[StageSpec]
+    repair_fragment: str | None = None
+    repair_alpha: float = 0.1
+
+
 def _console():
     from rich.console import Console
 
@@ -152,6 +171,7 @@ def run_pipeline(
     output_dir: str,
     references: list[str] | None = None,
     force: bool = False,
+    baselines: list[BaselineSpec] | None = None,
 ) -> dict[str, Any]:
     """Runs the whole experiment and writes the report; see the module docstring.
 
@@ -162,6 +182,8 @@ def run_pipeline(
         output_dir: Where scores, per-variant results and the report go.
         references: Stage names evaluated as reference rows (default: every stage but the first).
         force: Rerun everything, ignoring finished results.
+        baselines: Baseline defenses trained after the main stages, one report row each (plus a
+            combined row when a baseline is also repaired).
 
     Returns:
         The report as a dict (also written to ``report.json``).
@@ -188,6 +210,20 @@ def run_pipeline(
     if unknown:
         raise bad_value("references", unknown, f"stage names from {names}")
     stage_dirs = {s.name: _stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(stages)}
+    baselines = list(baselines or [])
+    baseline_texts: dict[str, list[str]] = {}
+    for b, base in enumerate(baselines):
+        field = f"baselines[{b}]"
+        if not base.stages:
+            raise bad_value(f"{field}.stages", base.stages, "at least one stage")
+        baseline_texts[base.name] = [
+            _read(s.config, f"{field}.stages[{i}].config") for i, s in enumerate(base.stages)
+        ]
+        for i, spec in enumerate(base.stages):
+            stage_dirs[spec.name] = _stage_output_dir(spec, f"{field}.stages[{i}]")
+        if base.repair_fragment is not None:
+            baseline_texts[base.name].append(_read(base.repair_fragment, f"{field}.repair_fragment"))
+            check_alpha(base.repair_alpha, f"{field}.repair_alpha")
 
     console = _console()
     out = Path(output_dir)
@@ -195,19 +231,22 @@ def run_pipeline(
     timings: dict[str, float] = {}
 
     # 1. Training stages.
-    upstream = ""
-    for i, spec in enumerate(stages):
-        key = _key(upstream, texts[f"stages[{i}].config"], *spec.overrides)
-        upstream = key
+    def run_stage(spec: StageSpec, text: str, upstream: str, label: str) -> str:
+        key = _key(upstream, text, *spec.overrides)
         directory = stage_dirs[spec.name]
         if not force and _is_done(directory, key):
-            console.print(f"[green]stage {i + 1}/{len(stages)} {spec.name}: reusing {directory}")
-            continue
-        console.print(f"[bold]stage {i + 1}/{len(stages)} {spec.name}: training -> {directory}")
+            console.print(f"[green]{label} {spec.name}: reusing {directory}")
+            return key
+        console.print(f"[bold]{label} {spec.name}: training -> {directory}")
         t0 = time.perf_counter()
         _fit([spec.config], spec.overrides)
         timings[f"stage/{spec.name}"] = time.perf_counter() - t0
         _mark_done(directory, key)
+        return key
+
+    upstream = ""
+    for i, spec in enumerate(stages):
+        upstream = run_stage(spec, texts[f"stages[{i}].config"], upstream, f"stage {i + 1}/{len(stages)}")
     finetuned = stage_dirs[stages[-1].name]
 
     # 2. One scoring pass per method, through its callback.
@@ -252,13 +291,10 @@ def run_pipeline(
         return result
 
     for name in references:
-        key = _key(upstream, eval_text, name, _done_key(stage_dirs[name]))
-
-        def compute(d, name=name):
-            return _evaluate(*_evaluator(evaluation, stage_dirs[name], merge=True), d)
-
-        console.print(f"[bold]evaluate reference {name}")
-        rows.append({"method": name, "alpha": None, "reference": True, **cached(f"ref_{name}", key, compute)})
+        row = _stage_row(
+            name, stage_dirs[name], _done_key(stage_dirs[name]), cached, evaluation, eval_text, console
+        )
+        rows.append({**row, "reference": True})
 
     from antidote_pl.pruning import apply_target_masks_, find_targets, load_tensors, masks_for_alphas
     from antidote_pl.pruning.targets import to_param_layout
@@ -311,6 +347,38 @@ def run_pipeline(
                 {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks), **result}
             )
 
+    # 4. Baseline defenses (and combined defenses): their own stages, one row each.
+    for base in baselines:
+        key = upstream
+        for spec, text in zip(base.stages, baseline_texts[base.name]):
+            key = run_stage(spec, text, key, f"baseline {base.name}")
+        final = stage_dirs[base.stages[-1].name]
+        rows.append(_stage_row(base.name, final, key, cached, evaluation, eval_text, console))
+        if base.repair_fragment is None:
+            continue
+        combined = f"{base.name}+{Path(base.repair_fragment).stem}"
+        directory = out / "combined" / combined
+        repair_key = _key(key, repair_text, baseline_texts[base.name][-1], str(base.repair_alpha))
+        if force or not _is_done(directory, repair_key):
+            meta = json.loads((Path(final) / "antidote_stage.json").read_text())
+            console.print(f"[bold]baseline {combined}: repairing {final}")
+            t0 = time.perf_counter()
+            _fit(
+                [repair.config, base.repair_fragment],
+                [
+                    f"--model.init_args.model_name_or_path={meta['base_model']}",
+                    f"--model.init_args.adapter_path={final}",
+                    f"--data.init_args.tokenizer={meta['base_model']}",
+                    f"--pruner.init_args.alpha={base.repair_alpha}",
+                    f"--model.init_args.output_dir={directory}",
+                    "--trainer.enable_progress_bar=false",
+                ],
+            )
+            timings[f"stage/{combined}"] = time.perf_counter() - t0
+            _mark_done(directory, repair_key)
+        row = _stage_row(combined, str(directory), repair_key, cached, evaluation, eval_text, console)
+        rows.append({**row, "alpha": base.repair_alpha})
+
     report = {
         "rows": rows,
         "alphas": alphas,
@@ -322,6 +390,16 @@ def run_pipeline(
     write_report(report, out)
     console.print(f"[green]report written to {out / 'report.md'} ({report['seconds_total']:.0f} s)")
     return report
+
+
+def _stage_row(name, directory, stage_key, cached, evaluation, eval_text, console) -> dict[str, Any]:
+    """Evaluates a stage output directory (merged), cached by the stage's key and the eval config."""
+
+    def compute(d):
+        return _evaluate(*_evaluator(evaluation, directory, merge=True), d)
+
+    console.print(f"[bold]evaluate {name}")
+    return {"method": name, "alpha": None, **cached(f"ref_{name}", _key(stage_key, eval_text, name), compute)}
 
 
 def _done_key(directory: str) -> str:
@@ -377,7 +455,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             [p["finetune_accuracy"] for p in pts], [p["harmful_score"] for p in pts], marker="o", label=method
         )
     for r in report["rows"]:
-        if r.get("reference"):
+        # References, baselines and combined defenses are single points, not sweeps.
+        if r["method"] not in (*report["methods"], "none"):
             ax.scatter([r["finetune_accuracy"] or 0], [r["harmful_score"] or 0], marker="*", s=160, zorder=3)
             ax.annotate(
                 r["method"],
@@ -408,6 +487,7 @@ def build_parser():
     parser.add_argument("--evaluation", type=str, required=True)
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--references", type=list[str] | None, default=None)
+    parser.add_argument("--baselines", type=list[BaselineSpec] | None, default=None)
     parser.add_argument("--force", type=bool, default=False)
     return parser
 
@@ -423,4 +503,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         output_dir=init.output_dir,
         references=init.references,
         force=init.force,
+        baselines=init.baselines,
     )

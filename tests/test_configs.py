@@ -55,6 +55,10 @@ def test_pipeline_config_parses(config):
         assert (REPO / path).is_file(), path
     for fragment in cfg.repair.methods.values():
         assert (REPO / fragment).is_file(), fragment
+    for base in parser.instantiate_classes(cfg).baselines or []:
+        for stage in base.stages:
+            assert (REPO / stage.config).is_file(), stage.config
+        assert base.repair_fragment is None or (REPO / base.repair_fragment).is_file()
 
 
 def test_tokenizer_mismatch_fails_before_loading(tmp_path):

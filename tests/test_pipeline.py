@@ -54,6 +54,46 @@ def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
             },
         },
         "evaluation": str(tmp_path / "eval.yaml"),
+        "baselines": [
+            {
+                "name": "vaccine",
+                "stages": [
+                    {
+                        "name": "aligned_vaccine",
+                        "config": str(REPO / "configs/tiny/defenses/vaccine_align.yaml"),
+                        "overrides": ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false"],
+                    },
+                    {
+                        "name": "finetuned_vaccine",
+                        "config": str(REPO / "configs/tiny/finetune.yaml"),
+                        "overrides": [
+                            "--model.init_args.model_name_or_path=outputs/tiny/align_vaccine",
+                            "--data.init_args.tokenizer=outputs/tiny/align_vaccine",
+                            "--model.init_args.output_dir=outputs/tiny/finetune_vaccine",
+                            "--trainer.max_epochs=1",
+                            "--data.init_args.num_samples=64",
+                            "--trainer.enable_progress_bar=false",
+                        ],
+                    },
+                ],
+                "repair_fragment": str(REPO / "callbacks/wanda.yaml"),
+                "repair_alpha": 0.1,
+            },
+            {
+                "name": "ldifs",
+                "stages": [
+                    {
+                        "name": "finetuned_ldifs",
+                        "config": str(REPO / "configs/tiny/defenses/ldifs_finetune.yaml"),
+                        "overrides": [
+                            "--trainer.max_epochs=1",
+                            "--data.init_args.num_samples=64",
+                            "--trainer.enable_progress_bar=false",
+                        ],
+                    }
+                ],
+            },
+        ],
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -79,7 +119,10 @@ def test_pipeline_report_reuse_and_force(in_tmp):
     methods = [(r["method"], r["alpha"]) for r in report["rows"]]
     assert sorted(report["methods"]) == ["random", "wanda"]
     sweep = [(m, a) for m in report["methods"] for a in (0.05, 0.2)]
-    assert methods == [("aligned", None), ("finetuned", None), ("none", 0.0), *sweep]
+    baselines = [("vaccine", None), ("vaccine+wanda", 0.1), ("ldifs", None)]
+    assert methods == [("aligned", None), ("finetuned", None), ("none", 0.0), *sweep, *baselines]
+    combined = json.loads((in_tmp / "outputs/tiny/pipeline/combined/vaccine+wanda/mask.json").read_text())
+    assert combined["alpha"] == 0.1 and combined["method"] == "wanda"
     for r in report["rows"]:
         assert r["n_harmful_score"] == 60 and r["n_finetune_accuracy"] == 60
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
@@ -100,9 +143,13 @@ def test_pipeline_report_reuse_and_force(in_tmp):
     assert list(partial["seconds_by_step"]) == ["eval/random_a0.05"]
 
     forced = main(["pipeline", "--config", config, "--force", "true"])
-    assert {"stage/pretrain", "stage/aligned", "stage/finetuned", "scores/wanda"} <= set(
-        forced["seconds_by_step"]
-    )
+    assert {
+        "stage/pretrain",
+        "stage/aligned",
+        "stage/finetuned",
+        "scores/wanda",
+        "stage/vaccine+wanda",
+    } <= set(forced["seconds_by_step"])
 
 
 def test_bad_pipeline_input_fails_before_work(tmp_path):

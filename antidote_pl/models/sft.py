@@ -277,6 +277,7 @@ class CausalLMSFTModule(L.LightningModule):
                 "base_fingerprint": self.base_fingerprint,
                 "tokenizer": self.tokenizer_spec,
                 "dtype": self.hparams.dtype,
+                "defense": None if self.defense is None else type(self.defense).__name__,
                 "trainable_parameters": self.trainable_parameter_count(),
                 "global_step": self.trainer.global_step if self._trainer is not None else None,
                 "versions": {
