@@ -134,9 +134,13 @@ class EvalDataModule(L.LightningDataModule):
         self.setup()
         sampler = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = _ShardSampler(
-                self.items, torch.distributed.get_world_size(), torch.distributed.get_rank()
-            )
+            world = torch.distributed.get_world_size()
+            if len(self.items) < world:
+                # A rank with no prompt would make Lightning fail with a zero-length loader.
+                raise bad_value(
+                    "data.harmful_limit / data.task_limit", len(self.items), f">= the world size {world}"
+                )
+            sampler = _ShardSampler(self.items, world, torch.distributed.get_rank())
         return DataLoader(self.items, batch_size=self.batch_size, sampler=sampler, collate_fn=list)
 
 
