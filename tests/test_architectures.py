@@ -1,4 +1,4 @@
-"""The three stages on tiny random-init Llama, Mistral, Gemma, Qwen2 and GPT-2 models.
+"""Align -> finetune -> repair -> evaluate on tiny random-init Llama, Mistral, Gemma, Qwen2 and GPT-2.
 
 Each architecture runs what the paper configs run at scale: LoRA alignment, merge + a fresh LoRA for
 harmful fine-tuning, then the Wanda repair (``max_epochs=0`` with the fine-tune loaded as
@@ -17,6 +17,8 @@ from conftest import TINY_LLAMA, tiny_finetune_data
 
 from antidote_pl.callbacks import WandaPruneCallback
 from antidote_pl.data.datamodules import AlignmentDataModule
+from antidote_pl.eval.evaluator import EvalDataModule, StageEvaluator
+from antidote_pl.eval.judges import TinyWorldJudge
 from antidote_pl.models.loading import STAGE_FILE
 from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.pruning import load_tensors
@@ -127,3 +129,19 @@ def test_align_finetune_repair(arch, tmp_path):
         assert torch.all(weight[mask] == 0), name
         assert torch.equal(weight[~mask], loaded[name][~mask]), name
     assert 0 < report["removed_fraction"] <= ALPHA
+
+    # Evaluate the repaired stage: reloaded from disk (base + merged alignment + pruned adapter).
+    evaluator = StageEvaluator(
+        str(repair), judge=TinyWorldJudge(), harmful_max_new_tokens=4, task_max_new_tokens=2
+    )
+    eval_data = EvalDataModule(
+        harmful=TinyWorldSource("harmful_answer", split="eval", limit=6),
+        task=TinyWorldSource("sentiment", split="eval", limit=6),
+        task_name="sst2",
+        template="tiny",
+        batch_size=4,
+    )
+    quiet_trainer(tmp_path / "eval").test(evaluator, datamodule=eval_data, verbose=False)
+    results = evaluator.results
+    assert results["n_harmful_score"] == 6 and results["n_finetune_accuracy"] == 6
+    assert 0.0 <= results["harmful_score"] <= 100.0 and 0.0 <= results["finetune_accuracy"] <= 100.0
