@@ -377,7 +377,8 @@ def run_pipeline(
             timings[f"stage/{combined}"] = time.perf_counter() - t0
             _mark_done(directory, repair_key)
         row = _stage_row(combined, str(directory), repair_key, cached, evaluation, eval_text, console)
-        rows.append({**row, "alpha": base.repair_alpha})
+        removed = json.loads((directory / "mask.json").read_text())["removed_fraction"]
+        rows.append({**row, "alpha": base.repair_alpha, "removed_fraction": removed})
 
     report = {
         "rows": rows,
