@@ -272,8 +272,10 @@ class CausalLMSFTModule(L.LightningModule):
                 (tmp / "config.yaml").write_text(self.resolved_config)
             meta = {
                 "kind": "adapter" if self.is_peft else "full_model",
-                "base_model": self.hparams.model_name_or_path or self.hparams.model_config,
-                "merged_adapters": list(self.hparams.merge_adapters or []),
+                # Local paths are recorded absolute, so the stage loads from any working directory.
+                "base_model": _absolute_if_local(self.hparams.model_name_or_path)
+                or self.hparams.model_config,
+                "merged_adapters": [_absolute_if_local(a) for a in self.hparams.merge_adapters or []],
                 "base_fingerprint": self.base_fingerprint,
                 "tokenizer": self.tokenizer_spec,
                 "dtype": self.hparams.dtype,
@@ -294,3 +296,10 @@ class CausalLMSFTModule(L.LightningModule):
         self.saved_stage_dir = str(output_dir)
         rank_zero_info(f"antidote_pl: stage output written to {output_dir}")
         return Path(output_dir)
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """An existing local path made absolute; hub names (and None) unchanged."""
+    if path is not None and Path(path).expanduser().exists():
+        return str(Path(path).expanduser().resolve())
+    return path
