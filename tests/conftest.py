@@ -37,9 +37,8 @@ def assert_schema(records) -> None:
         assert all(isinstance(r[k], str) for k in REQUIRED_FIELDS), r
 
 
-@pytest.fixture
-def trainer_kwargs(tmp_path):
-    """Quiet single-process CPU Trainer settings."""
+def quiet_trainer_kwargs(root, **overrides) -> dict:
+    """Single-process CPU Trainer settings without loggers, checkpoints or progress bars."""
     return {
         "accelerator": "cpu",
         "devices": 1,
@@ -47,8 +46,15 @@ def trainer_kwargs(tmp_path):
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
+        "default_root_dir": str(root),
+        **overrides,
     }
+
+
+@pytest.fixture
+def trainer_kwargs(tmp_path):
+    """Quiet single-process CPU Trainer settings."""
+    return quiet_trainer_kwargs(tmp_path)
 
 
 def tiny_finetune_data(num_samples: int = 32, realignment_size: int = 8, **kw):

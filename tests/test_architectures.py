@@ -13,7 +13,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA, tiny_finetune_data
+from conftest import TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import WandaPruneCallback
 from antidote_pl.data.datamodules import AlignmentDataModule
@@ -48,16 +48,7 @@ LORA = {"lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2}
 
 
 def quiet_trainer(root, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
-        **kw,
-    )
+    return L.Trainer(**quiet_trainer_kwargs(root, **kw))
 
 
 def alignment_data() -> AlignmentDataModule:

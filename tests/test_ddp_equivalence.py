@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, quiet_trainer_kwargs
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -50,19 +50,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _quiet(root: Path, **kw) -> dict:
-    return {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(root),
-        **kw,
-    }
 
 
 class _RecordsSource(Source):
@@ -115,7 +102,7 @@ def _fit(root: Path, tag: str, batch_size: int, **trainer_kw) -> tuple[dict, dic
     )
     data.setup("fit")
     assert data.counts()["train_truncated"] == 2 * PER_RANK_BATCH * STEPS, "samples must have equal length"
-    L.Trainer(**_quiet(root, max_steps=STEPS, **trainer_kw)).fit(module, datamodule=data)
+    L.Trainer(**quiet_trainer_kwargs(root, max_steps=STEPS, **trainer_kw)).fit(module, datamodule=data)
     saved = load_file(str(root / tag / "model.safetensors"))
     meta = json.loads((root / tag / "antidote_stage.json").read_text())
     return initial, saved, meta
@@ -164,7 +151,7 @@ def eval_stage(tmp_path_factory) -> Path:
     data = SFTDataModule(
         "tiny-world", [_RecordsSource(records)], template="tiny", max_length=64, batch_size=16
     )
-    L.Trainer(**_quiet(root, max_steps=150)).fit(module, datamodule=data)
+    L.Trainer(**quiet_trainer_kwargs(root, max_steps=150)).fit(module, datamodule=data)
     return module.save_stage(str(root / "stage"))
 
 
@@ -186,7 +173,7 @@ def _evaluate(stage: Path, out: Path, **trainer_kw) -> tuple[dict, list[dict], d
         template="tiny",
         batch_size=EVAL_BATCH,
     )
-    trainer = L.Trainer(**_quiet(out, **trainer_kw))
+    trainer = L.Trainer(**quiet_trainer_kwargs(out, **trainer_kw))
     trainer.test(evaluator, datamodule=data, verbose=False)
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]

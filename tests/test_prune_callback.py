@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_LLAMA, tiny_finetune_data
+from conftest import REPO, TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
 from peft.tuners.lora import LoraLayer
 
 from antidote_pl.callbacks import (
@@ -50,17 +50,6 @@ REPAIR_CONFIG = REPO / "configs" / "tiny" / "repair.yaml"
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-def quiet_trainer_kwargs(root: Path) -> dict:
-    """Single-process CPU Trainer settings without loggers, checkpoints or progress bars."""
-    return {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(root),
-    }
 
 
 def make_stages(root: Path) -> tuple[Path, Path]:
