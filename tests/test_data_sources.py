@@ -299,3 +299,14 @@ def test_column_mapped_elsewhere_is_not_reused_by_name(tmp_path):
     assert LocalSource(str(path), fields={"instruction": "input"}).load() == [
         {"instruction": "hello", "input": "", "output": "world"}
     ]
+
+
+def test_hf_source_unreachable_dataset_names_the_path(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'no-such-org/no-such-dataset' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConfigError, match=r"path='no-such-org/no-such-dataset'"):
+        HFSource("no-such-org/no-such-dataset").load()

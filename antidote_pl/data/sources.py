@@ -308,6 +308,11 @@ class HFSource(_MappedSource):
         except FileNotFoundError as err:
             field, value = ("data_files", self.data_files) if self.data_files else ("path", self.path)
             raise bad_value(field, value, f"an existing dataset or file ({err})") from err
+        except ConnectionError as err:
+            # Offline or unknown hub name: say which field to change rather than a network trace.
+            raise bad_value(
+                "path", self.path, f"a dataset reachable from here, or local files via LocalSource ({err})"
+            ) from err
         except ValueError as err:
             if "split" in str(err).lower():
                 raise bad_value("split", self.split, f"a split of {self.path!r} ({err})") from err
