@@ -296,7 +296,13 @@ def run_pipeline(
         )
         rows.append({**row, "reference": True})
 
-    from antidote_pl.pruning import apply_target_masks_, find_targets, load_tensors, masks_for_alphas
+    from antidote_pl.pruning import (
+        apply_target_masks_,
+        find_targets,
+        load_tensors,
+        masks_for_alphas,
+        overall_fraction,
+    )
     from antidote_pl.pruning.targets import to_param_layout
 
     evaluator, datamodule, trainer = _evaluator(evaluation, finetuned, merge=False)
@@ -323,15 +329,11 @@ def run_pipeline(
     for method in repair.methods:
         directory = out / "scores" / method
         meta = json.loads((directory / "mask.json").read_text())
-        targets = find_targets(
-            peft_model, meta["target"], meta.get("adapter_name", "default"), meta.get("include")
-        )
+        targets = find_targets(peft_model, meta["target"], meta["adapter_name"], meta["include"])
         # Scores are saved in each parameter's layout; the same transposition maps them back to rows.
         scores = to_param_layout(load_tensors(directory / "scores.safetensors"), targets)
         sweep = masks_for_alphas(scores, alphas, meta["scope"])
         for alpha, masks in sweep.items():
-            from antidote_pl.pruning import overall_fraction
-
             key = _key(score_keys[method], eval_text, str(alpha))
 
             def compute(d, masks=masks, targets=targets):

@@ -119,7 +119,15 @@ class BasePruneCallback(Callback):
 
     def describe(self) -> dict[str, Any]:
         """Settings recorded in ``mask.json``."""
-        return {"method": self.method, "alpha": self.alpha, "target": self.target, "scope": self.scope}
+        # Target selection is recorded too, so saved scores can be mapped back onto the same tensors.
+        return {
+            "method": self.method,
+            "alpha": self.alpha,
+            "target": self.target,
+            "scope": self.scope,
+            "include": self.include,
+            "adapter_name": self.adapter_name,
+        }
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
