@@ -1,4 +1,4 @@
-"""Entry point: ``python -m antidote_pl {fit,validate,test,predict} --config a.yaml [--config b.yaml]``."""
+"""Entry point: ``python -m antidote_pl {fit,validate,test,predict,pipeline,tokenizer} --config a.yaml``."""
 
 import os
 

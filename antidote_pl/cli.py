@@ -68,7 +68,11 @@ class AntidoteCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None):
-    """Runs the CLI (console script ``antidote-pl``); ``pipeline`` goes to :mod:`antidote_pl.pipeline`."""
+    """Runs the CLI (console script ``antidote-pl``).
+
+    ``pipeline`` goes to :mod:`antidote_pl.pipeline` and ``tokenizer`` to :mod:`antidote_pl.data.bpe`;
+    everything else is a LightningCLI subcommand.
+    """
     import sys
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,6 +81,10 @@ def main(args: list[str] | None = None):
         from antidote_pl.pipeline import main as pipeline_main
 
         return pipeline_main(argv[1:])
+    if argv and argv[0] == "tokenizer":
+        from antidote_pl.data.bpe import main as tokenizer_main
+
+        return tokenizer_main(argv[1:])
     return AntidoteCLI(args=args)
 
 

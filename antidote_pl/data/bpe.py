@@ -1,0 +1,243 @@
+"""Trains a byte-level BPE tokenizer on local records: the tokenizer of a model built from scratch.
+
+::
+
+    python -m antidote_pl tokenizer --config configs/offline/tokenizer.yaml
+
+The offline real-data world (``configs/offline/``) has no hub to download a tokenizer from, so it
+trains one on the same local files its model is pretrained on. Each record is rendered with the
+stages' prompt template (:func:`antidote_pl.data.templates.render`), so the template's fixed text
+("### Instruction:" ...) gets merged into few tokens.
+
+The corpus is given either as ``sources`` (record sources, as in a DataModule) or as
+``corpus_config``: a ``fit`` config whose ``data.init_args.sources`` (and ``template``) are used, so
+the tokenizer is trained on exactly the pretraining stage's data without repeating its list.
+
+The result is a ``PreTrainedTokenizerFast`` directory (``tokenizer.json`` + config) that
+:func:`antidote_pl.models.loading.load_tokenizer` and ``from_pretrained`` read like any other, plus
+``tokenizer_build.json`` recording how it was made. Byte-level BPE has no unknown token: every
+string encodes. Like Llama, encoding with special tokens prepends ``<bos>`` and adds no ``<eos>``
+(the collators append it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from antidote_pl.data.records import Source
+from antidote_pl.data.templates import get_template, render
+from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.utils.io import atomic_dir, atomic_write_json
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+#: Special tokens in id order (``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2); random-init model
+#: configs for this tokenizer use these ids.
+SPECIAL_TOKENS = (PAD, BOS, EOS)
+BUILD_FILE = "tokenizer_build.json"
+#: 256 byte symbols plus the special tokens: the smallest vocabulary that can merge anything.
+_MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1
+_MAX_VOCAB = 1_000_000
+
+
+def check_bpe_args(vocab_size: int, min_frequency: int, model_max_length: int) -> None:
+    """Validates the trainer's numbers (called before any data is read).
+
+    Raises:
+        ConfigError: naming the bad argument.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise bad_value("vocab_size", vocab_size, f"an int in [{_MIN_VOCAB}, {_MAX_VOCAB}]")
+    if not _MIN_VOCAB <= vocab_size <= _MAX_VOCAB:
+        raise bad_value("vocab_size", vocab_size, f"an int in [{_MIN_VOCAB}, {_MAX_VOCAB}]")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise bad_value("min_frequency", min_frequency, "an int >= 1")
+    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 1:
+        raise bad_value("model_max_length", model_max_length, "an int >= 1")
+
+
+def corpus_texts(sources: Sequence[Source], template: str) -> Iterator[str]:
+    """Yields each record of each source as the text a model sees: prompt + response.
+
+    Args:
+        sources: Record sources, read in order.
+        template: A key of :data:`antidote_pl.data.templates.TEMPLATES` (``raw`` for plain text).
+    """
+    for source in sources:
+        for record in source.load():
+            prompt, response = render(record, template)
+            yield prompt + response
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, model_max_length: int = 512
+):
+    """Trains a byte-level BPE tokenizer.
+
+    Args:
+        texts: Training texts.
+        vocab_size: Final vocabulary size, special tokens and the 256 byte symbols included.
+        min_frequency: Pairs seen fewer times are never merged.
+        model_max_length: Recorded as the tokenizer's maximum sequence length.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with ``<pad>``/``<bos>``/``<eos>`` at ids 0/1/2, right padding.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    check_bpe_args(vocab_size, min_frequency, model_max_length)
+    core = Tokenizer(models.BPE())
+    # No prefix space: prompt and response are encoded separately and must concatenate exactly.
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A $B",
+        special_tokens=[(BOS, core.token_to_id(BOS))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="right",
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tokenizer(
+    sources: Sequence[Source],
+    output_dir: str,
+    vocab_size: int = 4096,
+    min_frequency: int = 2,
+    template: str = "raw",
+    model_max_length: int = 512,
+) -> dict[str, Any]:
+    """Trains a tokenizer on ``sources`` and writes it to ``output_dir`` atomically.
+
+    Args:
+        sources: Record sources whose rendered text is the training corpus.
+        output_dir: Directory to write (replaced as a whole on success).
+        vocab_size: See :func:`train_bpe_tokenizer`.
+        min_frequency: See :func:`train_bpe_tokenizer`.
+        template: Prompt template used to render each record.
+        model_max_length: See :func:`train_bpe_tokenizer`.
+
+    Returns:
+        The build record also written to ``tokenizer_build.json``.
+
+    Raises:
+        ConfigError: on a bad argument (before any data is read) or an empty corpus.
+    """
+    if not sources:
+        raise bad_value("sources", sources, "at least one record source")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise bad_value("output_dir", output_dir, "a directory path")
+    get_template(template)
+    check_bpe_args(vocab_size, min_frequency, model_max_length)
+    counts = {"records": 0, "characters": 0}
+
+    def counted(texts: Iterable[str]) -> Iterator[str]:
+        for text in texts:
+            counts["records"] += 1
+            counts["characters"] += len(text)
+            yield text
+
+    tokenizer = train_bpe_tokenizer(
+        counted(corpus_texts(sources, template)), vocab_size, min_frequency, model_max_length
+    )
+    if counts["records"] == 0:
+        raise bad_value("sources", [getattr(s, "path", s) for s in sources], "sources with records")
+    build = {
+        "vocab_size": len(tokenizer),
+        "requested_vocab_size": vocab_size,
+        "min_frequency": min_frequency,
+        "template": template,
+        "special_tokens": dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))),
+        "sources": [str(getattr(s, "path", type(s).__name__)) for s in sources],
+        **counts,
+    }
+    with atomic_dir(output_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(Path(tmp) / BUILD_FILE, build)
+    return build
+
+
+def corpus_from_config(path: str, field: str = "corpus_config") -> tuple[list[dict[str, Any]], str | None]:
+    """The ``data.init_args.sources`` (unparsed) and ``template`` of a ``fit`` config file.
+
+    Raises:
+        ConfigError: when the file is missing or has no ``data.init_args.sources`` list.
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise bad_value(field, path, "an existing fit config file")
+    data = ((yaml.safe_load(file.read_text()) or {}).get("data") or {}).get("init_args") or {}
+    sources = data.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise bad_value(field, path, "a fit config with a non-empty data.init_args.sources list")
+    return sources, data.get("template")
+
+
+def build_parser():
+    """The ``tokenizer`` subcommand's parser (``--config`` YAML plus overrides)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="antidote_pl tokenizer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="tokenizer YAML")
+    parser.add_argument("--sources", type=list[Source] | None, default=None, help="record sources")
+    parser.add_argument(
+        "--corpus_config", type=str | None, default=None, help="a fit config whose data sources to use"
+    )
+    parser.add_argument("--output_dir", type=str, required=True, help="tokenizer directory to write")
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--min_frequency", type=int, default=2)
+    parser.add_argument(
+        "--template", type=str | None, default=None, help="prompt template (default: corpus config's, or raw)"
+    )
+    parser.add_argument("--model_max_length", type=int, default=512)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m antidote_pl tokenizer --config configs/offline/tokenizer.yaml``."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    if (cfg.sources is None) == (cfg.corpus_config is None):
+        raise ConfigError(
+            "exactly one of sources and corpus_config must be set, got "
+            f"sources={cfg.sources!r}, corpus_config={cfg.corpus_config!r}."
+        )
+    template = cfg.template
+    if cfg.corpus_config is not None:
+        sources, corpus_template = corpus_from_config(cfg.corpus_config)
+        # Parsed by the same parser, so the sources are validated as if given inline.
+        cfg.sources = parser.parse_object({"sources": sources, "output_dir": cfg.output_dir}).sources
+        template = template or corpus_template
+    init = parser.instantiate_classes(cfg)
+    build = build_tokenizer(
+        sources=init.sources,
+        output_dir=init.output_dir,
+        vocab_size=init.vocab_size,
+        min_frequency=init.min_frequency,
+        template=template or "raw",
+        model_max_length=init.model_max_length,
+    )
+    print(
+        f"tokenizer: {build['vocab_size']} tokens from {build['records']} records "
+        f"({build['characters']:,} characters) -> {init.output_dir}"
+    )
+    return build
