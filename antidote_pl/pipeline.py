@@ -42,13 +42,16 @@ class StageSpec:
 
     Args:
         name: Short name used in the report (e.g. ``align``).
-        config: Config file for ``python -m antidote_pl fit``.
+        config: Config file for ``python -m antidote_pl <command>``.
         overrides: Extra command-line arguments for that run.
+        command: ``fit`` (a model stage, writing ``model.init_args.output_dir``) or ``tokenizer``
+            (trains a tokenizer, writing the config's ``output_dir``; see :mod:`antidote_pl.data.bpe`).
     """
 
     name: str
     config: str
     overrides: list[str] = field(default_factory=list)
+    command: str = "fit"
 
 
 @dataclass
@@ -106,16 +109,39 @@ def _read(path: str, field: str) -> str:
     return p.read_text()
 
 
+STAGE_COMMANDS = ("fit", "tokenizer")
+
+
+def _stage_text(spec: StageSpec, field: str) -> str:
+    """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
+    so editing the pretraining data retrains the tokenizer too."""
+    text = _read(spec.config, f"{field}.config")
+    if spec.command == "tokenizer":
+        corpus = (yaml.safe_load(text) or {}).get("corpus_config")
+        if corpus:
+            text += "\0" + _read(corpus, f"{field}.config corpus_config")
+    return text
+
+
 def _stage_output_dir(spec: StageSpec, field: str) -> str:
-    """The ``model.init_args.output_dir`` a stage writes (its config, or an override)."""
+    """The directory a stage writes (its config, or an override).
+
+    ``fit`` stages write ``model.init_args.output_dir``, ``tokenizer`` stages ``output_dir``.
+    """
+    if spec.command not in STAGE_COMMANDS:
+        raise bad_value(f"{field}.command", spec.command, f"one of {list(STAGE_COMMANDS)}")
+    flag = "--model.init_args.output_dir" if spec.command == "fit" else "--output_dir"
     overrides = spec.overrides
     for i, arg in enumerate(overrides):
-        if arg.startswith("--model.init_args.output_dir"):
+        if arg == flag or arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1] if "=" in arg else overrides[i + 1]
     cfg = yaml.safe_load(Path(spec.config).read_text()) or {}
-    out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
+    if spec.command == "fit":
+        out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
+    else:
+        out = cfg.get("output_dir")
     if not out:
-        raise bad_value(f"{field}.config", spec.config, "a stage config that sets model.init_args.output_dir")
+        raise bad_value(f"{field}.config", spec.config, f"a {spec.command} config that sets {flag[2:]}")
     return out
 
 
@@ -137,6 +163,15 @@ def _fit(configs: list[str], overrides: list[str]) -> None:
     for c in configs:
         args += ["--config", c]
     AntidoteCLI(args=[*args, *overrides])
+
+
+def _run_command(spec: StageSpec) -> None:
+    if spec.command == "tokenizer":
+        from antidote_pl.data.bpe import main as tokenizer_main
+
+        tokenizer_main(["--config", spec.config, *spec.overrides])
+    else:
+        _fit([spec.config], spec.overrides)
 
 
 def _evaluator(config: str, stage: str, merge: bool):
@@ -195,7 +230,7 @@ def run_pipeline(
 
     if not stages:
         raise bad_value("stages", stages, "at least one training stage")
-    texts = {f"stages[{i}].config": _read(s.config, f"stages[{i}].config") for i, s in enumerate(stages)}
+    texts = {f"stages[{i}].config": _stage_text(s, f"stages[{i}]") for i, s in enumerate(stages)}
     repair_text = _read(repair.config, "repair.config")
     eval_text = _read(evaluation, "evaluation")
     fragments = {m: _read(f, f"repair.methods.{m}") for m, f in repair.methods.items()}
@@ -210,6 +245,14 @@ def run_pipeline(
     if unknown:
         raise bad_value("references", unknown, f"stage names from {names}")
     stage_dirs = {s.name: _stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(stages)}
+    models = [s.name for s in stages if s.command == "fit"]
+    if stages[-1].command != "fit":
+        raise bad_value(
+            f"stages[{len(stages) - 1}].command", stages[-1].command, "'fit': the last stage is repaired"
+        )
+    not_models = [r for r in references if r not in models]
+    if not_models:
+        raise bad_value("references", not_models, f"names of fit stages (models) from {models}")
     baselines = list(baselines or [])
     baseline_texts: dict[str, list[str]] = {}
     for b, base in enumerate(baselines):
@@ -217,7 +260,7 @@ def run_pipeline(
         if not base.stages:
             raise bad_value(f"{field}.stages", base.stages, "at least one stage")
         baseline_texts[base.name] = [
-            _read(s.config, f"{field}.stages[{i}].config") for i, s in enumerate(base.stages)
+            _stage_text(s, f"{field}.stages[{i}]") for i, s in enumerate(base.stages)
         ]
         for i, spec in enumerate(base.stages):
             stage_dirs[spec.name] = _stage_output_dir(spec, f"{field}.stages[{i}]")
@@ -239,7 +282,7 @@ def run_pipeline(
             return key
         console.print(f"[bold]{label} {spec.name}: training -> {directory}")
         t0 = time.perf_counter()
-        _fit([spec.config], spec.overrides)
+        _run_command(spec)
         timings[f"stage/{spec.name}"] = time.perf_counter() - t0
         _mark_done(directory, key)
         return key

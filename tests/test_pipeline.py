@@ -168,4 +168,38 @@ def test_bad_pipeline_input_fails_before_work(tmp_path):
         run_pipeline([stage], repair, str(tmp_path / "missing.yaml"), str(tmp_path))
     with pytest.raises(ConfigError, match=r"stages\[0\].config"):
         run_pipeline([StageSpec("x", str(tmp_path / "nope.yaml"))], repair, ev, str(tmp_path))
-    assert not (tmp_path / "report.md").exists()
+    with pytest.raises(ConfigError, match=r"stages\[0\].command='train'"):
+        run_pipeline([StageSpec("pretrain", stage.config, command="train")], repair, ev, str(tmp_path))
+    tok_cfg = tmp_path / "tokenizer.yaml"
+    corpus = REPO / "configs/tiny/pretrain.yaml"
+    tok_cfg.write_text(f"corpus_config: {corpus}\noutput_dir: {tmp_path / 'tok'}\n")
+    tokenizer = StageSpec("tokenizer", str(tok_cfg), command="tokenizer")
+    with pytest.raises(ConfigError, match=r"stages\[1\].command='tokenizer'.*last stage is repaired"):
+        run_pipeline([stage, tokenizer], repair, ev, str(tmp_path), references=["pretrain"])
+    with pytest.raises(ConfigError, match=r"references=\['tokenizer'\].*fit stages"):
+        run_pipeline([tokenizer, stage], repair, ev, str(tmp_path), references=["tokenizer"])
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "tok").exists()
+
+
+def test_stage_output_dirs_and_cache_text(tmp_path):
+    from antidote_pl.pipeline import _stage_output_dir, _stage_text
+
+    fit = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
+    assert _stage_output_dir(fit, "s") == "outputs/tiny/pretrain"
+    moved = StageSpec(fit.name, fit.config, ["--model.init_args.output_dir", "elsewhere"])
+    assert _stage_output_dir(moved, "s") == "elsewhere"
+    corpus = tmp_path / "corpus.yaml"
+    corpus.write_text("data: {init_args: {sources: [a]}}\n")
+    tok_cfg = tmp_path / "tokenizer.yaml"
+    tok_cfg.write_text(f"corpus_config: {corpus}\noutput_dir: out/tok\n")
+    tok = StageSpec("tokenizer", str(tok_cfg), command="tokenizer")
+    assert _stage_output_dir(tok, "s") == "out/tok"
+    assert _stage_output_dir(StageSpec("t", str(tok_cfg), ["--output_dir=x"], "tokenizer"), "s") == "x"
+    # Editing the pretraining corpus changes the tokenizer stage's cache text, so it retrains.
+    before = _stage_text(tok, "s")
+    corpus.write_text("data: {init_args: {sources: [b]}}\n")
+    assert _stage_text(tok, "s") != before
+    no_out = tmp_path / "no_out.yaml"
+    no_out.write_text("vocab_size: 300\n")
+    with pytest.raises(ConfigError, match="a tokenizer config that sets output_dir"):
+        _stage_output_dir(StageSpec("t", str(no_out), command="tokenizer"), "stages[0]")
