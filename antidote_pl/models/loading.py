@@ -138,7 +138,7 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     if model_config is not None:
         config = build_config(model_config, vocab_size)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
         return model
     if _looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
         raise bad_value("model.model_name_or_path", model_name_or_path, "an existing directory or a hub name")
