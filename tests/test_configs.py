@@ -16,7 +16,8 @@ ALL = sorted((REPO / "configs").rglob("*.yaml"))
 # Fragments only parse combined with a stage config; tests/test_paper_configs.py parses those combinations.
 FRAGMENT_DIR = REPO / "configs" / "paper" / "fragments"
 PIPELINES = [p for p in ALL if p.name.startswith("pipeline")]
-CONFIGS = [p for p in ALL if FRAGMENT_DIR not in p.parents and p not in PIPELINES]
+TOKENIZERS = [p for p in ALL if p.name.startswith("tokenizer")]
+CONFIGS = [p for p in ALL if FRAGMENT_DIR not in p.parents and p not in PIPELINES + TOKENIZERS]
 FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
 
 
@@ -59,6 +60,22 @@ def test_pipeline_config_parses(config):
         for stage in base.stages:
             assert (REPO / stage.config).is_file(), stage.config
         assert base.repair_fragment is None or (REPO / base.repair_fragment).is_file()
+
+
+@pytest.mark.parametrize("config", TOKENIZERS, ids=lambda p: str(p.relative_to(REPO)))
+def test_tokenizer_config_parses(config):
+    from antidote_pl.data.bpe import build_parser, check_bpe_args, corpus_from_config
+
+    parser = build_parser()
+    cfg = parser.parse_args(["--config", str(config)])
+    check_bpe_args(cfg.vocab_size, cfg.min_frequency, cfg.model_max_length)
+    if cfg.corpus_config is not None:
+        sources, _ = corpus_from_config(str(REPO / cfg.corpus_config))
+        # The corpus sources parse (and instantiate: constructors validate) like inline ones.
+        parsed = parser.parse_object({"sources": sources, "output_dir": cfg.output_dir})
+        assert len(parser.instantiate_classes(parsed).sources) == len(sources)
+    else:
+        assert cfg.sources
 
 
 def test_tokenizer_mismatch_fails_before_loading(tmp_path):
