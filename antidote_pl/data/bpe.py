@@ -84,8 +84,7 @@ def train_bpe_tokenizer(
     Returns:
         A ``PreTrainedTokenizerFast`` with ``<pad>``/``<bos>``/``<eos>`` at ids 0/1/2, right padding.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     check_bpe_args(vocab_size, min_frequency, model_max_length)
     core = Tokenizer(models.BPE())
@@ -100,16 +99,35 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
+    return llama_style_tokenizer(core, pad=PAD, bos=BOS, eos=EOS, model_max_length=model_max_length)
+
+
+def llama_style_tokenizer(core, pad: str, bos: str, eos: str, model_max_length: int, unk: str | None = None):
+    """Wraps a ``tokenizers.Tokenizer`` as a Hugging Face fast tokenizer that behaves like Llama's.
+
+    Encoding with special tokens prepends ``bos`` and adds no ``eos`` (the collators append it);
+    padding is on the right; decoding does no clean-up, so generated text round-trips exactly.
+
+    Args:
+        core: The trained or built ``tokenizers.Tokenizer``; its post-processor is replaced.
+        pad: Padding token (must be in ``core``'s vocabulary), likewise ``bos``, ``eos``, ``unk``.
+        bos: Beginning-of-sequence token.
+        eos: End-of-sequence token.
+        model_max_length: The tokenizer's recorded maximum sequence length.
+        unk: Unknown token, for vocabularies that have one.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A",
-        pair=f"{BOS} $A $B",
-        special_tokens=[(BOS, core.token_to_id(BOS))],
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, core.token_to_id(bos))]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
         padding_side="right",
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,

@@ -7,9 +7,10 @@ generator's fixed word lists, not from a sampled corpus, so it is identical for 
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from antidote_pl.data.bpe import llama_style_tokenizer
 from antidote_pl.tinyworld.world import world_vocabulary
 
 #: Tokenizer spec understood by ``antidote_pl.models.loading.load_tokenizer``.
@@ -42,20 +43,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = tiny_vocab()
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A",
-        pair=f"{BOS} $A $B",
-        special_tokens=[(BOS, vocab[BOS])],
-    )
     core.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        padding_side="right",
-        model_max_length=MAX_LENGTH,
-        # The default clean-up would glue " ." to the previous word and break the round trip.
-        clean_up_tokenization_spaces=False,
-    )
+    # No decoding clean-up there: it would glue " ." to the previous word and break the round trip.
+    return llama_style_tokenizer(core, pad=PAD, bos=BOS, eos=EOS, unk=UNK, model_max_length=MAX_LENGTH)
