@@ -4,9 +4,9 @@
 
     python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force]
 
-1. Runs each training stage (``fit`` with its config), in order. A stage whose output directory
-   already holds a finished result for the same config (and the same upstream stages) is reused;
-   ``--force`` reruns everything.
+1. Runs each training stage (``fit`` with its config, or ``tokenizer`` for a stage that trains a
+   tokenizer), in order. A stage whose output directory already holds a finished result for the
+   same config (and the same upstream stages) is reused; ``--force`` reruns everything.
 2. Scores the fine-tuned model once per repair method, through the method's own callback fragment
    (``callbacks/*.yaml``) with ``save_scores``, so every alpha comes from one scoring pass.
 3. Evaluates the reference stages (e.g. aligned, fine-tuned), the unrepaired model and every
@@ -112,14 +112,26 @@ def _read(path: str, field: str) -> str:
 STAGE_COMMANDS = ("fit", "tokenizer")
 
 
+def _override(overrides: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` in command-line ``overrides`` (``--f=v`` or ``--f v``), if any."""
+    for i, arg in enumerate(overrides):
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(overrides):
+            return overrides[i + 1]
+    return None
+
+
 def _stage_text(spec: StageSpec, field: str) -> str:
     """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
     so editing the pretraining data retrains the tokenizer too."""
     text = _read(spec.config, f"{field}.config")
     if spec.command == "tokenizer":
-        corpus = (yaml.safe_load(text) or {}).get("corpus_config")
+        corpus = _override(spec.overrides, "--corpus_config") or (yaml.safe_load(text) or {}).get(
+            "corpus_config"
+        )
         if corpus:
-            text += "\0" + _read(corpus, f"{field}.config corpus_config")
+            text += "\0" + _read(corpus, f"{field}.corpus_config")
     return text
 
 
@@ -131,10 +143,9 @@ def _stage_output_dir(spec: StageSpec, field: str) -> str:
     if spec.command not in STAGE_COMMANDS:
         raise bad_value(f"{field}.command", spec.command, f"one of {list(STAGE_COMMANDS)}")
     flag = "--model.init_args.output_dir" if spec.command == "fit" else "--output_dir"
-    overrides = spec.overrides
-    for i, arg in enumerate(overrides):
-        if arg == flag or arg.startswith(f"{flag}="):
-            return arg.split("=", 1)[1] if "=" in arg else overrides[i + 1]
+    overridden = _override(spec.overrides, flag)
+    if overridden is not None:
+        return overridden
     cfg = yaml.safe_load(Path(spec.config).read_text()) or {}
     if spec.command == "fit":
         out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
@@ -264,6 +275,12 @@ def run_pipeline(
         ]
         for i, spec in enumerate(base.stages):
             stage_dirs[spec.name] = _stage_output_dir(spec, f"{field}.stages[{i}]")
+        if base.stages[-1].command != "fit":
+            raise bad_value(
+                f"{field}.stages[{len(base.stages) - 1}].command",
+                base.stages[-1].command,
+                "'fit': a baseline's last stage is evaluated",
+            )
         if base.repair_fragment is not None:
             baseline_texts[base.name].append(_read(base.repair_fragment, f"{field}.repair_fragment"))
             check_alpha(base.repair_alpha, f"{field}.repair_alpha")

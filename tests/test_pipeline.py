@@ -195,6 +195,11 @@ def test_stage_output_dirs_and_cache_text(tmp_path):
     tok = StageSpec("tokenizer", str(tok_cfg), command="tokenizer")
     assert _stage_output_dir(tok, "s") == "out/tok"
     assert _stage_output_dir(StageSpec("t", str(tok_cfg), ["--output_dir=x"], "tokenizer"), "s") == "x"
+    assert _stage_output_dir(StageSpec("t", str(tok_cfg), ["--output_dir", "y"], "tokenizer"), "s") == "y"
+    other = tmp_path / "other.yaml"
+    other.write_text("data: {init_args: {sources: [c]}}\n")
+    overridden = StageSpec("t", str(tok_cfg), ["--corpus_config", str(other)], "tokenizer")
+    assert _stage_text(overridden, "s").endswith(other.read_text())
     # Editing the pretraining corpus changes the tokenizer stage's cache text, so it retrains.
     before = _stage_text(tok, "s")
     corpus.write_text("data: {init_args: {sources: [b]}}\n")
