@@ -131,3 +131,15 @@ def test_cli_needs_exactly_one_corpus(tmp_path):
     empty.write_text("data:\n  init_args:\n    sources: []\n")
     with pytest.raises(ConfigError, match="non-empty data.init_args.sources"):
         main(["--corpus_config", str(empty), "--output_dir", str(tmp_path / "tok")])
+
+
+def test_an_empty_corpus_is_refused_and_writes_nothing(tmp_path):
+    class Empty(Source):
+        path = "empty.jsonl"
+
+        def load(self):
+            return []
+
+    with pytest.raises(ConfigError, match=r"^sources=\['empty.jsonl'\].*sources with records"):
+        build_tokenizer([Empty()], str(tmp_path / "tok"), vocab_size=300)
+    assert not (tmp_path / "tok").exists()
