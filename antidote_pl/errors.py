@@ -20,3 +20,19 @@ def bad_value(field: str, value: object, allowed: str) -> ConfigError:
         The error, ready to raise.
     """
     return ConfigError(f"{field}={value!r} is invalid: expected {allowed}.")
+
+
+def check_int(field: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    """Raises a :class:`ConfigError` unless ``value`` is an int (not a bool) in ``[minimum, maximum]``.
+
+    Args:
+        field: Dotted name of the configuration field, for the message.
+        value: The value received.
+        minimum: Smallest allowed value.
+        maximum: Largest allowed value, or ``None`` for no upper bound.
+    """
+    allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_value(field, value, allowed)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise bad_value(field, value, allowed)

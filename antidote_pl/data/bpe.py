@@ -28,7 +28,7 @@ from typing import Any
 
 from antidote_pl.data.records import Source
 from antidote_pl.data.templates import get_template, render
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.utils.io import atomic_dir, atomic_write_json
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -47,14 +47,9 @@ def check_bpe_args(vocab_size: int, min_frequency: int, model_max_length: int) -
     Raises:
         ConfigError: naming the bad argument.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise bad_value("vocab_size", vocab_size, f"an int in [{_MIN_VOCAB}, {_MAX_VOCAB}]")
-    if not _MIN_VOCAB <= vocab_size <= _MAX_VOCAB:
-        raise bad_value("vocab_size", vocab_size, f"an int in [{_MIN_VOCAB}, {_MAX_VOCAB}]")
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-        raise bad_value("min_frequency", min_frequency, "an int >= 1")
-    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 1:
-        raise bad_value("model_max_length", model_max_length, "an int >= 1")
+    check_int("vocab_size", vocab_size, _MIN_VOCAB, _MAX_VOCAB)
+    check_int("min_frequency", min_frequency, 1)
+    check_int("model_max_length", model_max_length, 1)
 
 
 def corpus_texts(sources: Sequence[Source], template: str) -> Iterator[str]:

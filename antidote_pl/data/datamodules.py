@@ -36,16 +36,11 @@ from torch.utils.data import DataLoader
 from antidote_pl.data.records import Record, Source
 from antidote_pl.data.templates import get_template
 from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, tokenize_records
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_int
 
 log = logging.getLogger(__name__)
 
 MODES = ("random", "parity")
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise bad_value(field, value, f"an int >= {minimum}")
 
 
 def _rng(seed: int, purpose: str) -> random.Random:
@@ -108,11 +103,11 @@ class SFTBatcher:
         if tokenizer is None or (isinstance(tokenizer, str) and not tokenizer):
             raise bad_value("tokenizer", tokenizer, "'tiny-world', a hub name or a local directory")
         get_template(template)
-        _check_int("max_length", max_length, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, 0)
-        _check_int("val_size", val_size, 0)
+        check_int("max_length", max_length, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, 0)
+        check_int("val_size", val_size, 0)
         self.tokenizer_spec = tokenizer
         self.template = template
         self.max_length = max_length
@@ -153,7 +148,7 @@ class SFTBatcher:
     def loader(self, dataset: TokenizedDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         """Builds a DataLoader with :class:`SFTCollator`; shuffling uses a seeded generator."""
         if batch_size is not None:
-            _check_int("batch_size", batch_size, 1)
+            check_int("batch_size", batch_size, 1)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
@@ -303,7 +298,7 @@ class AlignmentDataModule(_RecordsDataModule):
     ):
         super().__init__(SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size))
         if benign_size is not None:
-            _check_int("benign_size", benign_size, 1)
+            check_int("benign_size", benign_size, 1)
             if benign is None:
                 raise bad_value("benign_size", benign_size, "null when no benign source is given")
         self.harmful = harmful
@@ -394,13 +389,13 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             or not 0 <= harmful_ratio <= 1
         ):
             raise bad_value("harmful_ratio", harmful_ratio, "a number in [0, 1]")
-        _check_int("num_samples", num_samples, 1)
+        check_int("num_samples", num_samples, 1)
         if mode not in MODES:
             raise bad_value("mode", mode, f"one of {list(MODES)}")
-        _check_int("realignment_size", realignment_size, 2 if mode == "parity" else 1)
-        _check_int("realign_start", realign_start, 0)
+        check_int("realignment_size", realignment_size, 2 if mode == "parity" else 1)
+        check_int("realign_start", realign_start, 0)
         if task_calibration_size is not None:
-            _check_int("task_calibration_size", task_calibration_size, 1)
+            check_int("task_calibration_size", task_calibration_size, 1)
         self.harmful = harmful
         self.task = task
         self.num_samples = num_samples

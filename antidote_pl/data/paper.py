@@ -35,7 +35,7 @@ from antidote_pl.data.sources import (
     LocalSource,
     infer_format,
 )
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_int
 from antidote_pl.eval.parsers import AGNEWS_CLASSES, SST2_LABELS
 
 BEAVERTAILS_SPLITS = ("30k_train", "30k_test", "330k_train", "330k_test")
@@ -481,8 +481,7 @@ class AlpacaEval(PaperSource):
         cache_dir: str | None = None,
     ) -> None:
         _check_choice("AlpacaEval.part", part, ("train", "test"))
-        if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
-            raise bad_value("AlpacaEval.train_size", train_size, "a positive int")
+        check_int("AlpacaEval.train_size", train_size, 1)
         self.part = part
         self.train_size = train_size
         # The part is a window of the file order: the train part is the first `train_size` items, the

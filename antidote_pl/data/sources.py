@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.data.records import REQUIRED_FIELDS, Record, Source
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_int
 
 #: Instruction of the official SST-2 task records (``input`` = sentence, ``output`` = label word).
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
@@ -105,8 +105,7 @@ def check_mapping(
         )
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise bad_value("limit", limit, "a positive int or null")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise bad_value("offset", offset, "an int >= 0")
+    check_int("offset", offset, 0)
     if label_map is not None and not label_map:
         raise bad_value("label_map", label_map, "a non-empty mapping or null")
 

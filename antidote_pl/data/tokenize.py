@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from antidote_pl.data.records import Record
 from antidote_pl.data.templates import get_template, render
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_int
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,7 @@ IGNORE_INDEX = -100
 
 
 def _check_max_length(max_length: int) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise bad_value("max_length", max_length, "a positive int")
+    check_int("max_length", max_length, 1)
 
 
 def _eos_id(tokenizer: Any) -> int:
