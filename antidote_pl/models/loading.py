@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.models.gguf import is_gguf_spec, load_gguf_causal_lm, load_gguf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def load_tokenizer(spec: str, field: str = "tokenizer"):
     which is what training collators expect; generation switches to left padding itself.
 
     Args:
-        spec: ``"tiny-world"``, a local directory or a hub name.
+        spec: ``"tiny-world"``, a local directory, a hub name or a GGUF source (a ``.gguf`` file or
+            ``pkg://<package>/<file>.gguf``, see :mod:`antidote_pl.models.gguf`).
         field: Config field name used in error messages.
 
     Raises:
@@ -50,6 +52,8 @@ def load_tokenizer(spec: str, field: str = "tokenizer"):
         from antidote_pl.tinyworld.tokenizer import build_tokenizer
 
         tok = build_tokenizer()
+    elif is_gguf_spec(spec):
+        tok = load_gguf_tokenizer(spec, field)
     else:
         if _looks_local(spec) and not Path(spec).expanduser().exists():
             raise bad_value(field, spec, "an existing local directory, a hub name or 'tiny-world'")
@@ -114,8 +118,8 @@ def load_causal_lm(
     """Loads a Hugging Face causal LM from a hub name or a local path, or random-inits one.
 
     Args:
-        model_name_or_path: Hub name or local directory of a saved model. Exclusive with
-            ``model_config``.
+        model_name_or_path: Hub name, local directory of a saved model, or a GGUF source (see
+            :mod:`antidote_pl.models.gguf`). Exclusive with ``model_config``.
         model_config: Config for random initialisation (see :func:`build_config`).
         dtype: ``fp32``, ``bf16`` or ``fp16``.
         vocab_size: Vocabulary size for random init, normally ``len(tokenizer)``.
@@ -140,6 +144,8 @@ def load_causal_lm(
         config = build_config(model_config, vocab_size)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
         return model
+    if is_gguf_spec(model_name_or_path):
+        return load_gguf_causal_lm(model_name_or_path, torch_dtype, **kwargs)
     if _looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
         raise bad_value("model.model_name_or_path", model_name_or_path, "an existing directory or a hub name")
     try:

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from antidote_pl.defenses.base import Defense
 from antidote_pl.errors import bad_value
+from antidote_pl.models.gguf import gguf_source
 from antidote_pl.models.loading import (
     STAGE_FILE,
     base_fingerprint,
@@ -277,6 +278,8 @@ class CausalLMSFTModule(L.LightningModule):
                 or self.hparams.model_config,
                 "merged_adapters": [_absolute_if_local(a) for a in self.hparams.merge_adapters or []],
                 "base_fingerprint": self.base_fingerprint,
+                # GGUF bases: the portable spec stays in base_model; the file and its sha256 here.
+                "base_source": gguf_source(self.hparams.model_name_or_path),
                 "tokenizer": self.tokenizer_spec,
                 "dtype": self.hparams.dtype,
                 "defense": None if self.defense is None else type(self.defense).__name__,
