@@ -107,8 +107,54 @@ def test_tiny_and_raw_templates():
 
 def test_render_prompt_matches_render_and_needs_no_output():
     record = {"instruction": "Name a color.", "input": "sky"}
+    tok = chat_tokenizer()
     for name in TEMPLATES:
-        assert render_prompt(record, name) == render({**record, "output": "x"}, name)[0]
+        assert render_prompt(record, name, tok) == render({**record, "output": "x"}, name, tok)[0]
+
+
+# A ChatML-like template written here (SmolLM2's own is tested in tests/test_smol_world.py).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<bos> assistant {% endif %}"
+)
+
+
+def chat_tokenizer(template: str | None = CHAT_TEMPLATE, bos_in_encoding: bool = True):
+    tok = word_tokenizer(["user", "assistant", "Name", "a", "color.", "sky", "x", "blue"])
+    if not bos_in_encoding:
+        from tokenizers import processors
+
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    tok.chat_template = template
+    return tok
+
+
+def test_chat_template_uses_the_tokenizer_and_generation_prompt():
+    record = {"instruction": "Name a color.", "input": "sky", "output": "blue"}
+    # The tokenizer adds <bos> itself, so the template's leading textual <bos> is dropped once.
+    prompt, response = render(record, "chat", chat_tokenizer())
+    assert prompt == " user Name a color.\n\nsky <eos> <bos> assistant "
+    assert response == "blue"
+    # A tokenizer that adds no BOS keeps the template's.
+    prompt, _ = render(record, "chat", chat_tokenizer(bos_in_encoding=False))
+    assert prompt.startswith("<bos> user Name a color.")
+
+
+def test_chat_template_needs_a_tokenizer_with_a_chat_template():
+    record = {"instruction": "a", "input": "", "output": "b"}
+    with pytest.raises(ConfigError, match="template='chat'"):
+        render(record, "chat")
+    with pytest.raises(ConfigError, match="chat template"):
+        render_prompt(record, "chat", chat_tokenizer(template=None))
+
+
+def test_chat_template_masks_the_prompt():
+    tok = chat_tokenizer()
+    sample = tokenize_record(tok, {"instruction": "Name a color.", "output": "blue"}, "chat", 64)
+    prompt_ids = tok(render_prompt({"instruction": "Name a color."}, "chat", tok))["input_ids"]
+    assert sample["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert sample["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert sample["labels"][len(prompt_ids) :] == [*tok("blue", add_special_tokens=False)["input_ids"], EOS]
 
 
 @pytest.mark.parametrize("call", [render, render_prompt])

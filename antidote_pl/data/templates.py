@@ -11,7 +11,12 @@ Templates:
 * ``alpaca_legacy``: the same without the newline after ``"### Response:"`` (paper-era code and the
   official SST-2 evaluation);
 * ``tiny``: the tiny world's word-level chat format ``user : ... assistant :``;
-* ``raw``: empty prompt and the output as response (language-model pretraining, loss on all tokens).
+* ``raw``: empty prompt and the output as response (language-model pretraining, loss on all tokens);
+* ``chat``: the tokenizer's own chat template (``tokenizer.apply_chat_template``) with the
+  instruction (and input) as one user turn and ``add_generation_prompt=True``, for instruct models
+  that expect their own format (e.g. SmolLM2-Instruct). It needs the tokenizer, so ``render`` and
+  ``render_prompt`` take it as an argument; the response is the output, ended by the tokenizer's
+  EOS (for ChatML models ``<|im_end|>``, the end of the assistant turn).
 
 The response never contains the EOS token; tokenisation appends its id.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from antidote_pl.data.records import Record
 from antidote_pl.errors import bad_value
@@ -40,13 +46,16 @@ class Template:
 
     Attributes:
         name: Registry key.
-        prompt: Record -> prompt text (what the model is conditioned on).
+        prompt: Record -> prompt text (what the model is conditioned on); with
+            ``needs_tokenizer``, (record, tokenizer) -> prompt text.
         response: Record -> target text, without EOS.
+        needs_tokenizer: The prompt is built by the tokenizer (chat templates).
     """
 
     name: str
-    prompt: Callable[[Record], str]
+    prompt: Callable[..., str]
     response: Callable[[Record], str]
+    needs_tokenizer: bool = False
 
 
 def _text(record: Record, key: str, required: bool = True) -> str:
@@ -81,6 +90,24 @@ def _output(record: Record) -> str:
     return _text(record, "output", required=False)
 
 
+def _chat_prompt(record: Record, tokenizer: Any) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise bad_value("template", "chat", "a tokenizer with a chat template (or another template)")
+    extra = _text(record, "input", required=False)
+    content = _text(record, "instruction") + (f"\n\n{extra}" if extra else "")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        # Templates that write BOS as text (Llama-3 style) would get a second one when the prompt
+        # is tokenised with the tokenizer's special tokens; keep only the tokenizer's.
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            text = text[len(bos) :]
+    return text
+
+
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
@@ -88,6 +115,7 @@ TEMPLATES: dict[str, Template] = {
         Template("alpaca_legacy", lambda r: _alpaca_prompt(r, "### Response:"), _output),
         Template("tiny", _tiny_prompt, lambda r: " " + _output(r)),
         Template("raw", lambda r: "", _output),
+        Template("chat", _chat_prompt, _output, needs_tokenizer=True),
     )
 }
 
@@ -108,30 +136,43 @@ def get_template(name: str, field: str = "template") -> Template:
         raise bad_value(field, name, f"one of {sorted(TEMPLATES)}") from None
 
 
-def render(record: Record, template: str) -> tuple[str, str]:
+def _prompt(t: Template, record: Record, tokenizer: Any) -> str:
+    if not t.needs_tokenizer:
+        return t.prompt(record)
+    if tokenizer is None:
+        raise bad_value("template", t.name, "a template that needs no tokenizer here (none was given)")
+    return t.prompt(record, tokenizer)
+
+
+def render(record: Record, template: str, tokenizer: Any = None) -> tuple[str, str]:
     """Renders a record for supervised training.
 
     Args:
         record: A record with ``instruction``, ``input`` and ``output``.
         template: A key of :data:`TEMPLATES`.
+        tokenizer: The model's tokenizer; required by ``chat``, ignored by the others.
 
     Returns:
         ``(prompt, response)``; the response carries no EOS.
 
     Raises:
-        ConfigError: on an unknown template or a record missing ``instruction`` where needed.
+        ConfigError: on an unknown template, a record missing ``instruction`` where needed, or a
+            chat template without a tokenizer (or one with no chat template).
     """
     t = get_template(template)
-    return t.prompt(record), t.response(record)
+    return _prompt(t, record, tokenizer), t.response(record)
 
 
-def render_prompt(record: Record, template: str) -> str:
+def render_prompt(record: Record, template: str, tokenizer: Any = None) -> str:
     """Renders only the prompt of a record, for generation (``output`` may be absent).
 
+    With ``chat`` the prompt ends with the template's generation prompt (the assistant header), the
+    same text training conditions on.
+
     Raises:
-        ConfigError: on an unknown template or a record missing ``instruction`` where needed.
+        ConfigError: as :func:`render`.
     """
-    return get_template(template).prompt(record)
+    return _prompt(get_template(template), record, tokenizer)
 
 
 __all__ = ["TEMPLATES", "Template", "get_template", "render", "render_prompt"]

@@ -67,7 +67,7 @@ def tokenize_record(tokenizer: Any, record: Record, template: str, max_length: i
     """
     _check_max_length(max_length)
     eos = _eos_id(tokenizer)
-    prompt, response = render(record, template)
+    prompt, response = render(record, template, tokenizer)
     prompt_ids = _prompt_ids(tokenizer, prompt, eos)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
     target = [*response_ids, eos]
