@@ -7,12 +7,15 @@ entry point, and callbacks are swapped with an extra ``--config callbacks/<name>
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from antidote_pl.errors import ConfigError
+from antidote_pl.errors import ConfigError, run_entry_point
 
 DEFAULT_SEED = 42
 
@@ -27,6 +30,12 @@ class AntidoteCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def init_parser(self, **kwargs):
+        # Parse errors are raised (not printed with the whole usage text) so that the entry point
+        # reports them in one line like every other input error.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         # A named slot for the pruning callback: swapping it is one extra --config with a `pruner:`
@@ -44,11 +53,24 @@ class AntidoteCLI(LightningCLI):
         if model_args.get("tokenizer") is None and model_args.get("model_name_or_path") is None:
             m_tok = "tiny-world"
         d_tok = data_args.get("tokenizer")
-        if d_tok is not None and m_tok is not None and d_tok != m_tok:
+        if d_tok is not None and m_tok is not None and not _same_spec(d_tok, m_tok):
             raise ConfigError(
                 f"data.init_args.tokenizer={d_tok!r} differs from the model's tokenizer "
                 f"(model.init_args.tokenizer / model_name_or_path = {m_tok!r}); set them to the same value."
             )
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse builds `model` before `data`, `pruner` and callbacks, whose constructors only
+        # validate arguments: build those once first and a typo there fails before a 7B model loads.
+        self._prevalidate()
+        super().instantiate_classes()
+
+    def _prevalidate(self) -> None:
+        parser = self._parser(self.subcommand)
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        cheap = cfg.clone()
+        cheap["model"] = None  # the one expensive constructor
+        parser.instantiate_classes(cheap)
 
     def _instantiate_trainer(self, config, callbacks):
         # An empty `pruner:` slot (no pruning configured) is None, not a callback.
@@ -67,25 +89,68 @@ class AntidoteCLI(LightningCLI):
             self.model.resolved_config = parser.dump(self.config[self.subcommand], skip_none=False)
 
 
+class _ValidatingCLI(AntidoteCLI):
+    """Parses a config and builds its cheap parts only (see :func:`validate_config`)."""
+
+    def _set_seed(self) -> None:
+        pass  # nothing runs, and seeding here would only print "Seed set to ..."
+
+    def instantiate_classes(self) -> None:
+        self._prevalidate()
+
+
+def validate_config(configs: list[str], overrides: list[str] | None = None) -> None:
+    """Checks a stage or evaluation config without loading any model or data.
+
+    Parses the files and overrides exactly as ``python -m antidote_pl fit`` would (unknown keys,
+    types, ``class_path`` imports, the tokenizer cross-check) and builds the data module, the pruner
+    and the callbacks, whose constructors validate their arguments. The pipeline calls it for every
+    config before its first stage, so a typo in the last step fails in seconds.
+
+    Raises:
+        ConfigError: or a jsonargparse error, naming the key and the problem.
+    """
+    args: list[str] = []
+    for c in configs:
+        args += ["--config", c]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _ValidatingCLI(args=[*args, *(overrides or [])], run=False)
+
+
+def _same_spec(a: str, b: str) -> bool:
+    """Whether two tokenizer specs name the same thing (``./x`` and ``x`` are one local path)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+# Subcommands that are not LightningCLI ones: name -> "module:function" taking the remaining argv.
+COMMANDS = {
+    "pipeline": "antidote_pl.pipeline:main",
+    "tokenizer": "antidote_pl.data.bpe:main",
+}
+
+
+def _dispatch(argv: list[str]):
+    if argv and argv[0] in COMMANDS:
+        module, func = COMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    # argv is sys.argv minus --debug, so LightningCLI's "args and sys.argv both given" note is noise.
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+    return AntidoteCLI(args=argv)
+
+
 def main(args: list[str] | None = None):
     """Runs the CLI (console script ``antidote-pl``).
 
-    ``pipeline`` goes to :mod:`antidote_pl.pipeline` and ``tokenizer`` to :mod:`antidote_pl.data.bpe`;
-    everything else is a LightningCLI subcommand.
+    ``pipeline`` and ``tokenizer`` go to the functions in :data:`COMMANDS`; everything else is a
+    LightningCLI subcommand. Bad input is reported in one line with exit code 2 (``--debug`` shows
+    the traceback).
     """
-    import sys
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "pipeline":
-        from antidote_pl.pipeline import main as pipeline_main
-
-        return pipeline_main(argv[1:])
-    if argv and argv[0] == "tokenizer":
-        from antidote_pl.data.bpe import main as tokenizer_main
-
-        return tokenizer_main(argv[1:])
-    return AntidoteCLI(args=args)
+    return run_entry_point(_dispatch, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,22 @@
-"""Project-wide error type for bad configuration or input."""
+"""Project-wide error type for bad configuration or input, and how entry points report it.
+
+Every entry point (``python -m antidote_pl ...``, the judge and tiny-world scripts) runs through
+:func:`run_entry_point`: a :class:`ConfigError` anywhere in an exception's chain (LightningCLI and
+jsonargparse wrap the errors raised by constructors) is printed as one short ``antidote_pl: error:``
+message on stderr and exits with code 2. ``--debug`` on the command line, or ``ANTIDOTE_PL_DEBUG=1``
+in the environment, shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "ANTIDOTE_PL_DEBUG"
+EXIT_BAD_INPUT = 2
 
 
 class ConfigError(ValueError):
@@ -22,6 +40,11 @@ def bad_value(field: str, value: object, allowed: str) -> ConfigError:
     return ConfigError(f"{field}={value!r} is invalid: expected {allowed}.")
 
 
+def bad_file(path: str | os.PathLike, problem: str) -> ConfigError:
+    """A :class:`ConfigError` for a user file that cannot be read, naming the file first."""
+    return ConfigError(f"{path}: {problem}")
+
+
 def check_int(field: str, value: object, minimum: int, maximum: int | None = None) -> None:
     """Raises a :class:`ConfigError` unless ``value`` is an int (not a bool) in ``[minimum, maximum]``.
 
@@ -36,3 +59,83 @@ def check_int(field: str, value: object, minimum: int, maximum: int | None = Non
         raise bad_value(field, value, allowed)
     if value < minimum or (maximum is not None and value > maximum):
         raise bad_value(field, value, allowed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting at the entry points
+
+# jsonargparse's union errors repeat the type machinery around the one useful line; these lines
+# are dropped from a parser error so that what remains names the key and the problem.
+_PARSER_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "- Expected a <class 'NoneType'>",
+    "tip: For details of accepted options",
+)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message to show for a user-input error anywhere in ``exc``'s chain, else ``None``.
+
+    Looks through ``__cause__``/``__context__`` for a :class:`ConfigError` (constructors raise it;
+    jsonargparse wraps it) or a jsonargparse ``ArgumentError`` (an unknown option or a missing file
+    at parse time), and condenses the latter to its informative lines.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    parser_error: BaseException | None = None
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, ConfigError):
+            return str(err)
+        if parser_error is None and type(err).__name__ == "ArgumentError":
+            parser_error = err
+        todo += [err.__cause__, err.__context__]
+    if parser_error is None:
+        return None
+    lines = [ln.strip() for ln in str(parser_error).splitlines()]
+    kept = [ln.removeprefix("- ") for ln in lines if ln and not ln.startswith(_PARSER_NOISE)]
+    return " ".join(kept)
+
+
+def _wants_debug(argv: list[str]) -> tuple[list[str], bool]:
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if DEBUG_FLAG in argv:
+        return [a for a in argv if a != DEBUG_FLAG], True
+    return argv, env
+
+
+def run_entry_point(
+    fn: Callable[[list[str]], Any], argv: Sequence[str] | None = None, prog: str = "antidote_pl"
+) -> Any:
+    """Runs ``fn(argv)`` and turns user-input errors into one line on stderr and exit code 2.
+
+    Args:
+        fn: The command; receives the arguments without ``--debug``.
+        argv: Arguments (default: ``sys.argv[1:]``).
+        prog: Program name in the message.
+
+    Returns:
+        Whatever ``fn`` returns.
+
+    Raises:
+        SystemExit: with code 2 after printing the message, for a user-input error (unless debugging).
+    """
+    args, debug = _wants_debug(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return fn(args)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        message = None if debug else user_error(exc)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: (run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None

@@ -94,4 +94,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from antidote_pl.errors import run_entry_point
+
+    run_entry_point(main, prog="antidote_pl.tinyworld.check")

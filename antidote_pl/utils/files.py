@@ -1,0 +1,53 @@
+"""Reading user-supplied and project-written files with errors that name the file.
+
+A raw ``JSONDecodeError`` or ``SafetensorError`` says what went wrong but not where; every reader
+here turns it into a :class:`~antidote_pl.errors.ConfigError` that starts with the file's path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from antidote_pl.errors import bad_file
+
+
+def read_json_file(path: str | os.PathLike, what: str = "a JSON file") -> Any:
+    """Reads a JSON file written by the project or a user, with errors that name the file.
+
+    Args:
+        path: The file.
+        what: What the file should be, for the message (e.g. ``"a stage's antidote_stage.json"``).
+
+    Raises:
+        ConfigError: if the file is missing, not UTF-8 or not valid JSON.
+    """
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise bad_file(p, f"missing; expected {what}") from err
+    except UnicodeDecodeError as err:
+        raise bad_file(p, f"not UTF-8 text ({err.reason} at byte {err.start}); expected {what}") from err
+    except json.JSONDecodeError as err:
+        raise bad_file(p, f"invalid JSON ({err.msg}, line {err.lineno}); expected {what}") from err
+
+
+def check_safetensors_file(path: str | os.PathLike, what: str = "a safetensors file") -> list[str]:
+    """Opens a safetensors file's header (cheap: no tensor is read) and returns its tensor names.
+
+    Raises:
+        ConfigError: if the file is missing, truncated or not safetensors.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise bad_file(p, f"missing; expected {what}")
+    try:
+        with safe_open(str(p), "pt") as f:
+            return list(f.keys())
+    except Exception as err:  # SafetensorError and OSError alike: the file is unusable
+        raise bad_file(p, f"unreadable ({err}); expected {what}") from err
