@@ -18,11 +18,9 @@ process group is still up, so statistics are all-reduced there and every rank de
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,11 +44,11 @@ from antidote_pl.pruning import (
     random_scores,
     realised_fractions,
     run_calibration,
-    save_tensors,
     target_weights,
     to_param_layout,
     wanda_scores,
 )
+from antidote_pl.pruning.artifacts import targets_fingerprint, write_artifacts
 from antidote_pl.pruning.select import check_alpha
 
 log = logging.getLogger(__name__)
@@ -146,6 +144,10 @@ class BasePruneCallback(Callback):
         if stage == "fit":
             # Fail now, not after training: targets must exist in the model.
             find_targets(pl_module.model, self.target, self.adapter_name, self.include)
+        if stage == "fit" and self.output_dir is not None and hasattr(pl_module, "claim_output"):
+            # Our own output is checked and locked now too, like the model's output_dir.
+            field = f"{type(self).__name__}.output_dir"
+            pl_module.claim_output(self.output_dir, field, take_lock=trainer.is_global_zero)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.to(trainer.strategy.root_device)
@@ -158,7 +160,11 @@ class BasePruneCallback(Callback):
         masks, scores = self.compute_masks(trainer, pl_module, targets)
         seconds = time.perf_counter() - start
         param_masks = to_param_layout(masks, targets)
+        # Fingerprints of the targets before and after: saved scores are only ever swept on the
+        # adapter they were computed on, and a saved stage is checked against its own masks.
+        scored = targets_fingerprint({n: t.param for n, t in targets.items()})
         apply_target_masks_(targets, param_masks)
+        pruned = targets_fingerprint({n: t.param for n, t in targets.items()})
         fractions = realised_fractions(masks)
         self.report = {
             **self.describe(),
@@ -169,6 +175,8 @@ class BasePruneCallback(Callback):
             "per_tensor_fraction": fractions,
             "scoring_seconds": seconds,
             "peak_memory_bytes": _peak_memory(device),
+            "scored_fingerprint": scored,
+            "pruned_fingerprint": pruned,
             **self.extra_report(trainer),
         }
         out = self.output_dir or pl_module.hparams.output_dir
@@ -181,7 +189,7 @@ class BasePruneCallback(Callback):
             pl_module.save_stage(
                 out,
                 extra_metadata={"pruning": self.report},
-                extra_files=lambda tmp: _write_artifacts(tmp, param_masks, param_scores, self.report),
+                extra_files=lambda tmp: write_artifacts(tmp, param_masks, param_scores, self.report),
             )
         trainer.strategy.barrier("antidote_pl.prune")
         rank_zero_info(
@@ -381,10 +389,3 @@ def _peak_memory(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     # CPU: the process's peak resident set (kB on Linux), an upper bound for scoring's own peak.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _write_artifacts(tmp: Path, masks, scores, report: dict[str, Any]) -> None:
-    save_tensors(tmp / "mask.safetensors", masks, metadata={"report": json.dumps(report, default=str)})
-    if scores is not None:
-        save_tensors(tmp / "scores.safetensors", scores)
-    (tmp / "mask.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")

@@ -404,11 +404,41 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         self.mode = mode
         self.realign_start = realign_start
         self.task_calibration_size = task_calibration_size
+        self._check_harmful_count()
         self._selection: dict[str, list[Record]] | None = None
         self._realign_ds: TokenizedDataset | None = None
         self._calib_ds: TokenizedDataset | None = None
 
     # -- selection -------------------------------------------------------------------------------
+
+    def harmful_count(self) -> int:
+        """How many harmful samples the fine-tuning set gets (mode-dependent rounding)."""
+        if self.mode == "parity":
+            # Official windows: indices 1 .. int(p*n) - 1.
+            return max(0, int(self.harmful_ratio * self.num_samples) - 1)
+        return round(self.harmful_ratio * self.num_samples)
+
+    def _check_harmful_count(self) -> None:
+        n_harm = self.harmful_count()
+        if self.harmful_ratio > 0 and n_harm == 0:
+            raise bad_value(
+                "harmful_ratio",
+                self.harmful_ratio,
+                f"0 or a ratio that yields at least one harmful sample: with num_samples={self.num_samples} "
+                f"({self.mode} mode) it yields 0",
+            )
+        asked = self.harmful_ratio * self.num_samples
+        if abs(n_harm - asked) > 1e-9:
+            log.warning(
+                "harmful_ratio=%s x num_samples=%d asks for %.2f harmful samples; %s mode uses %d "
+                "(realised fraction %.4f).",
+                self.harmful_ratio,
+                self.num_samples,
+                asked,
+                self.mode,
+                n_harm,
+                n_harm / self.num_samples,
+            )
 
     def _pool_error(self, what: str, source: Source, available: int, needed: int) -> ConfigError:
         return bad_value(
@@ -420,7 +450,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         )
 
     def _select_random(self, pool: list[Record], tasks: list[Record]) -> dict[str, list[Record]]:
-        n_harm = round(self.harmful_ratio * self.num_samples)
+        n_harm = self.harmful_count()
         n_task = self.num_samples - n_harm
         if n_harm > len(pool):
             raise self._pool_error("harmful", self.harmful, len(pool), n_harm)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.data.records import REQUIRED_FIELDS, Record, Source
-from antidote_pl.errors import ConfigError, bad_value, check_int
+from antidote_pl.errors import ConfigError, bad_file, bad_value, check_int
 
 #: Instruction of the official SST-2 task records (``input`` = sentence, ``output`` = label word).
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
@@ -458,9 +458,15 @@ class LocalSource(_MappedSource):
         self.column_names = column_names
 
     def _read(self, path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-        if self.format in ("csv", "tsv"):
-            return _read_delimited(path, "," if self.format == "csv" else "\t", self.column_names)
-        rows = _read_json(path) if self.format == "json" else _read_jsonl(path)
+        try:
+            if self.format in ("csv", "tsv"):
+                return _read_delimited(path, "," if self.format == "csv" else "\t", self.column_names)
+            rows = _read_json(path) if self.format == "json" else _read_jsonl(path)
+        except UnicodeDecodeError as err:
+            raise bad_file(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
+        except (csv.Error, EOFError, OSError) as err:
+            # csv: a malformed row; EOFError/OSError: a truncated or corrupt .gz file.
+            raise bad_file(path, f"unreadable as {self.format} ({err})") from err
         return _columns_of(rows), rows
 
     def load(self) -> list[Record]:

@@ -5,7 +5,6 @@ Everything here is architecture-generic: nothing assumes Llama module names.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,9 @@ from torch import nn
 
 from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.models.gguf import is_gguf_spec, load_gguf_causal_lm, load_gguf_tokenizer
+from antidote_pl.pruning.artifacts import has_artifacts, read_masks, verify_pruned_model
+from antidote_pl.utils.files import check_safetensors_file, read_json_file
+from antidote_pl.utils.hashing import tensors_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,19 @@ def resolve_dtype(dtype: str, field: str = "model.dtype") -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _looks_local(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).exists()
+def looks_local(spec: str) -> bool:
+    """Whether ``spec`` names a local path rather than a hub repository.
+
+    Hub ids are ``name`` or ``namespace/name``. A spec is local when it exists, starts with ``.``,
+    ``/`` or ``~``, has more than one ``/``, or when its first component is an existing local
+    directory (``outputs/nothere`` while ``outputs/`` exists). A local-looking spec that does not
+    exist is reported as a missing path, never tried on the hub: a mistyped path must not download
+    a stranger's repository of that name.
+    """
+    if spec.startswith((".", "/", "~")) or Path(spec).exists():
+        return True
+    parts = spec.replace("\\", "/").split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def load_tokenizer(spec: str, field: str = "tokenizer"):
@@ -55,7 +68,7 @@ def load_tokenizer(spec: str, field: str = "tokenizer"):
     elif is_gguf_spec(spec):
         tok = load_gguf_tokenizer(spec, field)
     else:
-        if _looks_local(spec) and not Path(spec).expanduser().exists():
+        if looks_local(spec) and not Path(spec).expanduser().exists():
             raise bad_value(field, spec, "an existing local directory, a hub name or 'tiny-world'")
         from transformers import AutoTokenizer
 
@@ -146,7 +159,7 @@ def load_causal_lm(
         return model
     if is_gguf_spec(model_name_or_path):
         return load_gguf_causal_lm(model_name_or_path, torch_dtype, **kwargs)
-    if _looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
+    if looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
         raise bad_value("model.model_name_or_path", model_name_or_path, "an existing directory or a hub name")
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -158,11 +171,24 @@ def load_causal_lm(
         ) from err
 
 
-def check_adapter_dir(path: str, model: nn.Module, field: str) -> dict[str, Any]:
-    """Checks that ``path`` holds a peft adapter made for a model like ``model``.
+def base_weights_record(model: nn.Module, dtype: str) -> dict[str, str]:
+    """Identity of the weights an adapter is trained on, recorded in its stage metadata."""
+    return {"dtype": dtype, "fingerprint": tensors_fingerprint(model.named_parameters())}
 
-    Compares the architecture fingerprint recorded by antidote_pl stages (when present) and the
-    adapter's target modules against the model, before any weights are loaded.
+
+def _dtype_name(model: nn.Module) -> str | None:
+    param = next(model.parameters(), None)
+    names = {v: k for k, v in DTYPES.items()}
+    return None if param is None else names.get(param.dtype)
+
+
+def check_adapter_dir(path: str, model: nn.Module, field: str) -> dict[str, Any]:
+    """Checks that ``path`` holds a peft adapter made for exactly this ``model``.
+
+    Before any weight is loaded: the adapter files exist and are readable, the architecture
+    fingerprint recorded by antidote_pl stages matches, the base weights recorded at training time
+    are the ones of ``model`` (same sampled-weight fingerprint, when loaded in the same dtype), and
+    the adapter's target modules exist.
 
     Returns:
         The adapter config as a dict.
@@ -174,16 +200,14 @@ def check_adapter_dir(path: str, model: nn.Module, field: str) -> dict[str, Any]
     cfg_file = p / "adapter_config.json"
     if not cfg_file.is_file():
         raise bad_value(field, path, "a directory holding a peft adapter (adapter_config.json)")
-    adapter_cfg = json.loads(cfg_file.read_text())
-    stage_file = p / STAGE_FILE
-    if stage_file.is_file():
-        recorded = json.loads(stage_file.read_text()).get("base_fingerprint", {})
-        actual = base_fingerprint(model.config)
-        diff = {k: (recorded[k], actual.get(k)) for k in recorded if recorded[k] != actual.get(k)}
-        if diff:
-            raise ConfigError(
-                f"{field}={path!r} was trained on another base model: (adapter, model) differ in {diff}."
-            )
+    adapter_cfg = read_json_file(cfg_file, "a peft adapter_config.json")
+    weights = p / "adapter_model.safetensors"
+    if not weights.is_file() and not (p / "adapter_model.bin").is_file():
+        raise bad_value(field, path, "a peft adapter directory with adapter_model.safetensors")
+    if weights.is_file():
+        check_safetensors_file(weights, "the adapter's weights")
+    if (p / STAGE_FILE).is_file():
+        _check_recorded_base(read_stage_metadata(path, field), model, path, field)
     targets = adapter_cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
@@ -192,6 +216,27 @@ def check_adapter_dir(path: str, model: nn.Module, field: str) -> dict[str, Any]
     if missing:
         raise ConfigError(f"{field}={path!r} targets modules {missing} that the model does not have.")
     return adapter_cfg
+
+
+def _check_recorded_base(meta: dict[str, Any], model: nn.Module, path: str, field: str) -> None:
+    recorded = meta.get("base_fingerprint", {})
+    actual = base_fingerprint(model.config)
+    diff = {k: (recorded[k], actual.get(k)) for k in recorded if recorded[k] != actual.get(k)}
+    if diff:
+        raise ConfigError(
+            f"{field}={path!r} was trained on another base model: (adapter, model) differ in {diff}."
+        )
+    weights = meta.get("base_weights")
+    # Fingerprints hash values in their dtype: compare only when the model is loaded as trained.
+    if weights and weights.get("dtype") == _dtype_name(model):
+        found = tensors_fingerprint(model.named_parameters())
+        if found != weights.get("fingerprint"):
+            raise ConfigError(
+                f"{field}={path!r} was trained on other base weights than the model it is put on "
+                f"(recorded base {meta.get('base_model')!r}, merged {meta.get('merged_adapters', [])}; "
+                f"weights fingerprint {weights.get('fingerprint')} vs {found}). Load the base it was "
+                "trained on."
+            )
 
 
 def merge_adapters(model: nn.Module, paths: list[str], field: str = "model.merge_adapters") -> nn.Module:
@@ -217,7 +262,12 @@ def read_stage_metadata(path: str, field: str = "stage") -> dict[str, Any]:
     meta_file = Path(path).expanduser() / STAGE_FILE
     if not meta_file.is_file():
         raise bad_value(field, path, f"a finished antidote_pl stage output directory (with {STAGE_FILE})")
-    return json.loads(meta_file.read_text())
+    meta = read_json_file(meta_file, "a stage's metadata")
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise ConfigError(
+            f"{meta_file}: not a stage's metadata (no 'kind'); expected a file written by save_stage."
+        )
+    return meta
 
 
 def load_stage(path: str, dtype: str = "fp32", field: str = "stage", merge: bool = True):
@@ -233,9 +283,14 @@ def load_stage(path: str, dtype: str = "fp32", field: str = "stage", merge: bool
         ``(model, tokenizer)`` with the model in eval mode.
     """
     meta = read_stage_metadata(path, field)
+    pruned = has_artifacts(path)
+    if pruned:
+        read_masks(path)  # a tampered mask file fails here, before any model loads
     tokenizer = load_tokenizer(path, field=field)
     if meta["kind"] == "full_model":
         model = load_causal_lm(path, dtype=dtype)
+        if pruned:
+            verify_pruned_model(path, model)
     else:
         base = meta["base_model"]
         if not isinstance(base, str):
@@ -246,6 +301,9 @@ def load_stage(path: str, dtype: str = "fp32", field: str = "stage", merge: bool
 
         check_adapter_dir(path, model, field)
         model = PeftModel.from_pretrained(model, path, is_trainable=False)
+        if pruned:
+            # Before merging: masks are keyed by the adapter's parameter names.
+            verify_pruned_model(path, model)
         if merge:
             model = model.merge_and_unload()
     return model.eval(), tokenizer
