@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from antidote_pl.data.records import Record, Source
 from antidote_pl.data.templates import get_template
-from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, tokenize_records
+from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, check_tokenization, tokenize_records
 from antidote_pl.errors import ConfigError, bad_value, check_int
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class SFTBatcher:
         num_workers: DataLoader workers.
         seed: Seed of the validation split and of the training shuffle.
         val_size: Number of records held out for validation (0: no validation set).
+        tokenization: ``separate`` (prompt and response tokenised apart, exact boundary) or ``joint``
+            (the official code's joint string, for parity); see :mod:`antidote_pl.data.tokenize`.
 
     Raises:
         ConfigError: on a bad value, before anything is loaded.
@@ -99,6 +101,7 @@ class SFTBatcher:
         num_workers: int,
         seed: int,
         val_size: int,
+        tokenization: str = "separate",
     ):
         if tokenizer is None or (isinstance(tokenizer, str) and not tokenizer):
             raise bad_value("tokenizer", tokenizer, "'tiny-world', a hub name or a local directory")
@@ -108,6 +111,7 @@ class SFTBatcher:
         check_int("num_workers", num_workers, 0)
         check_int("seed", seed, 0)
         check_int("val_size", val_size, 0)
+        self.tokenization = check_tokenization(tokenization)
         self.tokenizer_spec = tokenizer
         self.template = template
         self.max_length = max_length
@@ -143,7 +147,9 @@ class SFTBatcher:
 
     def tokenize(self, records: Sequence[Record], name: str) -> TokenizedDataset:
         """Tokenises records with this batcher's tokenizer, template and ``max_length``."""
-        return tokenize_records(self.tokenizer, records, self.template, self.max_length, name=name)
+        return tokenize_records(
+            self.tokenizer, records, self.template, self.max_length, name=name, tokenization=self.tokenization
+        )
 
     def loader(self, dataset: TokenizedDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         """Builds a DataLoader with :class:`SFTCollator`; shuffling uses a seeded generator."""
@@ -238,6 +244,7 @@ class SFTDataModule(_RecordsDataModule):
         num_workers: See :class:`SFTBatcher`.
         seed: See :class:`SFTBatcher`.
         val_size: See :class:`SFTBatcher`.
+        tokenization: See :class:`SFTBatcher`.
 
     Raises:
         ConfigError: on a bad value or an empty source list.
@@ -253,8 +260,11 @@ class SFTDataModule(_RecordsDataModule):
         num_workers: int = 0,
         seed: int = 42,
         val_size: int = 0,
+        tokenization: str = "separate",
     ):
-        super().__init__(SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size))
+        super().__init__(
+            SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size, tokenization)
+        )
         if not sources:
             raise bad_value("sources", sources, "a non-empty list of sources")
         self.sources = list(sources)
@@ -277,6 +287,7 @@ class AlignmentDataModule(_RecordsDataModule):
         num_workers: See :class:`SFTBatcher`.
         seed: Seed of the benign draw, the validation split and the shuffle.
         val_size: See :class:`SFTBatcher`.
+        tokenization: See :class:`SFTBatcher`.
 
     Raises:
         ConfigError: on a bad value; in ``setup``, on an empty source or ``benign_size`` above what
@@ -295,8 +306,11 @@ class AlignmentDataModule(_RecordsDataModule):
         num_workers: int = 0,
         seed: int = 42,
         val_size: int = 0,
+        tokenization: str = "separate",
     ):
-        super().__init__(SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size))
+        super().__init__(
+            SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size, tokenization)
+        )
         if benign_size is not None:
             check_int("benign_size", benign_size, 1)
             if benign is None:
@@ -358,6 +372,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         batch_size: See :class:`SFTBatcher`.
         num_workers: See :class:`SFTBatcher`.
         val_size: See :class:`SFTBatcher`; held out from the mixed fine-tuning set.
+        tokenization: See :class:`SFTBatcher`.
 
     Raises:
         ConfigError: on a bad value (at construction); in ``setup`` (before training), when a pool is
@@ -381,8 +396,11 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         val_size: int = 0,
+        tokenization: str = "separate",
     ):
-        super().__init__(SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size))
+        super().__init__(
+            SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size, tokenization)
+        )
         if (
             isinstance(harmful_ratio, bool)
             or not isinstance(harmful_ratio, int | float)

@@ -1,9 +1,15 @@
 """Tokenisation with prompt masking, truncation accounting, and the right-padding collator.
 
-A sample is ``tokenizer(prompt) + tokenizer(response) + [eos]``. Prompt and response are tokenised
-separately, so the supervised span starts exactly at the first response token (the official code
-tokenises the full string and the prompt and masks ``len(prompt ids)`` positions, which can shift by
-a token where a BPE merge crosses the boundary). Truncation is counted and reported, never silent.
+Two ways to build a sample (``tokenization``):
+
+* ``joint`` (the official Antidote code, used by ``configs/paper``): ``tokenizer(prompt + response)``
+  plus EOS, with the first ``len(tokenizer(prompt))`` positions masked. On SentencePiece/Metaspace
+  tokenizers (Llama-2, Mistral) the first response token then carries no word-start prefix, exactly as
+  in the paper's runs; where a merge crosses the boundary the mask can be off by a token, as upstream.
+* ``separate`` (the default elsewhere): ``tokenizer(prompt) + tokenizer(response) + [eos]``, so the
+  supervised span starts exactly at the first response token whatever the tokenizer.
+
+Truncation is counted and reported, never silent.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from antidote_pl.errors import ConfigError, bad_value, check_int
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+TOKENIZATIONS = ("separate", "joint")
 
 
 def _check_max_length(max_length: int) -> None:
@@ -49,7 +56,27 @@ def _prompt_ids(tokenizer: Any, prompt: str, eos: int) -> list[int]:
     return ids
 
 
-def tokenize_record(tokenizer: Any, record: Record, template: str, max_length: int) -> dict[str, Any]:
+def check_tokenization(tokenization: str, field: str = "tokenization") -> str:
+    """Returns ``tokenization`` if it is one of :data:`TOKENIZATIONS`, else raises a ConfigError."""
+    if tokenization not in TOKENIZATIONS:
+        raise bad_value(field, tokenization, f"one of {list(TOKENIZATIONS)}")
+    return tokenization
+
+
+def _sample_ids(tokenizer: Any, prompt: str, response: str, eos: int, tokenization: str):
+    """``(input_ids, n_prompt)`` of one sample, EOS appended, before truncation."""
+    prompt_ids = _prompt_ids(tokenizer, prompt, eos)
+    if tokenization == "joint":
+        # As upstream: the joint string's ids, the prompt masked by the length of its own ids.
+        ids = _prompt_ids(tokenizer, prompt + response, eos) if response else prompt_ids
+        return [*ids, eos], min(len(prompt_ids), len(ids))
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
+    return [*prompt_ids, *response_ids, eos], len(prompt_ids)
+
+
+def tokenize_record(
+    tokenizer: Any, record: Record, template: str, max_length: int, tokenization: str = "separate"
+) -> dict[str, Any]:
     """Tokenises one record with labels masked on the prompt.
 
     Args:
@@ -57,22 +84,21 @@ def tokenize_record(tokenizer: Any, record: Record, template: str, max_length: i
         record: A record (see :mod:`antidote_pl.data.records`).
         template: A key of :data:`antidote_pl.data.templates.TEMPLATES`.
         max_length: Maximum sequence length; longer samples lose their tail.
+        tokenization: ``separate`` or ``joint`` (official); see the module docstring.
 
     Returns:
         ``input_ids`` and ``labels`` (lists of ints, ``-100`` on the prompt), ``truncated`` and
         ``n_response_tokens`` (supervised positions left after truncation, EOS included).
 
     Raises:
-        ConfigError: on a bad template or ``max_length``, or a tokenizer without EOS.
+        ConfigError: on a bad template, ``max_length`` or ``tokenization``, or a tokenizer without EOS.
     """
     _check_max_length(max_length)
+    check_tokenization(tokenization)
     eos = _eos_id(tokenizer)
     prompt, response = render(record, template, tokenizer)
-    prompt_ids = _prompt_ids(tokenizer, prompt, eos)
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
-    target = [*response_ids, eos]
-    input_ids = prompt_ids + target
-    labels = [IGNORE_INDEX] * len(prompt_ids) + target
+    input_ids, n_prompt = _sample_ids(tokenizer, prompt, response, eos, tokenization)
+    labels = [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
     truncated = len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -116,7 +142,12 @@ class TokenizedDataset(Dataset):
 
 
 def tokenize_records(
-    tokenizer: Any, records: Sequence[Record], template: str, max_length: int, name: str = "data"
+    tokenizer: Any,
+    records: Sequence[Record],
+    template: str,
+    max_length: int,
+    name: str = "data",
+    tokenization: str = "separate",
 ) -> TokenizedDataset:
     """Tokenises records into a :class:`TokenizedDataset`, reporting truncation.
 
@@ -126,6 +157,7 @@ def tokenize_records(
         template: A key of :data:`antidote_pl.data.templates.TEMPLATES`.
         max_length: Maximum sequence length.
         name: What the records are (used in log and error messages).
+        tokenization: ``separate`` or ``joint`` (official); see the module docstring.
 
     Raises:
         ConfigError: on an empty record list, a bad template/``max_length``, or when no sample keeps a
@@ -133,11 +165,12 @@ def tokenize_records(
     """
     _check_max_length(max_length)
     get_template(template)
+    check_tokenization(tokenization)
     if not records:
         raise ConfigError(f"{name}: no records to tokenise (the source or the selection is empty).")
     samples, n_truncated, n_without = [], 0, 0
     for record in records:
-        s = tokenize_record(tokenizer, record, template, max_length)
+        s = tokenize_record(tokenizer, record, template, max_length, tokenization)
         n_truncated += s["truncated"]
         n_without += s["n_response_tokens"] == 0
         samples.append({"input_ids": s["input_ids"], "labels": s["labels"]})
