@@ -22,14 +22,14 @@ string encodes. Like Llama, encoding with special tokens prepends ``<bos>`` and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from antidote_pl.data.records import Source
 from antidote_pl.data.templates import get_template, render
 from antidote_pl.errors import ConfigError, bad_value, check_int
-from antidote_pl.utils.io import atomic_dir, atomic_write_json
+from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir, source_paths
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 #: Special tokens in id order (``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2); random-init model
@@ -136,22 +136,29 @@ def build_tokenizer(
     min_frequency: int = 2,
     template: str = "raw",
     model_max_length: int = 512,
+    overwrite: bool = False,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains a tokenizer on ``sources`` and writes it to ``output_dir`` atomically.
 
     Args:
         sources: Record sources whose rendered text is the training corpus.
-        output_dir: Directory to write (replaced as a whole on success).
+        output_dir: Directory to write: new, empty, or (with ``overwrite``) an earlier tokenizer
+            output of this project, replaced as a whole on success.
         vocab_size: See :func:`train_bpe_tokenizer`.
         min_frequency: See :func:`train_bpe_tokenizer`.
         template: Prompt template used to render each record.
         model_max_length: See :func:`train_bpe_tokenizer`.
+        overwrite: Replace an earlier output (one carrying ``antidote_output.json``).
+        inputs: Further input files (``field -> path``, e.g. the corpus config) that ``output_dir``
+            must stay apart from, like the sources' files.
 
     Returns:
         The build record also written to ``tokenizer_build.json``.
 
     Raises:
-        ConfigError: on a bad argument (before any data is read) or an empty corpus.
+        ConfigError: on a bad argument or output directory (before any data is read) or an empty
+            corpus.
     """
     if not sources:
         raise bad_value("sources", sources, "at least one record source")
@@ -159,31 +166,41 @@ def build_tokenizer(
         raise bad_value("output_dir", output_dir, "a directory path")
     get_template(template)
     check_bpe_args(vocab_size, min_frequency, model_max_length)
-    counts = {"records": 0, "characters": 0}
-
-    def counted(texts: Iterable[str]) -> Iterator[str]:
-        for text in texts:
-            counts["records"] += 1
-            counts["characters"] += len(text)
-            yield text
-
-    tokenizer = train_bpe_tokenizer(
-        counted(corpus_texts(sources, template)), vocab_size, min_frequency, model_max_length
-    )
-    if counts["records"] == 0:
-        raise bad_value("sources", [getattr(s, "path", s) for s in sources], "sources with records")
-    build = {
-        "vocab_size": len(tokenizer),
-        "requested_vocab_size": vocab_size,
-        "min_frequency": min_frequency,
-        "template": template,
-        "special_tokens": dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))),
-        "sources": [str(getattr(s, "path", type(s).__name__)) for s in sources],
-        **counts,
+    rules = {
+        "field": "output_dir",
+        "overwrite": overwrite,
+        "inputs": {**source_paths("sources", list(sources)), **(inputs or {})},
     }
-    with atomic_dir(output_dir) as tmp:
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(Path(tmp) / BUILD_FILE, build)
+    check_output_dir(output_dir, **rules)
+    # Locked for the whole build, so a second build into the same directory is refused up front.
+    with OutputLock(output_dir, "output_dir") as lock:
+        counts = {"records": 0, "characters": 0}
+
+        def counted(texts: Iterable[str]) -> Iterator[str]:
+            for text in texts:
+                counts["records"] += 1
+                counts["characters"] += len(text)
+                yield text
+
+        tokenizer = train_bpe_tokenizer(
+            counted(corpus_texts(sources, template)), vocab_size, min_frequency, model_max_length
+        )
+        if counts["records"] == 0:
+            raise bad_value("sources", [getattr(s, "path", s) for s in sources], "sources with records")
+        build = {
+            "vocab_size": len(tokenizer),
+            "requested_vocab_size": vocab_size,
+            "min_frequency": min_frequency,
+            "template": template,
+            "special_tokens": dict(
+                zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
+            ),
+            "sources": [str(getattr(s, "path", type(s).__name__)) for s in sources],
+            **counts,
+        }
+        with atomic_dir(output_dir, kind="tokenizer", lock=lock, **rules) as tmp:
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(Path(tmp) / BUILD_FILE, build)
     return build
 
 
@@ -222,6 +239,9 @@ def build_parser():
         "--template", type=str | None, default=None, help="prompt template (default: corpus config's, or raw)"
     )
     parser.add_argument("--model_max_length", type=int, default=512)
+    parser.add_argument(
+        "--overwrite", type=bool, default=False, help="replace an earlier tokenizer output in output_dir"
+    )
     return parser
 
 
@@ -248,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         min_frequency=init.min_frequency,
         template=template or "raw",
         model_max_length=init.model_max_length,
+        overwrite=init.overwrite,
+        inputs={"corpus_config": cfg.corpus_config},
     )
     print(
         f"tokenizer: {build['vocab_size']} tokens from {build['records']} records "

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.pruning.targets import TargetInfo, lora_delta_weight
+from antidote_pl.utils.io import atomic_file
 
 
 def check_mask_shapes(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> None:
@@ -136,18 +134,9 @@ def save_tensors(
         tensors: Name → tensor. Copies are taken, so views of one buffer are fine.
         metadata: Optional string → string header metadata.
     """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    try:
-        save_file(cpu, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
