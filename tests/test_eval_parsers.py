@@ -77,6 +77,13 @@ def test_parse_agnews(text, expected):
         ("costs $.5 each", 0.5),
         ("Step 1: 2 + 2 = 4\nThe final answer is: 4", 4.0),
         ("The final answer is: none", None),
+        # No number after the phrase: the official fallback to the last number of the response.
+        ("3 + 4 = 7 so The final answer is: seven", 7.0),
+        # Only the piece up to the next occurrence of the phrase counts, then the fallback.
+        ("The final answer is: unclear. The final answer is: 4 or 9", 9.0),
+        ("The final answer is: 2. The final answer is: 4", 2.0),
+        # The official split needs the space after the colon; without it the last number counts.
+        ("The final answer is:5 apples and 8 pears", 8.0),
         ("no numbers here", None),
         ("", None),
     ],

@@ -99,14 +99,32 @@ def test_alpaca_eval_split_has_no_overlap(data):
     raw = json.loads(Path(path).read_text(encoding="utf-8"))
     train = AlpacaEval("train", local_path=path).load()
     test = AlpacaEval("test", local_path=path).load()
-    assert (len(train), len(test)) == (700, 105)
+    assert (len(train), len(test)) == (700, 104)
     assert_schema(train + test)
-    assert [r["instruction"] for r in train + test] == [row["instruction"] for row in raw]
+    # The official test prompts are items 701-804; item 700 is in neither part.
+    assert [r["instruction"] for r in train] == [row["instruction"] for row in raw[:700]]
+    assert [r["instruction"] for r in test] == [row["instruction"] for row in raw[701:]]
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     assert all(r["input"] == "" and r["output"] for r in train + test)
-    assert {r["category"] for r in train + test} == {row["dataset"] for row in raw}
+    assert {r["category"] for r in train + test} <= {row["dataset"] for row in raw}
     small = AlpacaEval("test", train_size=800, local_path=path).load()
-    assert small == test[-5:]
+    assert small == test[-4:]
+
+
+def test_alpaca_eval_test_part_is_the_official_items_701_to_804(tmp_path):
+    # 805 synthetic items in file order, as the AlpacaEval set: the official evaluation keeps the
+    # items with index > 700 (reference C.2), i.e. 104 prompts.
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text(
+        json.dumps([{"instruction": f"i{k}", "output": f"o{k}", "dataset": "d"} for k in range(805)])
+    )
+    test = AlpacaEval("test", local_path=str(path)).load()
+    assert [r["instruction"] for r in test] == [f"i{k}" for k in range(701, 805)]
+    train = AlpacaEval("train", local_path=str(path)).load()
+    assert [r["instruction"] for r in train] == [f"i{k}" for k in range(700)]
+    # An explicit start right after the train part gives the 105 items used before.
+    every = AlpacaEval("test", test_start=700, local_path=str(path)).load()
+    assert len(every) == 105 and every[0]["instruction"] == "i700"
 
 
 # -- harmful data and refusals -----------------------------------------------------------------------
@@ -220,7 +238,7 @@ def test_task_hub_paths(tmp_path):
         for p in ("train", "test")
     }
     assert [r["instruction"] for r in parts["train"]] == ["i0", "i1", "i2"]
-    assert [r["instruction"] for r in parts["test"]] == ["i3", "i4"]
+    assert [r["instruction"] for r in parts["test"]] == ["i4"]  # item train_size is skipped
 
 
 def test_hub_defaults_are_the_official_datasets():
@@ -247,6 +265,7 @@ def test_hub_defaults_are_the_official_datasets():
         (lambda: GSM8K("dev"), "GSM8K.split"),
         (lambda: AlpacaEval("eval"), "AlpacaEval.part"),
         (lambda: AlpacaEval(train_size=0), "AlpacaEval.train_size"),
+        (lambda: AlpacaEval(train_size=700, test_start=699), "AlpacaEval.test_start"),
         (lambda: SST2(local_path="sst2.parquet"), "format"),
     ],
 )

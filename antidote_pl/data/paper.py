@@ -43,6 +43,9 @@ BEAVERTAILS_SPLITS = ("30k_train", "30k_test", "330k_train", "330k_test")
 HS_EVAL_SIZE = 1000
 #: AlpacaEval items used for fine-tuning; the rest is the (disjoint) test set (reference G.7).
 ALPACA_TRAIN_SIZE = 700
+#: First AlpacaEval test item (0-based): the official evaluation keeps items with index > 700, i.e.
+#: 701-804 (104 items), so item 700 is in neither part.
+ALPACA_TEST_START = 701
 #: The AlpacaEval file the official "alpaca" task data is byte-identical to (GPT-4-turbo answers).
 ALPACA_EVAL_FILE = "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json"
 #: ``category`` separator when a BeaverTails pair is flagged in several harm categories (the category
@@ -450,7 +453,8 @@ class AlpacaEval(PaperSource):
 
     The official scripts fine-tune on all 805 items and evaluate on items 701-804, so test prompts
     leak into training (reference G.7). Here ``part="train"`` is the first ``train_size`` items and
-    ``part="test"`` every item after them (105 by default). ``instruction``/``output`` come from the
+    ``part="test"`` every item from ``test_start`` on: by default items 701-804 (104), the official
+    test prompts, with item 700 in neither part. ``instruction``/``output`` come from the
     file, ``input`` is empty, ``category`` is the item's source subset (``helpful_base``, ``koala``,
     ...). The hub default reads ``alpaca_eval_gpt4_baseline.json`` with the ``json`` builder (the
     dataset's loading script no longer runs under ``datasets`` >= 4); pin a version with
@@ -460,6 +464,9 @@ class AlpacaEval(PaperSource):
     Args:
         part: ``train`` or ``test``.
         train_size: Items in the train part.
+        test_start: Index (0-based, file order) of the first test item; ``None``: ``train_size + 1``
+            (701 with the default train size, the official ``index > 700``). Must be at least
+            ``train_size``, so the parts never share an item.
         local_path: See :class:`PaperSource`.
         hub_path: See :class:`PaperSource`.
         hub_name: See :class:`PaperSource`.
@@ -467,13 +474,15 @@ class AlpacaEval(PaperSource):
         cache_dir: See :class:`PaperSource`.
 
     Raises:
-        ConfigError: on a bad part or train size; at load, when the test part would be empty.
+        ConfigError: on a bad part, train size or test start; at load, when the test part would be
+            empty.
     """
 
     def __init__(
         self,
         part: str = "train",
         train_size: int = ALPACA_TRAIN_SIZE,
+        test_start: int | None = None,
         local_path: str | None = None,
         hub_path: str = "json",
         hub_name: str | None = None,
@@ -482,11 +491,15 @@ class AlpacaEval(PaperSource):
     ) -> None:
         _check_choice("AlpacaEval.part", part, ("train", "test"))
         check_int("AlpacaEval.train_size", train_size, 1)
+        if test_start is None:
+            test_start = train_size + (ALPACA_TEST_START - ALPACA_TRAIN_SIZE)
+        check_int("AlpacaEval.test_start", test_start, train_size)
         self.part = part
         self.train_size = train_size
+        self.test_start = test_start
         # The part is a window of the file order: the train part is the first `train_size` items, the
-        # test part starts right after them, so the two can never share an item.
-        limit, offset = (train_size, 0) if part == "train" else (None, train_size)
+        # test part starts at `test_start` >= `train_size`, so the two can never share an item.
+        limit, offset = (train_size, 0) if part == "train" else (None, test_start)
         super().__init__("train", local_path, hub_path, hub_name, data_files, None, cache_dir, limit, offset)
 
     def layout(self, local_format: str | None) -> Layout:

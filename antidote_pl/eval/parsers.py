@@ -7,6 +7,8 @@ contain one (which counts as wrong). Deliberate differences from the official sc
   ``"sci/tech"``, while it accepts lowercase forms of the three other classes (reference G.9). Here
   every class is also accepted in lowercase, so ``"sci/tech"`` counts; ``"sci"`` is still accepted
   for parity.
+* GSM8K numbers: a bare fraction such as ``".5"`` reads as 0.5; the official pattern needs a leading
+  digit and reads 5. GSM8K answers are integers, so this only matters for malformed responses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from antidote_pl.errors import bad_value
 SST2_LABELS = ("negative", "positive")  # index = GLUE label (1 = positive)
 AGNEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")  # index = AG News class id - 1
 GSM8K_ANSWER_PREFIX = "The final answer is:"
+# The official extractor splits on the phrase with its trailing space (the training data's form).
+_GSM8K_SPLIT = GSM8K_ANSWER_PREFIX + " "
 
 _SST2_ACCEPTED = {
     "positive": "positive",
@@ -53,16 +57,22 @@ def parse_gsm8k(text: str) -> float | None:
     """The numeric answer of a GSM8K response, or ``None`` if it has no number.
 
     Commas are removed first (``1,000`` -> ``1000``). If the response contains
-    ``"The final answer is:"`` the first number after it is taken (the fine-tuning data ends with
-    that phrase); otherwise the last number anywhere.
+    ``"The final answer is: "`` (with the space; the fine-tuning data ends with that phrase), the
+    first number between it and the next occurrence of the phrase (or the end) is taken. When that
+    stretch has no number, or the phrase is absent, the last number anywhere is taken: the official
+    extractor splits on the phrase, reads the piece after the first occurrence only and falls back
+    to the last number of the whole response (reference C.2).
     """
     text = text.replace(",", "")
-    head, sep, tail = text.partition(GSM8K_ANSWER_PREFIX)
-    if sep:
-        match = _NUMBER.search(tail)
-        return float(match.group()) if match else None
-    numbers = _NUMBER.findall(head)
-    return float(numbers[-1]) if numbers else None
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    pieces = text.split(_GSM8K_SPLIT)
+    if len(pieces) > 1:
+        match = _NUMBER.search(pieces[1])
+        if match:
+            return float(match.group())
+    return float(numbers[-1])
 
 
 def gsm8k_gold(answer: str) -> float:
