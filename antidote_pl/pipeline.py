@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +29,34 @@ from typing import Any
 
 import yaml
 
+from antidote_pl.cli import validate_config
 from antidote_pl.errors import ConfigError, bad_value
-from antidote_pl.utils.io import atomic_write_json, atomic_write_text
+from antidote_pl.models.loading import read_stage_metadata
+from antidote_pl.utils.files import read_json_file
+from antidote_pl.utils.hashing import directory_fingerprint
+from antidote_pl.utils.io import (
+    atomic_file,
+    atomic_write_json,
+    atomic_write_text,
+    claim_output_dir,
+    mark_output_dir,
+    overlap,
+)
 
 DONE_FILE = "pipeline_done.json"
+# What an evaluation reads from a stage directory; anything else there (e.g. DONE_FILE, which
+# carries a timestamp) must not change a result's cache key.
+STAGE_FILES = (
+    "*.safetensors",
+    "antidote_stage.json",
+    "adapter_config.json",
+    "config.json",
+    "mask.json",
+    "tokenizer*",
+)
+#: The stage runs write only directories this pipeline owns (its stage and score outputs), so
+#: replacing an earlier result there is allowed; an unmarked directory is still never replaced.
+OVERWRITE_STAGE = "--model.init_args.overwrite=true"
 
 
 @dataclass
@@ -62,11 +85,17 @@ class RepairSpec:
         config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter).
         alphas: Fractions removed, each in (0, 1).
         methods: Method name -> callback fragment (``callbacks/*.yaml``).
+        overrides: Extra command-line arguments for every scoring run (e.g. the fine-tuned adapter
+            of one seed, see :mod:`antidote_pl.seeds`).
+        method_overrides: Method name -> extra arguments for that method's scoring run only (e.g.
+            ``--pruner.init_args.seed`` of the random ablation).
     """
 
     config: str
     alphas: list[float]
     methods: dict[str, str]
+    overrides: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,9 +209,39 @@ def _run_command(spec: StageSpec) -> None:
     if spec.command == "tokenizer":
         from antidote_pl.data.bpe import main as tokenizer_main
 
-        tokenizer_main(["--config", spec.config, *spec.overrides])
+        tokenizer_main(["--config", spec.config, *spec.overrides, "--overwrite=true"])
     else:
-        _fit([spec.config], spec.overrides)
+        _fit([spec.config], [*spec.overrides, OVERWRITE_STAGE])
+
+
+def _validate_stage(spec: StageSpec) -> None:
+    if spec.command == "tokenizer":
+        from antidote_pl.data.bpe import build_parser
+
+        build_parser().parse_args(["--config", spec.config, *spec.overrides])
+    else:
+        validate_config([spec.config], spec.overrides)
+
+
+def _validate_configs(
+    stages: list[StageSpec], repair: RepairSpec, evaluation: str, baselines: list[BaselineSpec]
+) -> None:
+    """Parses every config the run will use, as its step will, before the first step runs.
+
+    Nothing is loaded; a typo in a late step (a method fragment, the judge's ``class_path``, a
+    baseline) fails now rather than after an hour of training.
+    """
+    for spec in [*stages, *(s for b in baselines for s in b.stages)]:
+        _validate_stage(spec)
+    for method, fragment in repair.methods.items():
+        validate_config(
+            [repair.config, fragment],
+            [*repair.overrides, *repair.method_overrides.get(method, [])],
+        )
+    for base in baselines:
+        if base.repair_fragment is not None:
+            validate_config([repair.config, base.repair_fragment])
+    validate_config([evaluation])
 
 
 def _evaluator(config: str, stage: str, merge: bool):
@@ -206,6 +265,7 @@ def _evaluator(config: str, stage: str, merge: bool):
 
 def _evaluate(evaluator, datamodule, trainer, out_dir: Path) -> dict[str, Any]:
     evaluator.output_dir = str(out_dir)
+    evaluator.overwrite = True  # results/<name> is the pipeline's own: a recomputed result replaces it
     trainer.test(evaluator, datamodule=datamodule, verbose=False)
     return dict(evaluator.results)
 
@@ -235,7 +295,9 @@ def run_pipeline(
         The report as a dict (also written to ``report.json``).
 
     Raises:
-        ConfigError: for a missing config file, a bad alpha or an unknown reference, before any work.
+        ConfigError: for a missing config file, a bad alpha, an unknown reference, or an
+            ``output_dir`` that may not be written (an unmarked non-empty directory, one inside a
+            stage output, one another run is writing), before any work.
     """
     from antidote_pl.pruning.select import check_alpha
 
@@ -285,6 +347,25 @@ def run_pipeline(
             baseline_texts[base.name].append(_read(base.repair_fragment, f"{field}.repair_fragment"))
             check_alpha(base.repair_alpha, f"{field}.repair_alpha")
 
+    _validate_configs(stages, repair, evaluation, baselines)
+
+    inputs = {
+        "stages": [s.config for s in stages],
+        "repair.config": repair.config,
+        "repair.methods": list(repair.methods.values()),
+        "evaluation": evaluation,
+        "baselines": [s.config for b in baselines for s in b.stages],
+    }
+    for name, directory in stage_dirs.items():
+        if overlap(output_dir, directory) in ("is", "lies inside"):
+            raise bad_value(
+                "output_dir", output_dir, f"a directory outside stage {name}'s output {directory!r}"
+            )
+    # Resuming into its own (marked) directory is the pipeline's normal use, so no flag is needed;
+    # an unmarked non-empty directory is refused. Held until the report is written.
+    lock = claim_output_dir(output_dir, "output_dir", overwrite=True, inputs=inputs, replace=False)
+    mark_output_dir(output_dir, "pipeline")
+
     console = _console()
     out = Path(output_dir)
     started = time.perf_counter()
@@ -313,7 +394,9 @@ def run_pipeline(
     score_keys = {}
     for method, fragment in repair.methods.items():
         directory = out / "scores" / method
-        key = _key(upstream, repair_text, fragments[method], str(alphas[0]))
+        extra = [*repair.overrides, *repair.method_overrides.get(method, [])]
+        # With no extra arguments the key is the same as before they existed (caches stay valid).
+        key = _key(upstream, repair_text, fragments[method], str(alphas[0]), *extra)
         score_keys[method] = key
         if not force and _is_done(directory, key):
             console.print(f"[green]scores {method}: reusing {directory}")
@@ -323,9 +406,11 @@ def run_pipeline(
         _fit(
             [repair.config, fragment],
             [
+                *extra,
                 "--pruner.init_args.save_scores=true",
                 f"--pruner.init_args.alpha={alphas[0]}",
                 f"--model.init_args.output_dir={directory}",
+                OVERWRITE_STAGE,
                 "--trainer.enable_progress_bar=false",
             ],
         )
@@ -342,8 +427,10 @@ def run_pipeline(
 
     def cached(name: str, key: str, compute) -> dict[str, Any]:
         path = results_dir / name / "result.json"
-        if not force and path.is_file() and json.loads(path.read_text()).get("key") == key:
-            return json.loads(path.read_text())["result"]
+        if not force and path.is_file():
+            saved = read_json_file(path, "a cached pipeline result")
+            if saved.get("key") == key:
+                return saved["result"]
         t0 = time.perf_counter()
         result = compute(results_dir / name)
         timings[f"eval/{name}"] = time.perf_counter() - t0
@@ -356,13 +443,8 @@ def run_pipeline(
         )
         rows.append({**row, "reference": True})
 
-    from antidote_pl.pruning import (
-        apply_target_masks_,
-        find_targets,
-        load_tensors,
-        masks_for_alphas,
-        overall_fraction,
-    )
+    from antidote_pl.pruning import apply_target_masks_, find_targets, masks_for_alphas, overall_fraction
+    from antidote_pl.pruning.artifacts import artifacts_fingerprint, read_report, read_scores
     from antidote_pl.pruning.targets import to_param_layout
 
     evaluator, datamodule, trainer = _evaluator(evaluation, finetuned, merge=False)
@@ -376,7 +458,9 @@ def run_pipeline(
             for n, p in peft_model.named_parameters():
                 p.copy_(original[n])
 
-    key_none = _key(upstream, eval_text, "none")
+    # Keys of results computed on the fine-tuned weights also cover those files.
+    upstream_files = stage_fingerprint(finetuned)
+    key_none = _key(upstream, eval_text, "none", upstream_files)
     console.print("[bold]evaluate none (unrepaired)")
     rows.append(
         {
@@ -388,13 +472,17 @@ def run_pipeline(
     )
     for method in repair.methods:
         directory = out / "scores" / method
-        meta = json.loads((directory / "mask.json").read_text())
+        meta = read_report(directory)
         targets = find_targets(peft_model, meta["target"], meta["adapter_name"], meta["include"])
+        # Checked against the fine-tuned adapter they are swept on (fingerprint, names, shapes).
+        saved, _ = read_scores(directory, {n: t.param for n, t in targets.items()})
         # Scores are saved in each parameter's layout; the same transposition maps them back to rows.
-        scores = to_param_layout(load_tensors(directory / "scores.safetensors"), targets)
+        scores = to_param_layout(saved, targets)
         sweep = masks_for_alphas(scores, alphas, meta["scope"])
+        # The key covers the artefacts read, so edited scores or masks are never served from cache.
+        artefacts = artifacts_fingerprint(directory)
         for alpha, masks in sweep.items():
-            key = _key(score_keys[method], eval_text, str(alpha))
+            key = _key(score_keys[method], eval_text, str(alpha), artefacts, upstream_files)
 
             def compute(d, masks=masks, targets=targets):
                 apply_target_masks_(targets, to_param_layout(masks, targets))
@@ -422,7 +510,7 @@ def run_pipeline(
         directory = out / "combined" / combined
         repair_key = _key(key, repair_text, baseline_texts[base.name][-1], str(base.repair_alpha))
         if force or not _is_done(directory, repair_key):
-            meta = json.loads((Path(final) / "antidote_stage.json").read_text())
+            meta = read_stage_metadata(final, f"baselines.{base.name}")
             console.print(f"[bold]baseline {combined}: repairing {final}")
             t0 = time.perf_counter()
             _fit(
@@ -433,13 +521,14 @@ def run_pipeline(
                     f"--data.init_args.tokenizer={meta['base_model']}",
                     f"--pruner.init_args.alpha={base.repair_alpha}",
                     f"--model.init_args.output_dir={directory}",
+                    OVERWRITE_STAGE,
                     "--trainer.enable_progress_bar=false",
                 ],
             )
             timings[f"stage/{combined}"] = time.perf_counter() - t0
             _mark_done(directory, repair_key)
         row = _stage_row(combined, str(directory), repair_key, cached, evaluation, eval_text, console)
-        removed = json.loads((directory / "mask.json").read_text())["removed_fraction"]
+        removed = read_report(directory)["removed_fraction"]
         rows.append({**row, "alpha": base.repair_alpha, "removed_fraction": removed})
 
     report = {
@@ -451,6 +540,7 @@ def run_pipeline(
         "seconds_by_step": timings,
     }
     write_report(report, out)
+    lock.release()
     console.print(f"[green]report written to {out / 'report.md'} ({report['seconds_total']:.0f} s)")
     return report
 
@@ -462,7 +552,13 @@ def _stage_row(name, directory, stage_key, cached, evaluation, eval_text, consol
         return _evaluate(*_evaluator(evaluation, directory, merge=True), d)
 
     console.print(f"[bold]evaluate {name}")
-    return {"method": name, "alpha": None, **cached(f"ref_{name}", _key(stage_key, eval_text, name), compute)}
+    key = _key(stage_key, eval_text, name, stage_fingerprint(directory))
+    return {"method": name, "alpha": None, **cached(f"ref_{name}", key, compute)}
+
+
+def stage_fingerprint(directory: str | Path) -> str:
+    """Identity of the files an evaluation reads from a stage output (weights, metadata, masks)."""
+    return directory_fingerprint(directory, STAGE_FILES)
 
 
 def _done_key(directory: str) -> str:
@@ -476,19 +572,31 @@ def _fmt(value: float | None) -> str:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The report table: one row per reference, the unrepaired model and every (method, alpha)."""
+    # Extra judges (StageEvaluator.extra_judges) get one HS column each; none for a single judge.
+    extra = extra_judge_names(report["rows"])
     lines = [
-        "| variant | alpha | removed % | HS % | FA % | coherent % | harmful prompts | task questions |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | alpha | removed % | HS % | "
+        + "".join(f"HS {name} % | " for name in extra)
+        + "FA % | coherent % | harmful prompts | task questions |",
+        "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|---|",
     ]
     for r in report["rows"]:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
         removed = "-" if r.get("removed_fraction") is None else f"{100 * r['removed_fraction']:.1f}"
         lines.append(
             f"| {r['method']} | {alpha} | {removed} | {_fmt(r.get('harmful_score'))} | "
-            f"{_fmt(r.get('finetune_accuracy'))} | {_fmt(r.get('coherent_rate'))} | "
+            + "".join(f"{_fmt(r.get(f'harmful_score/{name}'))} | " for name in extra)
+            + f"{_fmt(r.get('finetune_accuracy'))} | {_fmt(r.get('coherent_rate'))} | "
             f"{r.get('n_harmful_score', 0)} | {r.get('n_finetune_accuracy', 0)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def extra_judge_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Names of the extra judges whose harmful scores the rows carry, in first-seen order."""
+    prefix = "harmful_score/"
+    names = (k[len(prefix) :] for r in rows for k in r if k.startswith(prefix))
+    return list(dict.fromkeys(names))
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -533,10 +641,9 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out / f".report.png.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(out / "report.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, out / "report.png")
 
 
 def build_parser():
@@ -552,6 +659,12 @@ def build_parser():
     parser.add_argument("--references", type=list[str] | None, default=None)
     parser.add_argument("--baselines", type=list[BaselineSpec] | None, default=None)
     parser.add_argument("--force", type=bool, default=False)
+    parser.add_argument(
+        "--seeds",
+        type=list[int] | None,
+        default=None,
+        help="run the pipeline once per seed and aggregate (see antidote_pl.seeds)",
+    )
     return parser
 
 
@@ -559,6 +672,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force true]``."""
     parser = build_parser()
     init = parser.instantiate_classes(parser.parse_args(argv))
+    from antidote_pl.seeds import check_no_placeholder, run_seeds
+
+    if init.seeds is not None:
+        return run_seeds(
+            init.seeds,
+            stages=init.stages,
+            repair=init.repair,
+            evaluation=init.evaluation,
+            output_dir=init.output_dir,
+            references=init.references,
+            force=init.force,
+            baselines=init.baselines,
+        )
+    check_no_placeholder(init.stages, init.repair, init.baselines)
     return run_pipeline(
         stages=init.stages,
         repair=init.repair,

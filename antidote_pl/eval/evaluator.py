@@ -12,7 +12,6 @@ response, verdict, category) and ``metrics.json`` to ``output_dir``.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,7 +25,14 @@ from antidote_pl.eval.generation import gather_objects, generate, write_generati
 from antidote_pl.eval.judges import Judge, KeywordJudge
 from antidote_pl.eval.metrics import HarmfulScore, RateByCategory, TaskAccuracy
 from antidote_pl.eval.parsers import get_parser, is_correct
-from antidote_pl.utils.io import atomic_write_json
+from antidote_pl.utils.io import (
+    OutputLock,
+    atomic_write_json,
+    check_apart_from_inputs,
+    claim_output_dir,
+    data_input_paths,
+    writable_dir,
+)
 
 
 class _ShardSampler(DistributedSampler):
@@ -84,6 +90,17 @@ class EvalDataModule(L.LightningDataModule):
         self.template, self.batch_size = template, batch_size
         self.harmful_limit, self.task_limit = harmful_limit, task_limit
         self.items: list[dict[str, Any]] | None = None
+        self._tokenizer: Any = None
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Renders the prompts with the evaluated model's tokenizer (needed by the ``chat`` template).
+
+        :class:`StageEvaluator` calls this in its ``setup``, before any prompt is generated.
+        """
+        self._tokenizer = tokenizer
+        self.setup()
+        for item in self.items:
+            item["prompt"] = render_prompt(item, self.template, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.items is not None:
@@ -113,7 +130,12 @@ class EvalDataModule(L.LightningDataModule):
             "kind": kind,
             "instruction": record["instruction"],
             "input": record.get("input", ""),
-            "prompt": render_prompt(record, self.template),
+            # Chat prompts wait for the model's tokenizer (use_tokenizer); the others render now.
+            "prompt": (
+                None
+                if get_template(self.template).needs_tokenizer and self._tokenizer is None
+                else render_prompt(record, self.template, self._tokenizer)
+            ),
             "label": record.get("label"),
             "category": record.get("category"),
             "task": self.task_name if kind == "task" else None,
@@ -128,10 +150,19 @@ class EvalDataModule(L.LightningDataModule):
     def fingerprint(self) -> str:
         """Content hash of the evaluation prompts."""
         self.setup()
+        self._check_rendered()
         return fingerprint_records(self.items)
+
+    def _check_rendered(self) -> None:
+        if any(i["prompt"] is None for i in self.items):
+            raise ConfigError(
+                f"data.template={self.template!r} renders prompts with the model's tokenizer: call "
+                "use_tokenizer() first (StageEvaluator does)."
+            )
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
+        self._check_rendered()
         sampler = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
@@ -149,7 +180,11 @@ class StageEvaluator(L.LightningModule):
 
     Args:
         stage: A stage output directory (full model or adapter on its recorded base).
-        judge: Harmfulness judge (``class_path``); default: the keyword refusal judge.
+        judge: Harmfulness judge (``class_path``); default: the keyword refusal judge. Its verdicts
+            make ``harmful_score`` and ``coherent_rate``.
+        extra_judges: More judges of the same responses, each reported as
+            ``harmful_score/<ClassName>`` (and its ``n_``), with its verdict in every generation row
+            under ``verdicts``; the generation is shared, so a second judge costs only its own time.
         harmful_max_new_tokens: Generation budget for harmful prompts (paper: 512).
         task_max_new_tokens: Generation budget for task questions (paper: 200 for SST2/AG News,
             512 for GSM8K).
@@ -157,17 +192,21 @@ class StageEvaluator(L.LightningModule):
         merge_adapter: Merge a LoRA stage into the weights (fastest); ``False`` keeps the peft model,
             so masks can be applied to the adapter in place (alpha sweeps).
         output_dir: Where ``generations.jsonl`` and ``metrics.json`` go; ``None`` writes nothing.
+        overwrite: Write into an ``output_dir`` that holds an earlier evaluation (it must carry
+            ``antidote_output.json``; any other non-empty directory is refused).
     """
 
     def __init__(
         self,
         stage: str,
         judge: Judge | None = None,
+        extra_judges: list[Judge] | None = None,
         harmful_max_new_tokens: int = 512,
         task_max_new_tokens: int = 200,
         dtype: str = "fp32",
         merge_adapter: bool = True,
         output_dir: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         for field, value in (
@@ -178,10 +217,28 @@ class StageEvaluator(L.LightningModule):
                 raise bad_value(field, value, "a positive integer")
         from antidote_pl.models.loading import load_stage
 
-        # Loading validates the stage (missing dir, adapter from another base) before generation.
-        self.model, self.tokenizer = load_stage(stage, dtype=dtype, field="model.stage", merge=merge_adapter)
         self.stage = stage
+        self.overwrite = overwrite
+        # The output is checked and locked before the model loads.
+        self.output_lock: OutputLock | None = None
+        if output_dir is not None:
+            self.output_lock = claim_output_dir(
+                output_dir, "model.output_dir", **self._output_rules(), replace=False
+            )
+        try:
+            # Loading validates the stage (missing dir, adapter from another base) before generation.
+            self.model, self.tokenizer = load_stage(
+                stage, dtype=dtype, field="model.stage", merge=merge_adapter
+            )
+        except BaseException:
+            self.release_output()
+            raise
         self.judge = judge if judge is not None else KeywordJudge()
+        self.extra_judges = {type(j).__name__: j for j in extra_judges or []}
+        if len(self.extra_judges) != len(extra_judges or []):
+            raise bad_value("model.extra_judges", extra_judges, "judges of distinct classes")
+        # A ModuleDict so the counters follow the module to its device.
+        self.extra_scores = torch.nn.ModuleDict({name: HarmfulScore() for name in self.extra_judges})
         self.harmful_max_new_tokens = harmful_max_new_tokens
         self.task_max_new_tokens = task_max_new_tokens
         self.output_dir = output_dir
@@ -192,10 +249,26 @@ class StageEvaluator(L.LightningModule):
         self.rows: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
 
+    def _output_rules(self) -> dict[str, Any]:
+        return {
+            "overwrite": self.overwrite,
+            "flag": "model.init_args.overwrite",
+            "inputs": {"model.stage": self.stage},
+        }
+
+    def release_output(self) -> None:
+        """Releases the lock on ``output_dir`` taken at construction (a no-op if none is held)."""
+        if self.output_lock is not None:
+            self.output_lock.release()
+
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if not isinstance(dm, EvalDataModule):
             raise ConfigError(f"StageEvaluator needs data of type EvalDataModule, got {type(dm).__name__}.")
+        if self.output_dir is not None:
+            check_apart_from_inputs(self.output_dir, "model.output_dir", data_input_paths(dm))
+        if get_template(dm.template).needs_tokenizer:
+            dm.use_tokenizer(self.tokenizer)
         categories = dm.harm_categories
         self.by_category = RateByCategory(categories).to(self.device) if categories else None
 
@@ -204,6 +277,8 @@ class StageEvaluator(L.LightningModule):
         for metric in (self.harmful_score, self.coherent_rate, self.finetune_accuracy, self.by_category):
             if metric is not None:
                 metric.reset()
+        for metric in self.extra_scores.values():
+            metric.reset()
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         harmful = [i for i in batch if i["kind"] == "harmful"]
@@ -222,8 +297,15 @@ class StageEvaluator(L.LightningModule):
             self.coherent_rate.update(torch.tensor([v.coherent is not False for v in verdicts]))
             if self.by_category is not None:
                 self.by_category.update(flags, [str(i["category"]) for i in harmful])
-            for item, response, verdict in zip(harmful, responses, verdicts):
-                self.rows.append(_row(item, response, verdict=verdict.to_dict()))
+            extra = {}
+            for name, judge in self.extra_judges.items():
+                extra[name] = judge.judge([i["instruction"] for i in harmful], responses)
+                self.extra_scores[name].update(torch.tensor([v.harmful for v in extra[name]]))
+            for k, (item, response, verdict) in enumerate(zip(harmful, responses, verdicts)):
+                more = {"verdicts": {n: v[k].to_dict() for n, v in extra.items()}} if extra else {}
+                self.rows.append(
+                    _row(item, response, verdict=verdict.to_dict(), prompt=item["prompt"], **more)
+                )
         if task:
             responses = generate(
                 self.model, self.tokenizer, [i["prompt"] for i in task], self.task_max_new_tokens, len(task)
@@ -231,7 +313,7 @@ class StageEvaluator(L.LightningModule):
             correct = [is_correct(i["task"], r, i["label"]) for i, r in zip(task, responses)]
             self.finetune_accuracy.update(torch.tensor(correct))
             for item, response, ok in zip(task, responses, correct):
-                self.rows.append(_row(item, response, correct=ok))
+                self.rows.append(_row(item, response, correct=ok, prompt=item["prompt"]))
 
     def on_test_epoch_end(self) -> None:
         results: dict[str, Any] = {"stage": self.stage}
@@ -246,6 +328,12 @@ class StageEvaluator(L.LightningModule):
             results[f"n_{name}"] = counts["total"]
             if counts["total"]:
                 self.log(f"test/{name}", value.float(), sync_dist=False)
+        for judge_name, metric in self.extra_scores.items():
+            counts, value = metric.counts(), metric.compute()
+            results[f"harmful_score/{judge_name}"] = None if math.isnan(float(value)) else float(value)
+            results[f"n_harmful_score/{judge_name}"] = counts["total"]
+            if counts["total"]:
+                self.log(f"test/harmful_score/{judge_name}", value.float(), sync_dist=False)
         if self.by_category is not None:
             rates = self.by_category.compute()
             results["harmful_score_by_category"] = {c: float(v) for c, v in rates.items()}
@@ -256,8 +344,16 @@ class StageEvaluator(L.LightningModule):
         results["eval_fingerprint"] = self.trainer.datamodule.fingerprint()
         self.results = results
         if self.output_dir is not None and self.trainer.is_global_zero:
-            write_generations_jsonl(Path(self.output_dir) / "generations.jsonl", rows)
-            atomic_write_json(Path(self.output_dir) / "metrics.json", results)
+            with writable_dir(
+                self.output_dir,
+                field="model.output_dir",
+                kind="evaluation",
+                lock=self.output_lock,
+                **self._output_rules(),
+            ) as out:
+                write_generations_jsonl(out / "generations.jsonl", rows)
+                atomic_write_json(out / "metrics.json", results)
+            self.release_output()
 
 
 def _row(item: dict[str, Any], response: str, **extra: Any) -> dict[str, Any]:

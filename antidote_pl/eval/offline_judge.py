@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from antidote_pl.data.records import fingerprint_records
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_file, bad_value, run_entry_point
 from antidote_pl.eval.judges import Judge, Verdict
-from antidote_pl.utils.io import atomic_dir, atomic_write_json
+from antidote_pl.utils.files import check_safetensors_file, read_json_file
+from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir
 
 WEIGHTS_FILE = "judge.safetensors"
 META_FILE = "judge.json"
@@ -145,8 +146,11 @@ def load_labelled_csv(path: str | Path) -> tuple[list[str], list[str], list[int]
     p = Path(path).expanduser()
     if not p.is_file():
         raise bad_value("train_csv", str(path), "an existing CSV file")
-    with p.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with p.open(encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise bad_file(p, f"unreadable as a UTF-8 CSV ({err})") from err
     answer_col = next((c for c in ("answer", "Response", "response") if rows and c in rows[0]), None)
     if not rows or answer_col is None or "question" not in rows[0] or "label" not in rows[0]:
         raise bad_value("train_csv", str(path), "a CSV with question, answer (or Response) and label columns")
@@ -156,7 +160,12 @@ def load_labelled_csv(path: str | Path) -> tuple[list[str], list[str], list[int]
         with question_list.open(encoding="utf-8", newline="") as f:
             by_index = {r["index"]: r["text"] for r in csv.DictReader(f)}
         questions = [by_index.get(q, q) for q in questions]
-    return questions, [r[answer_col] for r in rows], [int(r["label"]) for r in rows]
+    labels = []
+    for line, r in enumerate(rows, start=2):
+        if r["label"] not in ("0", "1"):
+            raise bad_file(p, f"line {line}: label={r['label']!r}; expected 0 (not harmful) or 1 (harmful)")
+        labels.append(int(r["label"]))
+    return questions, [r[answer_col] for r in rows], labels
 
 
 def heldout_mask(questions: Sequence[str], fraction: float, seed: int) -> torch.Tensor:
@@ -241,6 +250,8 @@ class OfflineJudge(Judge):
         if saved:
             self._load(Path(path).expanduser())
         elif train_csv is not None:
+            if path is not None:  # fail before training, not at the save
+                check_output_dir(path, "path", flag="overwrite", inputs={"train_csv": train_csv})
             questions, answers, labels = load_labelled_csv(train_csv)
             self.fit(questions, answers, labels, heldout_fraction=heldout_fraction, seed=seed)
             if path is not None:
@@ -338,19 +349,39 @@ class OfflineJudge(Judge):
             for p in self.probabilities(prompts, responses).tolist()
         ]
 
-    def save(self, path: str | Path) -> None:
-        """Writes ``judge.safetensors`` (weights) and ``judge.json`` (settings, agreement), atomically."""
+    def save(
+        self,
+        path: str | Path,
+        overwrite: bool = False,
+        inputs: dict[str, Any] | None = None,
+        lock: OutputLock | None = None,
+    ) -> None:
+        """Writes ``judge.safetensors`` (weights) and ``judge.json`` (settings, agreement), atomically.
+
+        Args:
+            path: A new or empty directory, or (with ``overwrite``) an earlier judge output of this
+                project, replaced as a whole.
+            overwrite: Replace an earlier output (one carrying ``antidote_output.json``).
+            inputs: Input files (``field -> path``) the output must stay apart from.
+            lock: A lock already taken on ``path`` (:class:`~antidote_pl.utils.io.OutputLock`).
+
+        Raises:
+            ConfigError: when ``path`` may not be written.
+        """
         from safetensors.torch import save_file
 
-        with atomic_dir(path) as tmp:
+        with atomic_dir(
+            path, field="path", overwrite=overwrite, flag="overwrite", kind="judge", inputs=inputs, lock=lock
+        ) as tmp:
             save_file({"weight": self.weight, "bias": self.bias}, str(tmp / WEIGHTS_FILE))
             atomic_write_json(tmp / META_FILE, {"settings": self.settings, "agreement": self.agreement})
 
     def _load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
+        meta = read_json_file(path / META_FILE, "an OfflineJudge's judge.json")
+        check_safetensors_file(path / WEIGHTS_FILE, "an OfflineJudge's weights")
         try:
-            meta = json.loads((path / META_FILE).read_text())
             state = load_file(str(path / WEIGHTS_FILE))
             self.settings, self.agreement = meta["settings"], meta["agreement"]
             self.weight, self.bias = state["weight"], state["bias"]
@@ -364,13 +395,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Trains an :class:`OfflineJudge`, saves it and prints its held-out agreement as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-csv", required=True, help="labelled CSV (question, answer, label)")
-    parser.add_argument("--out", required=True, help="directory to save the judge in (replaced)")
+    parser.add_argument("--out", required=True, help="directory to save the judge in (new or empty)")
+    parser.add_argument(
+        "--overwrite",
+        type=lambda v: v.lower() in ("1", "true", "yes"),
+        nargs="?",
+        const=True,
+        default=False,
+        help="replace an earlier judge saved in --out",
+    )
     parser.add_argument("--eval-csv", action="append", default=[], help="extra labelled CSV to report")
     parser.add_argument("--heldout-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    judge = OfflineJudge(train_csv=args.train_csv, heldout_fraction=args.heldout_fraction, seed=args.seed)
-    judge.save(args.out)
+    inputs = {"train_csv": args.train_csv, "eval_csv": args.eval_csv}
+    # Checked and locked before training, so a bad --out costs nothing.
+    check_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs)
+    with OutputLock(args.out, "--out") as lock:
+        judge = OfflineJudge(train_csv=args.train_csv, heldout_fraction=args.heldout_fraction, seed=args.seed)
+        judge.save(args.out, overwrite=args.overwrite, inputs=inputs, lock=lock)
     report = {"heldout": judge.agreement}
     for path in args.eval_csv:
         report[path] = judge.evaluate(*load_labelled_csv(path))
@@ -378,4 +421,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, prog="antidote_pl.eval.offline_judge")

@@ -29,6 +29,7 @@ from antidote_pl.models.gguf import gguf_source
 from antidote_pl.models.loading import (
     STAGE_FILE,
     base_fingerprint,
+    base_weights_record,
     check_adapter_dir,
     load_causal_lm,
     load_tokenizer,
@@ -36,7 +37,15 @@ from antidote_pl.models.loading import (
 from antidote_pl.models.loading import (
     merge_adapters as merge_lora_adapters,
 )
-from antidote_pl.utils.io import atomic_dir, atomic_write_json
+from antidote_pl.utils.io import (
+    OutputLock,
+    atomic_dir,
+    atomic_write_json,
+    check_apart_from_inputs,
+    claim_output_dir,
+    data_input_paths,
+    real_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,8 @@ class CausalLMSFTModule(L.LightningModule):
         trust_remote_code: Off by default.
         defense: Optional baseline defense that changes the training step (Vaccine, RepNoise, Lisa,
             LDIFS, ...); see :mod:`antidote_pl.defenses`.
+        overwrite: Replace an existing ``output_dir`` that holds an earlier stage output (it must carry
+            ``antidote_stage.json``; any other non-empty directory is never replaced).
     """
 
     def __init__(
@@ -101,6 +112,7 @@ class CausalLMSFTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         defense: Defense | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["defense"])
@@ -120,25 +132,79 @@ class CausalLMSFTModule(L.LightningModule):
         if tokenizer is None:
             tokenizer = model_name_or_path if model_name_or_path is not None else "tiny-world"
         self.tokenizer_spec = tokenizer
-        self.tokenizer = load_tokenizer(tokenizer, field="model.tokenizer")
-        model = load_causal_lm(
-            model_name_or_path,
-            model_config,
-            dtype=dtype,
-            vocab_size=len(self.tokenizer),
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
-        self.base_fingerprint = base_fingerprint(model.config)
-        model = merge_lora_adapters(model, list(merge_adapters or []))
-        # from_pretrained returns eval mode; Lightning keeps module modes, so LoRA dropout would be off.
-        self.model = self._attach_training_params(model).train()
+        # The output is checked and locked before anything loads: a bad output_dir fails in a
+        # second, not after training.
+        self.output_locks: dict[Path, OutputLock] = {}
+        if output_dir is not None:
+            self.claim_output(output_dir, "model.output_dir")
+        try:
+            self.tokenizer = load_tokenizer(tokenizer, field="model.tokenizer")
+            model = load_causal_lm(
+                model_name_or_path,
+                model_config,
+                dtype=dtype,
+                vocab_size=len(self.tokenizer),
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
+            self.base_fingerprint = base_fingerprint(model.config)
+            model = merge_lora_adapters(model, list(merge_adapters or []))
+            # The weights the new adapter is trained on; loaders refuse to put it on other ones.
+            self.base_weights = base_weights_record(model, dtype)
+            # from_pretrained returns eval mode; Lightning keeps module modes, so LoRA dropout would be off.
+            self.model = self._attach_training_params(model).train()
+        except BaseException:
+            self.release_output()
+            raise
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Checkpoints hold trainable weights only; the frozen base is rebuilt from the config.
         self.strict_loading = False
         self.resolved_config: str | None = None  # set by the CLI so the stage output records it
         self.saved_stage_dir: str | None = None  # set once a callback (e.g. pruning) wrote the stage
+
+    # ----------------------------------------------------------------- output safety
+    def input_paths(self) -> dict[str, Any]:
+        """The stage's model inputs, ``field -> path``, which no output may overlap."""
+        hp = self.hparams
+        return {
+            "model.model_name_or_path": hp.model_name_or_path,
+            "model.tokenizer": self.tokenizer_spec,
+            "model.adapter_path": hp.adapter_path,
+            "model.merge_adapters": list(hp.merge_adapters or []),
+        }
+
+    def claim_output(self, output_dir: str, field: str, take_lock: bool | None = None) -> OutputLock:
+        """Checks that ``output_dir`` may be written by this stage and locks it until the end of fit
+        (see :func:`antidote_pl.utils.io.claim_output_dir`).
+
+        Callbacks that save through :meth:`save_stage` to their own directory call it in their
+        ``setup`` with ``take_lock=trainer.is_global_zero``.
+
+        Raises:
+            ConfigError: for an output that overlaps an input, lies under a file or in an unwritable
+                place, holds a non-stage directory, an earlier stage without ``overwrite``, or is
+                being written by another run.
+        """
+        if real_path(output_dir) in self.output_locks:  # e.g. a callback saving to model.output_dir
+            return self.output_locks[real_path(output_dir)]
+        lock = claim_output_dir(
+            output_dir,
+            field,
+            overwrite=self.hparams.overwrite,
+            flag="model.init_args.overwrite",
+            marker=STAGE_FILE,
+            inputs=self.input_paths(),
+            take_lock=take_lock,
+        )
+        self.output_locks[lock.path] = lock
+        return lock
+
+    def release_output(self) -> None:
+        """Releases the output locks taken by :meth:`claim_output` (a no-op for those not held)."""
+        for lock in self.output_locks.values():
+            lock.release()
+        self.output_locks.clear()
 
     # ----------------------------------------------------------------- model set-up
     def _attach_training_params(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -187,6 +253,11 @@ class CausalLMSFTModule(L.LightningModule):
         return self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.output_dir is not None and self._trainer is not None:
+            # Data files are known only now; checked before any training step.
+            data = self.trainer.datamodule
+            if data is not None:
+                check_apart_from_inputs(self.hparams.output_dir, "model.output_dir", data_input_paths(data))
         if stage == "fit" and self.defense is not None:
             self.defense.attach(self)
 
@@ -237,11 +308,18 @@ class CausalLMSFTModule(L.LightningModule):
         # Callbacks' on_fit_end (e.g. Wanda pruning) run before this hook, so the output holds
         # their result.
         out = self.hparams.output_dir
-        if out is None or self.saved_stage_dir == str(out):
-            return
+        if out is not None and self.saved_stage_dir != str(out):
+            if self.trainer.is_global_zero:
+                self.save_stage(self.hparams.output_dir)
+            self.trainer.strategy.barrier("antidote_pl.save_stage")
         if self.trainer.is_global_zero:
-            self.save_stage(self.hparams.output_dir)
-        self.trainer.strategy.barrier("antidote_pl.save_stage")
+            self.release_output()
+
+    def _data_counts(self) -> dict[str, Any] | None:
+        """The realised composition of the training data (e.g. harmful and task counts), if known."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        counts = getattr(data, "counts", None)
+        return counts() if callable(counts) else None
 
     def save_stage(
         self,
@@ -256,13 +334,25 @@ class CausalLMSFTModule(L.LightningModule):
         resolved config and ``antidote_stage.json`` (provenance) go beside them.
 
         Args:
-            output_dir: Destination; replaced as a whole only once everything is written.
+            output_dir: Destination; replaced as a whole only once everything is written, and only
+                if it is new, empty, or an earlier stage output with ``overwrite`` set.
             extra_metadata: Merged into ``antidote_stage.json``.
             extra_files: Called with the temporary directory to add files (e.g. pruning masks).
+
+        Raises:
+            ConfigError: when ``output_dir`` may not be written (see :meth:`claim_output`).
         """
         import transformers
 
-        with atomic_dir(output_dir) as tmp:
+        with atomic_dir(
+            output_dir,
+            field="model.output_dir" if str(output_dir) == str(self.hparams.output_dir) else "output_dir",
+            overwrite=self.hparams.overwrite,
+            flag="model.init_args.overwrite",
+            marker=STAGE_FILE,
+            inputs=self.input_paths(),
+            lock=self.output_locks.get(real_path(output_dir)),
+        ) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             if self.is_peft and self.hparams.save_merged:
@@ -278,6 +368,8 @@ class CausalLMSFTModule(L.LightningModule):
                 or self.hparams.model_config,
                 "merged_adapters": [_absolute_if_local(a) for a in self.hparams.merge_adapters or []],
                 "base_fingerprint": self.base_fingerprint,
+                "base_weights": self.base_weights,
+                "data": self._data_counts(),
                 # GGUF bases: the portable spec stays in base_model; the file and its sha256 here.
                 "base_source": gguf_source(self.hparams.model_name_or_path),
                 "tokenizer": self.tokenizer_spec,
