@@ -20,7 +20,7 @@ from antidote_pl.defenses.blocks import (
     find_decoder_blocks,
     representation_modules,
 )
-from antidote_pl.defenses.repnoise import gaussian_mmd
+from antidote_pl.defenses.repnoise import differing_positions, gaussian_mmd, masked_token_ce
 from antidote_pl.errors import ConfigError
 from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.tinyworld.world import TinyWorldSource
@@ -328,6 +328,204 @@ def test_booster_trains(trainer_kwargs):
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["harmful_ce"] > 0 for r in rows)
 
 
+# ----------------------------------------------------------------------------- parity modes
+def _add_to_first_output(modules, deltas):
+    """Forward hooks (written independently of the defenses' helpers) adding a constant per module."""
+
+    def make(delta):
+        def hook(_m, _i, out):
+            return (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta
+
+        return hook
+
+    return [m.register_forward_hook(make(d)) for m, d in zip(modules, deltas)]
+
+
+def test_vaccine_parity_perturbs_the_attention_outputs():
+    L.seed_everything(0)
+    m = module(finetuning="full")
+    batch = first_batch(align_data())
+    attention = [block.self_attn for block in find_decoder_blocks(m.model)]
+    # The official perturbation: g_l = dL/d(attention output l), e_l = rho * g_l / (||g|| + 1e-7).
+    outputs = []
+    handles = [a.register_forward_hook(lambda _m, _i, out: outputs.append(out[0])) for a in attention]
+    clean = m.sft_loss(batch)
+    for h in handles:
+        h.remove()
+    grads = torch.autograd.grad(clean, outputs)
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+    handles = _add_to_first_output(attention, [2.0 * g / (norm + 1e-7) for g in grads])
+    expected = m.sft_loss(batch).detach()
+    for h in handles:
+        h.remove()
+
+    parity = Vaccine(rho=2.0, mode="parity")
+    parity.attach(m)
+    torch.testing.assert_close(parity.training_step(m, batch, 0).detach(), expected)
+    assert parity.metrics()["hidden_grad_norm"] == pytest.approx(norm, rel=1e-5)
+    # The project variant perturbs the decoder-block outputs instead: another point, another loss.
+    project = Vaccine(rho=2.0)
+    project.attach(m)
+    assert abs(float(project.training_step(m, batch, 0).detach()) - float(expected)) > 1e-3
+
+
+def test_ldifs_parity_is_the_official_regulariser():
+    L.seed_everything(0)
+    m = module(lora_dropout=0.0)
+    data = tiny_finetune_data()
+    batch = first_batch(data)
+    assert (batch["attention_mask"] == 0).any(), "the batch must hold padding"
+    with torch.no_grad():  # move the fresh adapter away from the starting model, as training would
+        for name, p in m.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    mlps = [block.mlp for block in find_decoder_blocks(m.model)]
+    captured: list[torch.Tensor] = []
+    handles = [x.register_forward_hook(lambda _m, _i, out: captured.append(out.detach())) for x in mlps]
+    with torch.no_grad():
+        with m.model.disable_adapter():
+            m(batch["input_ids"], batch["attention_mask"])
+        ce = float(m.sft_loss(batch))
+    for h in handles:
+        h.remove()
+    reference, current = captured[:2], captured[2:]
+    # The official d_l: squared Frobenius norm over the whole [B, T, d], padding included.
+    d = [float((c - r).pow(2).sum()) for c, r in zip(current, reference)]
+    assert min(d) > 0 and d[0] != d[1]
+    rho = 0.2 / math.sqrt(d[0] * d[1])  # one layer's term rho/2 * d_l above 0.1, the other below
+    terms = [0.5 * rho * x for x in d]
+    assert sum(t >= 0.1 for t in terms) == 1
+
+    ldifs = LDIFS(rho=rho, mode="parity")
+    assert (ldifs.representation, ldifs.reduction, ldifs.max_layer_distance) == ("mlp", "sum", 0.1)
+    ldifs.attach(m)
+    loss = ldifs.training_step(m, batch, 0)
+    assert float(loss.detach()) == pytest.approx(ce + sum(t for t in terms if t < 0.1), rel=1e-4)
+    assert ldifs.metrics()["dropped_layers"] == 1.0
+
+
+def test_repnoise_parity_mask_and_masked_ce_on_hand_made_tensors():
+    harmful = torch.tensor([[1, 7, 8, 9, 5], [1, 7, 6, 2, 2]])
+    harmless = torch.tensor([[1, 7, 3], [1, 4, 6], [1, 7, 8]])  # more rows, fewer columns
+    # Rows beyond the harmful batch are cut; missing columns count as id 0, so they always differ.
+    expected = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(differing_positions(harmful, harmless), expected)
+
+    vocab = 10
+    logits = torch.randn(2, 5, vocab, generator=torch.Generator().manual_seed(0))
+    got = masked_token_ce(logits, harmful, expected)
+    # By hand: position t predicts id t+1 when t+1 is in the mask; its logits are zeroed (a uniform
+    # prediction, log(vocab)) when t itself is masked out. The prompt-side tokens count too.
+    losses = []
+    for b in range(2):
+        for t in range(4):
+            if not expected[b, t + 1]:
+                continue
+            row = logits[b, t] if expected[b, t] else torch.zeros(vocab)
+            losses.append(float(-row.log_softmax(-1)[harmful[b, t + 1]]))
+    assert len(losses) == 6 and not expected[0, 1] and not expected[1, 2]  # two uniform predictions
+    assert float(got) == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    # Response-label CE (the project variant) would count only the positions a label covers.
+    labels = torch.full_like(harmful, -100)
+    labels[:, 3:] = harmful[:, 3:]
+    response_only = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1)
+    )
+    assert abs(float(response_only) - float(got)) > 1e-3
+
+
+def test_repnoise_parity_mmd_is_on_masked_flattened_vectors():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    defense = RepNoise(harmful_source(), mode="parity")
+    torch.manual_seed(7)
+    got = defense.flat_noise_mmd([hidden], mask)
+    torch.manual_seed(7)
+    noise = torch.randn(3, 4, 5) * mask[..., None]
+    flat = (hidden * mask[..., None]).reshape(3, -1)
+    expected = gaussian_mmd(flat, noise.reshape(3, -1), pairwise="direct")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Mean pooling over the masked tokens (the project variant) gives another value.
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.manual_seed(7)
+    assert abs(float(gaussian_mmd(pooled, torch.randn_like(pooled))) - float(got)) > 1e-3
+
+
+def test_repnoise_parity_step_is_the_official_loss():
+    L.seed_everything(0)
+    defense = RepNoise(
+        harmful_source(), alpha=0.1, beta=0.5, batch_size=4, template="tiny", max_length=64, mode="parity"
+    )
+    assert defense.representation == "mlp"
+    m = module(finetuning="full")
+    defense.attach(m)
+    batch = first_batch(align_data())
+    harmful = defense.stream.next(torch.device("cpu"))
+    # The same harmful batch inside training_step, without a new DataLoader iterator (which would
+    # draw from the global RNG between the seed below and the noise).
+    defense.stream.next = lambda device: harmful
+    torch.manual_seed(3)
+    loss = defense.training_step(m, batch, 0)
+
+    mlps = [block.mlp for block in find_decoder_blocks(m.model)]
+    captured: list[torch.Tensor] = []
+    handles = [x.register_forward_hook(lambda _m, _i, out: captured.append(out)) for x in mlps]
+    harmful_logits = m(harmful["input_ids"], harmful["attention_mask"]).logits
+    for h in handles:
+        h.remove()
+    harmful_mask = differing_positions(harmful["input_ids"], batch["input_ids"])
+    harmless_mask = differing_positions(batch["input_ids"], harmful["input_ids"])
+    harmful_ce = masked_token_ce(harmful_logits, harmful["input_ids"], harmful_mask)
+    harmless_logits = m(batch["input_ids"], batch["attention_mask"]).logits
+    harmless_ce = masked_token_ce(harmless_logits, batch["input_ids"], harmless_mask)
+    torch.manual_seed(3)  # the same noise draws, one per layer in depth order
+    keep = harmful_mask[..., None].float()
+    mmd = sum(
+        gaussian_mmd((h * keep).reshape(len(h), -1), (torch.randn(h.shape) * keep).reshape(len(h), -1))
+        for h in captured
+    ) / len(captured)
+    expected = harmless_ce + 0.5 * mmd - 0.1 * torch.log(harmful_ce)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    assert float(harmless_ce.detach()) != pytest.approx(float(m.sft_loss(batch).detach()), rel=1e-3), (
+        "not response-only"
+    )
+
+
+def booster_data(batch_size: int) -> AlignmentDataModule:
+    return AlignmentDataModule(
+        tokenizer="tiny-world",
+        harmful=TinyWorldSource("harmful_refusal", limit=20),
+        template="tiny",
+        max_length=64,
+        batch_size=batch_size,
+    )
+
+
+def test_booster_parity_refuses_inherited_settings(trainer_kwargs):
+    # Antidote's alignment settings (lr 1e-3 cosine, batch 5): not Booster's own.
+    m = module(
+        learning_rate=1e-3,
+        scheduler="cosine",
+        weight_decay=0.1,
+        defense=Booster(harmful_source(), mode="parity"),
+    )
+    with pytest.raises(ConfigError) as err:
+        fit(m, booster_data(5), trainer_kwargs, steps=1)
+    message = str(err.value)
+    for wrong in ("model.learning_rate=0.001", "model.scheduler='cosine'", "data.batch_size=5"):
+        assert wrong in message, message
+    assert "weight_decay" not in message
+
+
+def test_booster_parity_runs_with_its_official_settings(trainer_kwargs):
+    defense = Booster(harmful_source(20), mode="parity")
+    assert defense.stream.batch_size == 10, "the official harmful batch"
+    m = module(learning_rate=5e-4, scheduler="constant", weight_decay=0.1, defense=defense)
+    rows = fit(m, booster_data(10), trainer_kwargs, steps=1).rows
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"])
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "build, field",
@@ -348,6 +546,17 @@ def test_booster_trains(trainer_kwargs):
         (lambda: LDIFS(max_layer_distance=0.0), "LDIFS.max_layer_distance"),
         (lambda: Booster(harmful_source(), alpha=0.0), "Booster.alpha"),
         (lambda: Booster(harmful_source(), template="nope"), "template"),
+        (lambda: Vaccine(mode="official"), "Vaccine.mode"),
+        (lambda: LDIFS(mode="paper"), "LDIFS.mode"),
+        (lambda: LDIFS(reduction="mean", mode="parity"), "LDIFS.reduction='mean'.*parity"),
+        (lambda: LDIFS(max_layer_distance=0.5, mode="parity"), "LDIFS.max_layer_distance"),
+        (
+            lambda: RepNoise(harmful_source(), representation="block", mode="parity"),
+            "RepNoise.representation",
+        ),
+        (lambda: RepNoise(harmful_source(), mode=None), "RepNoise.mode"),
+        (lambda: Booster(harmful_source(), batch_size=5, mode="parity"), "Booster.batch_size=5"),
+        (lambda: Booster(harmful_source(), mode="Parity"), "Booster.mode"),
     ],
 )
 def test_bad_values_name_the_field(build, field):

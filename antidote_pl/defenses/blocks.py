@@ -33,6 +33,9 @@ from antidote_pl.data.records import Source
 from antidote_pl.errors import ConfigError, bad_value
 
 REPRESENTATIONS = ("block", "mlp")
+#: ``project``: this project's variant of a defense (documented per defense); ``parity``: the
+#: official implementation's behaviour (reference D), for numbers comparable with the paper's.
+MODES = ("project", "parity")
 
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 _MLP_CLASS = re.compile(r"mlp|feedforward|ffn", re.IGNORECASE)
@@ -93,6 +96,70 @@ def find_mlp(block: nn.Module) -> nn.Module:
         "mlp",
         f"'block': {type(block).__name__} has no direct child whose class name contains MLP/FeedForward/FFN",
     )
+
+
+def find_attention(block: nn.Module) -> nn.Module:
+    """Returns the self-attention child of a decoder block (class name with "Attention"/"Attn").
+
+    Its output (the first item when it returns a tuple) is what the block adds to the residual
+    stream before the MLP: the hidden state the official Vaccine perturbs.
+
+    Raises:
+        ConfigError: if the block has no such direct child.
+    """
+    for child in block.children():
+        if _ATTENTION_CLASS.search(type(child).__name__):
+            return child
+    raise bad_value(
+        "Vaccine.mode",
+        "parity",
+        f"'project': {type(block).__name__} has no direct child whose class name contains Attention/Attn",
+    )
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder block, in depth order (see :func:`find_attention`)."""
+    return [find_attention(b) for b in find_decoder_blocks(model)]
+
+
+def check_mode(owner: str, mode: Any) -> str:
+    """Returns ``mode`` if it is one of :data:`MODES`.
+
+    Raises:
+        ConfigError: naming ``<owner>.mode`` otherwise.
+    """
+    if mode not in MODES:
+        raise bad_value(f"{owner}.mode", mode, f"one of {list(MODES)}")
+    return mode
+
+
+def parity_value(owner: str, name: str, given: Any, official: Any, default: Any, mode: str) -> Any:
+    """Resolves an option whose value the mode decides unless it is given.
+
+    In ``parity`` mode only the official value (or ``None``, meaning it) is accepted; in ``project``
+    mode ``None`` means ``default``.
+
+    Args:
+        owner: Defense name for the message, e.g. ``"LDIFS"``.
+        name: Option name, e.g. ``"reduction"``.
+        given: The value passed to the constructor (``None``: not given).
+        official: The official implementation's value.
+        default: The project mode's default.
+        mode: ``project`` or ``parity``.
+
+    Raises:
+        ConfigError: on a value other than the official one in parity mode.
+    """
+    if mode == "parity":
+        if given is not None and given != official:
+            raise bad_value(
+                f"{owner}.{name}",
+                given,
+                f"{official!r} or null with {owner}.mode='parity' (the official value); "
+                f"set {owner}.mode='project' to change it",
+            )
+        return official
+    return default if given is None else given
 
 
 def representation_modules(model: nn.Module, representation: str) -> list[nn.Module]:

@@ -19,9 +19,21 @@ Normalisation (``reduction``):
   (the official code also sums padding positions; here they are masked).
 
 The official code drops a layer's term whenever ``rho/2 * d_l >= 0.1`` (a NaN/overflow guard that
-silently switches the regulariser off when drift is large). Here that guard is explicit and off by
-default: ``max_layer_distance`` (e.g. ``0.1`` for parity) drops such terms and the number dropped is
-logged as ``dropped_layers``.
+silently switches the regulariser off when drift is large). Here that guard is explicit:
+``max_layer_distance`` drops such terms and the number dropped is logged as ``dropped_layers``.
+
+Modes (``mode``):
+
+* ``"parity"`` (the paper configs): the official implementation (reference D): MLP outputs, the
+  ``"sum"`` scale over *every* position of the batch, padding included (the official distance is the
+  Frobenius norm of the whole ``[B, T, d]`` difference), and the per-layer guard at 0.1. Options left
+  ``None`` take these values; any other value is an error. The official code also clipped gradients
+  at 5 before the trainer's clip at 1.0, which is the same as the clip at 1.0 alone.
+* ``"project"`` (default): decoder-block outputs, the ``"mean"`` scale over real tokens, and no
+  guard. This is deliberate: with the guard, the regulariser vanishes exactly where the model drifts
+  most (at rho 1e-4 a layer's term passes 0.1 once its features have moved by about 45 in L2 over
+  the whole batch, i.e. ``d_l >= 2000``), so the official LDIFS is much weaker than its loss
+  suggests, and the project variant is not comparable with the paper's numbers.
 """
 
 from __future__ import annotations
@@ -31,10 +43,19 @@ from typing import Any
 import torch
 
 from antidote_pl.defenses.base import Defense
-from antidote_pl.defenses.blocks import REPRESENTATIONS, capture_outputs, check_number, representation_modules
+from antidote_pl.defenses.blocks import (
+    REPRESENTATIONS,
+    capture_outputs,
+    check_mode,
+    check_number,
+    parity_value,
+    representation_modules,
+)
 from antidote_pl.errors import bad_value
 
 REDUCTIONS = ("mean", "sum")
+#: The official per-layer guard: terms ``rho/2 * d_l`` at or above it are dropped (reference D).
+OFFICIAL_MAX_LAYER_DISTANCE = 0.1
 
 
 def layer_distance(
@@ -59,14 +80,18 @@ class LDIFS(Defense):
 
     Args:
         rho: Weight of the distance (official 1e-4 with the ``"sum"`` scale).
-        representation: ``block`` (decoder-block outputs) or ``mlp`` (their MLP outputs, official).
-        reduction: ``mean`` or ``sum``; see the module docstring.
-        max_layer_distance: Optional explicit guard: layer terms ``rho/2 * d_l`` at or above it are
-            dropped (official 0.1); ``None`` keeps every term.
+        representation: ``block`` (decoder-block outputs) or ``mlp`` (their MLP outputs, official);
+            ``None``: the mode's (project ``block``, parity ``mlp``).
+        reduction: ``mean`` or ``sum``; see the module docstring. ``None``: the mode's (project
+            ``mean``, parity ``sum``).
+        max_layer_distance: Explicit guard: layer terms ``rho/2 * d_l`` at or above it are dropped.
+            ``None``: no guard in project mode, the official 0.1 in parity mode.
+        mode: ``project`` or ``parity``; see the module docstring.
 
     Raises:
-        ConfigError: on bad values (construction); in :meth:`attach`, on a model that is not a fresh
-            LoRA or an architecture without the representation modules.
+        ConfigError: on bad values, or a value other than the official one in parity mode
+            (construction); in :meth:`attach`, on a model that is not a fresh LoRA or an architecture
+            without the representation modules.
     """
 
     name = "ldifs"
@@ -74,21 +99,28 @@ class LDIFS(Defense):
     def __init__(
         self,
         rho: float = 1e-4,
-        representation: str = "block",
-        reduction: str = "mean",
+        representation: str | None = None,
+        reduction: str | None = None,
         max_layer_distance: float | None = None,
+        mode: str = "project",
     ) -> None:
+        check_mode("LDIFS", mode)
         check_number("LDIFS.rho", rho, low=0.0)
-        if representation not in REPRESENTATIONS:
+        if representation is not None and representation not in REPRESENTATIONS:
             raise bad_value("LDIFS.representation", representation, f"one of {list(REPRESENTATIONS)}")
-        if reduction not in REDUCTIONS:
+        if reduction is not None and reduction not in REDUCTIONS:
             raise bad_value("LDIFS.reduction", reduction, f"one of {list(REDUCTIONS)}")
         if max_layer_distance is not None:
             check_number("LDIFS.max_layer_distance", max_layer_distance, low=0.0, low_open=True)
+        self.mode = mode
         self.rho = float(rho)
-        self.representation = representation
-        self.reduction = reduction
-        self.max_layer_distance = max_layer_distance
+        self.representation = parity_value("LDIFS", "representation", representation, "mlp", "block", mode)
+        self.reduction = parity_value("LDIFS", "reduction", reduction, "sum", "mean", mode)
+        self.max_layer_distance = parity_value(
+            "LDIFS", "max_layer_distance", max_layer_distance, OFFICIAL_MAX_LAYER_DISTANCE, None, mode
+        )
+        # The official distance runs over every position of the batch, padding included.
+        self.include_padding = mode == "parity"
         self._modules: list[torch.nn.Module] | None = None
         self._metrics: dict[str, Any] = {}
 
@@ -115,7 +147,9 @@ class LDIFS(Defense):
         return list(ref)
 
     def distances(self, hidden: list, reference: list, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer distances ``d_l`` (see :func:`layer_distance`)."""
+        """Per-layer distances ``d_l`` (see :func:`layer_distance`); padding counts in parity mode."""
+        if self.include_padding:
+            mask = torch.ones_like(mask)
         return [
             layer_distance(h, r, mask, self.reduction) for h, r in zip(hidden, reference) if h is not None
         ]

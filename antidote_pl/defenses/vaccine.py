@@ -6,18 +6,27 @@ model's representations resist the embedding drift that harmful fine-tuning late
 
 One step, as a :class:`~antidote_pl.defenses.base.Defense` under Lightning's automatic optimisation:
 
-1. forward with hooks that keep every decoder block's output in the graph;
+1. forward with hooks that keep every perturbed hidden state ``h_l`` (see below) in the graph;
 2. ``g_l = dL/dh_l`` by :func:`torch.autograd.grad` (no parameter gradients accumulate);
-3. ``e_l = rho * g_l / (||g|| + 1e-7)`` with ``||g||`` the norm over all blocks together;
-4. forward again with hooks adding the constant ``e_l`` to each block's output; that loss is
+3. ``e_l = rho * g_l / (||g|| + 1e-7)`` with ``||g||`` the norm over all layers together;
+4. forward again with hooks adding the constant ``e_l`` to each ``h_l``; that loss is
    returned and Lightning back-propagates it, so only the perturbed-point gradient updates the
    weights (as in the official trainer).
 
-Differences from the official code (reference D, G.4, G.10): the perturbation is applied to every
-decoder block's output (the residual stream) found generically, instead of to the attention outputs
-of a hard-coded list of classes (which silently perturbed nothing on Gemma); gradients come from
-``torch.autograd.grad`` instead of deprecated backward hooks, and the perturbation is added by a
-forward hook's return value instead of ``.data`` mutation.
+Where the perturbation goes (``mode``):
+
+* ``"parity"`` (the paper configs): on each decoder block's self-attention output, before the
+  residual add, as the official trainer (reference D: hooks on the attention modules, ``g_l`` the
+  gradient of the loss w.r.t. their first output). The attention modules are found generically (the
+  block's child whose class name contains "Attention"), so Gemma is perturbed too; the official
+  class list had Gemma commented out in some versions, which silently made Vaccine plain SFT there.
+* ``"project"`` (default): on every decoder block's output (the residual stream after the block).
+  A deliberate variant: it perturbs what later blocks actually read, including the MLP's
+  contribution; it is not the paper's Vaccine, so its numbers are not comparable with the paper's.
+
+In both modes gradients come from ``torch.autograd.grad`` instead of deprecated backward hooks, and
+the perturbation is added by a forward hook's return value instead of ``.data`` mutation (reference
+G.10); the arithmetic is the official one.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import torch
 from antidote_pl.defenses.base import Defense
 from antidote_pl.defenses.blocks import (
     add_to_outputs,
+    attention_modules,
     capture_outputs,
+    check_mode,
     check_number,
     find_decoder_blocks,
     global_norm,
@@ -39,35 +50,42 @@ EPS = 1e-7
 
 
 class Vaccine(Defense):
-    """Perturbation-aware alignment on decoder-block outputs.
+    """Perturbation-aware alignment on attention outputs (parity) or decoder-block outputs (project).
 
     Args:
         rho: Radius of the hidden-state perturbation (official default 2). ``0`` is plain SFT at
             twice the cost (used as a test invariant).
+        mode: ``project`` (decoder-block outputs) or ``parity`` (attention outputs, official); see
+            the module docstring.
 
     Raises:
-        ConfigError: on a negative or non-finite ``rho``; in :meth:`attach`, on an architecture
-            without discoverable decoder blocks.
+        ConfigError: on a negative or non-finite ``rho`` or an unknown mode; in :meth:`attach`, on an
+            architecture without discoverable decoder blocks (or, in parity mode, attention modules).
     """
 
     name = "vaccine"
 
-    def __init__(self, rho: float = 2.0) -> None:
+    def __init__(self, rho: float = 2.0, mode: str = "project") -> None:
+        check_mode("Vaccine", mode)
         check_number("Vaccine.rho", rho, low=0.0)
         self.rho = float(rho)
+        self.mode = mode
         self._blocks: list[torch.nn.Module] | None = None
         self._metrics: dict[str, Any] = {}
 
     def attach(self, module) -> None:
-        """Finds the decoder blocks of ``module.model``."""
-        self._blocks = list(find_decoder_blocks(module.model))
+        """Finds the perturbed modules of ``module.model``: attention (parity) or decoder blocks."""
+        if self.mode == "parity":
+            self._blocks = attention_modules(module.model)
+        else:
+            self._blocks = list(find_decoder_blocks(module.model))
 
     def perturbation(self, module, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Computes the per-block perturbations ``e_l`` for ``batch`` at the current weights.
 
         Returns:
-            ``(deltas, clean_loss)``: one detached tensor per block, shaped like its output, and the
-            unperturbed loss (detached).
+            ``(deltas, clean_loss)``: one detached tensor per perturbed module (block or attention),
+            shaped like its output, and the unperturbed loss (detached).
         """
         if self._blocks is None:
             self.attach(module)
