@@ -1,0 +1,307 @@
+"""The pipeline over several seeds, and a report that aggregates them (mean +- std per cell).
+
+A pipeline YAML with ``seeds: [0, 1, 2]`` runs :func:`antidote_pl.pipeline.run_pipeline` once per
+seed. Every ``{seed}`` in a stage's ``overrides``, in ``repair.overrides`` and in
+``repair.method_overrides`` is replaced by the seed, so the config says exactly what a seed
+changes, e.g.::
+
+    seeds: [0, 1, 2]
+    stages:
+      - {name: aligned, config: configs/smol/align.yaml}          # no {seed}: shared by all seeds
+      - name: finetuned
+        config: configs/smol/finetune.yaml
+        overrides: [--seed_everything={seed}, --data.init_args.seed={seed},
+                    --model.init_args.output_dir=outputs/smol/seed{seed}/finetune]
+    repair:
+      overrides: [--data.init_args.seed={seed},
+                  --model.init_args.adapter_path=outputs/smol/seed{seed}/finetune]
+      method_overrides: {random: [--pruner.init_args.seed={seed}]}
+
+``seed_everything`` seeds the LoRA initialisation (and dropout); the DataModule ``seed`` seeds the
+harmful/task draw, the re-alignment set and the data order. A stage with no ``{seed}`` is trained
+once and shared (the pipeline's cache finds it finished for the later seeds): say so in any report.
+
+Each seed writes its own report to ``<output_dir>/seed<N>/``; this module writes
+``<output_dir>/report.{md,json,png}`` with mean +- sample standard deviation over seeds per cell,
+the number of prompts behind each per-seed figure, and the seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from antidote_pl.errors import bad_value
+from antidote_pl.utils.io import atomic_write_json, atomic_write_text
+
+PLACEHOLDER = "{seed}"
+#: Per-row figures aggregated over seeds (percentages, and the realised removed fraction).
+METRICS = ("removed_fraction", "harmful_score", "finetune_accuracy", "coherent_rate")
+
+
+def _with_seed(args: list[str], seed: int) -> list[str]:
+    return [a.replace(PLACEHOLDER, str(seed)) for a in args]
+
+
+def _placeholders(stages, repair, baselines) -> list[str]:
+    where = [
+        f"stages[{i}].overrides" for i, s in enumerate(stages) if any(PLACEHOLDER in a for a in s.overrides)
+    ]
+    if any(PLACEHOLDER in a for a in repair.overrides):
+        where.append("repair.overrides")
+    where += [
+        f"repair.method_overrides.{m}"
+        for m, a in repair.method_overrides.items()
+        if any(PLACEHOLDER in x for x in a)
+    ]
+    for b, base in enumerate(baselines or []):
+        where += [
+            f"baselines[{b}].stages[{i}].overrides"
+            for i, s in enumerate(base.stages)
+            if any(PLACEHOLDER in a for a in s.overrides)
+        ]
+    return where
+
+
+def check_no_placeholder(stages, repair, baselines=None) -> None:
+    """Refuses ``{seed}`` in overrides when no ``seeds`` are given (it would reach a path literally).
+
+    Raises:
+        ConfigError: naming the fields that hold the placeholder.
+    """
+    where = _placeholders(stages, repair, baselines)
+    if where:
+        raise bad_value("seeds", None, f"a list of seeds: {where} use {PLACEHOLDER}")
+
+
+def seeded_specs(seed: int, stages, repair, baselines=None):
+    """Copies of the stage, repair and baseline specs with ``{seed}`` replaced by ``seed``."""
+    stages = [_replace(s, overrides=_with_seed(s.overrides, seed)) for s in stages]
+    repair = _replace(
+        repair,
+        overrides=_with_seed(repair.overrides, seed),
+        method_overrides={m: _with_seed(a, seed) for m, a in repair.method_overrides.items()},
+    )
+    baselines = [
+        _replace(b, stages=[_replace(s, overrides=_with_seed(s.overrides, seed)) for s in b.stages])
+        for b in baselines or []
+    ]
+    return stages, repair, baselines
+
+
+def _replace(obj, **changes):
+    return dataclasses.replace(obj, **changes)
+
+
+def run_seeds(
+    seeds: list[int],
+    stages,
+    repair,
+    evaluation: str,
+    output_dir: str,
+    references: list[str] | None = None,
+    force: bool = False,
+    baselines=None,
+) -> dict[str, Any]:
+    """Runs the pipeline once per seed (``<output_dir>/seed<N>``) and writes the aggregate report.
+
+    Args:
+        seeds: Distinct non-negative seeds.
+        stages: As :func:`antidote_pl.pipeline.run_pipeline`, with ``{seed}`` placeholders.
+        repair: Likewise.
+        evaluation: Likewise.
+        output_dir: Where the per-seed runs and the aggregate report go.
+        references: Likewise.
+        force: Likewise (applies to every seed).
+        baselines: Likewise.
+
+    Returns:
+        The aggregate report (also in ``<output_dir>/report.json``).
+
+    Raises:
+        ConfigError: on an empty or repeated seed list, or when no override uses ``{seed}`` (every
+            seed would then be the same run).
+    """
+    from antidote_pl.pipeline import run_pipeline
+
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise bad_value("seeds", seeds, "a non-empty list of distinct non-negative integers")
+    per_seed_fields = _placeholders(stages, repair, baselines)
+    if not per_seed_fields:
+        raise bad_value("seeds", seeds, f"overrides that use {PLACEHOLDER} (otherwise every seed is one run)")
+    reports = {}
+    for seed in seeds:
+        s_stages, s_repair, s_baselines = seeded_specs(seed, stages, repair, baselines)
+        reports[seed] = run_pipeline(
+            stages=s_stages,
+            repair=s_repair,
+            evaluation=evaluation,
+            output_dir=str(Path(output_dir) / f"seed{seed}"),
+            references=references,
+            force=force,
+            baselines=s_baselines,
+        )
+    shared = [s.name for s in stages if not any(PLACEHOLDER in a for a in s.overrides)]
+    report = aggregate(reports, shared_stages=shared)
+    write_aggregate_report(report, Path(output_dir))
+    return report
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | None = None) -> dict[str, Any]:
+    """Combines per-seed reports into one row per (variant, alpha) with mean and std over seeds.
+
+    Args:
+        reports: Seed -> the report :func:`antidote_pl.pipeline.run_pipeline` returned.
+        shared_stages: Stages trained once for all seeds (their rows vary only through evaluation).
+
+    Returns:
+        ``rows`` (``method``, ``alpha``, per metric ``<m>_mean``, ``<m>_std`` and ``<m>_values``,
+        ``n_seeds``, ``n_harmful_score`` / ``n_finetune_accuracy`` per seed), ``seeds``, ``alphas``,
+        ``methods``, ``extra_judges``, ``shared_stages``, ``seconds_total`` per seed.
+
+    Raises:
+        ConfigError: if the seeds' reports do not have the same rows (different configs).
+    """
+    from antidote_pl.pipeline import extra_judge_names
+
+    seeds = sorted(reports)
+    first = reports[seeds[0]]
+    order = [(r["method"], r["alpha"]) for r in first["rows"]]
+    extra = extra_judge_names(first["rows"])
+    metrics = [*METRICS[:2], *(f"harmful_score/{n}" for n in extra), *METRICS[2:]]
+    by_seed = {}
+    for seed in seeds:
+        rows = {(r["method"], r["alpha"]): r for r in reports[seed]["rows"]}
+        if list(rows) != order:
+            raise bad_value("seeds", seeds, f"runs with the same report rows (seed {seed} differs)")
+        by_seed[seed] = rows
+    out_rows = []
+    for key in order:
+        row: dict[str, Any] = {"method": key[0], "alpha": key[1], "n_seeds": len(seeds)}
+        for m in metrics:
+            values = [by_seed[s][key].get(m) for s in seeds]
+            values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+            row[f"{m}_values"] = values
+            row[f"{m}_mean"], row[f"{m}_std"] = _mean_std(values)
+        for n in ("n_harmful_score", "n_finetune_accuracy"):
+            counts = {by_seed[s][key].get(n, 0) for s in seeds}
+            row[n] = counts.pop() if len(counts) == 1 else sorted(counts)
+        out_rows.append(row)
+    return {
+        "rows": out_rows,
+        "seeds": seeds,
+        "alphas": first["alphas"],
+        "methods": first["methods"],
+        "extra_judges": extra,
+        "metrics": metrics,
+        "shared_stages": list(shared_stages or []),
+        "seconds_total": {s: reports[s]["seconds_total"] for s in seeds},
+    }
+
+
+def _cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
+    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+    if mean is None:
+        return "n/a"
+    return f"{scale * mean:.1f} ± {scale * std:.1f}"
+
+
+def aggregate_markdown(report: dict[str, Any]) -> str:
+    """The aggregate table: mean ± sample std over seeds per cell, prompts per seed, seeds."""
+    extra = report["extra_judges"]
+    head = ["variant", "alpha", "removed %", "HS keyword %", *(f"HS {n} %" for n in extra)]
+    head += ["FA %", "coherent %", "harmful prompts / seed", "task questions / seed", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        removed = "-" if r.get("removed_fraction_mean") is None else _cell(r, "removed_fraction", 100)
+        cells = [r["method"], alpha, removed, _cell(r, "harmful_score")]
+        cells += [_cell(r, f"harmful_score/{n}") for n in extra]
+        cells += [_cell(r, "finetune_accuracy"), _cell(r, "coherent_rate")]
+        cells += [str(r["n_harmful_score"]), str(r["n_finetune_accuracy"]), str(r["n_seeds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "antidote_pl report") -> None:
+    """Writes ``report.json``, ``report.md`` and ``report.png`` (HS against FA, error bars) atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    seeds = ", ".join(str(s) for s in report["seeds"])
+    shared = report["shared_stages"]
+    header = (
+        f"# {title}: {len(report['seeds'])} seeds ({seeds})\n\n"
+        "Each cell: mean ± sample standard deviation over seeds of the per-seed percentage. "
+        "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better), "
+        "by the keyword refusal judge and any extra judge; FA: % of held-out task questions "
+        "answered correctly; coherent: % of harmful-prompt answers that are well-formed text. "
+        "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised."
+        + (f" Stages trained once and shared by all seeds: {', '.join(shared)}." if shared else "")
+        + "\n\n"
+    )
+    atomic_write_text(out / "report.md", header + aggregate_markdown(report))
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    rows = report["rows"]
+    none = next((r for r in rows if r["method"] == "none"), None)
+    for method in report["methods"]:
+        pts = ([none] if none is not None else []) + [r for r in rows if r["method"] == method]
+        ax.errorbar(
+            [p["finetune_accuracy_mean"] or 0 for p in pts],
+            [p["harmful_score_mean"] or 0 for p in pts],
+            xerr=[p["finetune_accuracy_std"] or 0 for p in pts],
+            yerr=[p["harmful_score_std"] or 0 for p in pts],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    for r in rows:
+        if r["method"] not in (*report["methods"], "none"):
+            x, y = r["finetune_accuracy_mean"] or 0, r["harmful_score_mean"] or 0
+            ax.errorbar(
+                [x],
+                [y],
+                xerr=[r["finetune_accuracy_std"] or 0],
+                yerr=[r["harmful_score_std"] or 0],
+                fmt="*",
+                ms=12,
+            )
+            ax.annotate(r["method"], (x, y), xytext=(5, 5), textcoords="offset points")
+    n_h, n_t = (rows[0]["n_harmful_score"], rows[0]["n_finetune_accuracy"]) if rows else (0, 0)
+    ax.set_xlabel(f"fine-tune accuracy FA (%), n={n_t} questions per seed")
+    ax.set_ylabel(f"harmful score HS, keyword judge (%), n={n_h} prompts per seed")
+    ax.set_title(f"Alpha sweep per method, mean ± std over seeds {seeds}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    # Rendered beside the target, then renamed: a reader never sees half a PNG.
+    tmp = out / f".report.png.tmp-{os.getpid()}"
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, out / "report.png")
+
+
+__all__ = [
+    "aggregate",
+    "aggregate_markdown",
+    "check_no_placeholder",
+    "run_seeds",
+    "seeded_specs",
+    "write_aggregate_report",
+]
