@@ -21,6 +21,7 @@ result can be traced to the exact weights even though the spec itself is machine
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -34,6 +35,26 @@ GGUF_SUFFIX = ".gguf"
 # sha256 by (resolved path, mtime_ns, size): a 100 MB file is hashed once per process even though
 # every stage of a pipeline records it; a changed file (new mtime or size) is hashed again.
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
+# Dequantising takes seconds (the tokenizer alone ~5 s on 2 cores) and a pipeline reloads the base
+# for every stage, scoring pass and evaluation: keep one loaded copy per file version (and dtype)
+# in the process and hand out deep copies, so callers can still modify what they get.
+_LOADED: dict[tuple, Any] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _cached_copy(key: tuple, load):
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return copy.deepcopy(_LOADED[key])
+
+
+def clear_cache() -> None:
+    """Drops the loaded GGUF models and tokenizers kept by this process."""
+    _LOADED.clear()
 
 
 def is_gguf_spec(spec: object) -> bool:
@@ -123,8 +144,11 @@ def load_gguf_tokenizer(spec: str, field: str = "tokenizer"):
     _require_gguf_package(field, spec)
     from transformers import AutoTokenizer
 
-    try:
+    def load():
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+
+    try:
+        return _cached_copy(("tokenizer", *_file_key(path)), load)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"{field}={spec!r} could not be loaded as a GGUF tokenizer: {err}") from err
 
@@ -145,16 +169,21 @@ def load_gguf_causal_lm(spec: str, torch_dtype, field: str = "model.model_name_o
     _require_gguf_package(field, spec)
     from transformers import AutoModelForCausalLM
 
-    try:
+    def load():
         return AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch_dtype, trust_remote_code=False, **kwargs
         )
+
+    key = ("model", *_file_key(path), str(torch_dtype), tuple(sorted(kwargs.items())))
+    try:
+        return _cached_copy(key, load)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"{field}={spec!r} could not be loaded as a GGUF causal LM: {err}") from err
 
 
 __all__ = [
     "PKG_SCHEME",
+    "clear_cache",
     "file_sha256",
     "gguf_source",
     "is_gguf_spec",
