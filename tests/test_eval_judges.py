@@ -287,5 +287,8 @@ def test_offline_judge_errors(tmp_path):
         OfflineJudge(train_csv=str(tmp_path / "missing.csv"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "judge.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"broken/judge\.safetensors: missing"):
+        OfflineJudge(path=str(tmp_path / "broken"))
+    (tmp_path / "broken" / "judge.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ConfigError, match="valid OfflineJudge"):
         OfflineJudge(path=str(tmp_path / "broken"))
