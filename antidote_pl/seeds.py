@@ -133,22 +133,48 @@ def run_seeds(
     per_seed_fields = _placeholders(stages, repair, baselines)
     if not per_seed_fields:
         raise bad_value("seeds", seeds, f"overrides that use {PLACEHOLDER} (otherwise every seed is one run)")
-    reports = {}
+    shared = [s.name for s in stages if not any(PLACEHOLDER in a for a in s.overrides)]
+    reports: dict[int, dict[str, Any]] = {}
+    report: dict[str, Any] = {}
     for seed in seeds:
         s_stages, s_repair, s_baselines = seeded_specs(seed, stages, repair, baselines)
+        seed_dir = Path(output_dir) / f"seed{seed}"
+        if reports and not force:
+            _reuse_shared_results(Path(output_dir) / f"seed{seeds[0]}", seed_dir, shared)
         reports[seed] = run_pipeline(
             stages=s_stages,
             repair=s_repair,
             evaluation=evaluation,
-            output_dir=str(Path(output_dir) / f"seed{seed}"),
+            output_dir=str(seed_dir),
             references=references,
             force=force,
             baselines=s_baselines,
         )
-    shared = [s.name for s in stages if not any(PLACEHOLDER in a for a in s.overrides)]
-    report = aggregate(reports, shared_stages=shared)
-    write_aggregate_report(report, Path(output_dir))
+        # Rewritten after every seed: an interrupted run still leaves the seeds it finished.
+        report = aggregate(reports, shared_stages=shared)
+        write_aggregate_report(report, Path(output_dir))
     return report
+
+
+def _reuse_shared_results(first: Path, target: Path, shared: list[str]) -> None:
+    """Offers the first seed's evaluations of shared stages to a later seed's result cache.
+
+    A shared stage is the same model for every seed, and greedy evaluation is deterministic, so
+    its result is not recomputed: the pipeline still checks each copied result's cache key (stage
+    key + evaluation config) and recomputes any that does not match.
+    """
+    from antidote_pl.utils.io import atomic_write_text, mark_output_dir
+
+    for name in shared:
+        src = first / "results" / f"ref_{name}"
+        dst = target / "results" / f"ref_{name}"
+        if not (src / "result.json").is_file() or (dst / "result.json").is_file():
+            continue
+        # The seed's directory must carry the pipeline's marker before anything is put in it.
+        mark_output_dir(target, "pipeline")
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                atomic_write_text(dst / f.name, f.read_text(encoding="utf-8"))
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

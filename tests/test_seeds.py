@@ -1,0 +1,106 @@
+"""Multi-seed pipeline plumbing: {seed} substitution, placeholder checks, aggregation and its report."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from antidote_pl.errors import ConfigError
+from antidote_pl.pipeline import RepairSpec, StageSpec
+from antidote_pl.seeds import aggregate, check_no_placeholder, seeded_specs, write_aggregate_report
+
+
+def specs():
+    stages = [
+        StageSpec("aligned", "a.yaml"),
+        StageSpec(
+            "finetuned",
+            "f.yaml",
+            ["--data.init_args.seed={seed}", "--model.init_args.output_dir=o/seed{seed}"],
+        ),
+    ]
+    repair = RepairSpec(
+        "r.yaml",
+        [0.1],
+        {"wanda": "w.yaml", "random": "r.yaml"},
+        overrides=["--model.init_args.adapter_path=o/seed{seed}"],
+        method_overrides={"random": ["--pruner.init_args.seed={seed}"]},
+    )
+    return stages, repair
+
+
+def test_seeded_specs_substitute_every_placeholder():
+    stages, repair = specs()
+    s, r, _ = seeded_specs(7, stages, repair)
+    assert s[0].overrides == [] and s[1].overrides == [
+        "--data.init_args.seed=7",
+        "--model.init_args.output_dir=o/seed7",
+    ]
+    assert r.overrides == ["--model.init_args.adapter_path=o/seed7"]
+    assert r.method_overrides == {"random": ["--pruner.init_args.seed=7"]}
+    # The originals are untouched (the next seed substitutes afresh).
+    assert stages[1].overrides[0] == "--data.init_args.seed={seed}"
+
+
+def test_placeholder_without_seeds_is_refused():
+    stages, repair = specs()
+    with pytest.raises(
+        ConfigError, match=r"seeds.*stages\[1\]\.overrides.*repair\.overrides.*method_overrides\.random"
+    ):
+        check_no_placeholder(stages, repair)
+    check_no_placeholder([StageSpec("a", "a.yaml")], RepairSpec("r.yaml", [0.1], {"w": "w.yaml"}))
+
+
+def fake_report(hs: list[float], fa: list[float], offline: list[float]) -> dict:
+    names = [("aligned", None, None), ("none", 0.0, 0.0), ("wanda", 0.1, 0.11)]
+    rows = []
+    for (method, alpha, removed), h, f, o in zip(names, hs, fa, offline):
+        row = {
+            "method": method,
+            "alpha": alpha,
+            "harmful_score": h,
+            "finetune_accuracy": f,
+            "coherent_rate": 100.0,
+        }
+        row.update({"harmful_score/OfflineJudge": o, "n_harmful_score": 80, "n_finetune_accuracy": 100})
+        if removed is not None:
+            row["removed_fraction"] = removed
+        rows.append(row)
+    return {"rows": rows, "alphas": [0.1], "methods": ["wanda"], "seconds_total": 10.0}
+
+
+def test_aggregate_mean_std_and_report(tmp_path):
+    reports = {
+        0: fake_report([0.0, 90.0, 20.0], [0.0, 85.0, 50.0], [1.0, 30.0, 5.0]),
+        1: fake_report([2.5, 80.0, 30.0], [1.0, 87.0, 60.0], [2.0, 40.0, 6.0]),
+        2: fake_report([1.25, 70.0, 10.0], [2.0, 89.0, 70.0], [3.0, 20.0, 7.0]),
+    }
+    agg = aggregate(reports, shared_stages=["aligned"])
+    assert agg["seeds"] == [0, 1, 2] and agg["extra_judges"] == ["OfflineJudge"]
+    none = next(r for r in agg["rows"] if r["method"] == "none")
+    assert none["harmful_score_mean"] == pytest.approx(80.0)
+    assert none["harmful_score_std"] == pytest.approx(statistics.stdev([90.0, 80.0, 70.0]))
+    assert none["harmful_score/OfflineJudge_values"] == [30.0, 40.0, 20.0]
+    assert none["n_seeds"] == 3 and none["n_harmful_score"] == 80
+    assert next(r for r in agg["rows"] if r["method"] == "aligned")["removed_fraction_mean"] is None
+    write_aggregate_report(agg, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert (
+        "3 seeds (0, 1, 2)" in md
+        and "| none | 0 | 0.0 ± 0.0 | 80.0 ± 10.0 | 30.0 ± 10.0 | 87.0 ± 2.0 |" in md
+    )
+    assert "shared by all seeds: aligned" in md
+    assert json.loads((tmp_path / "report.json").read_text())["rows"][2][
+        "removed_fraction_mean"
+    ] == pytest.approx(0.11)
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_aggregate_refuses_different_rows():
+    a = fake_report([0, 1, 2], [0, 1, 2], [0, 1, 2])
+    b = fake_report([0, 1, 2], [0, 1, 2], [0, 1, 2])
+    b["rows"] = b["rows"][:2]
+    with pytest.raises(ConfigError, match="same report rows"):
+        aggregate({0: a, 1: b})
