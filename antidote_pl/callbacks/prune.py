@@ -1,8 +1,10 @@
 """Post-fine-tuning pruning callbacks (Antidote and its ablations).
 
-When ``fit`` ends, the callback scores the target weights, zeroes the top fraction ``alpha`` and
-writes ``mask.safetensors``, ``mask.json`` and the pruned model (Hugging Face format) to its output
-directory. With ``trainer.max_epochs: 0`` it repairs an already fine-tuned adapter without training::
+When ``fit`` ends, the callback scores the target weights, zeroes the top fraction ``alpha`` and hands
+its report and artefacts (``mask.safetensors``, ``mask.json``, optional scores; see
+:mod:`antidote_pl.pruning.artifacts`) to the module, which alone writes the pruned stage (Hugging Face
+format) to ``model.output_dir`` or the callback's ``output_dir``. With ``trainer.max_epochs: 0`` it
+repairs an already fine-tuned adapter without training::
 
     python -m antidote_pl fit --config configs/tiny/repair.yaml
     python -m antidote_pl fit --config configs/tiny/repair.yaml --config callbacks/random.yaml
@@ -11,9 +13,10 @@ The math lives in :mod:`antidote_pl.pruning`; this module is glue: device placem
 all-reduce, timing and artefacts.
 
 Why ``on_fit_end``: the design card asks for it, and it runs after every ``ModelCheckpoint`` write,
-so the callback saves its own artefacts. By then Lightning has torn down the DDP wrapper and, on GPU,
-moved the module to CPU, so the module is moved back to ``trainer.strategy.root_device`` first. The
-process group is still up, so statistics are all-reduced there and every rank derives the same mask.
+so the pruned weights reach only the stage output, written after it by the module. By then
+Lightning has torn down the DDP wrapper and, on GPU, moved the module to CPU, so the module is moved
+back to ``trainer.strategy.root_device`` first. The process group is still up, so statistics are
+all-reduced there and every rank derives the same mask.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from antidote_pl.pruning import (
 )
 from antidote_pl.pruning.artifacts import targets_fingerprint, write_artifacts
 from antidote_pl.pruning.select import check_alpha
+from antidote_pl.pruning.targets import merged_param_name
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +133,10 @@ class BasePruneCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and not hasattr(pl_module, "model"):
+        if stage == "fit" and not (hasattr(pl_module, "model") and hasattr(pl_module, "add_to_stage")):
             raise ConfigError(
-                f"{type(self).__name__} needs a module with a `.model` (e.g. CausalLMSFTModule)."
+                f"{type(self).__name__} needs a module with `.model` and `add_to_stage` (e.g. "
+                f"CausalLMSFTModule), got {type(pl_module).__name__}."
             )
         if (
             stage == "fit"
@@ -179,22 +184,24 @@ class BasePruneCallback(Callback):
             "pruned_fingerprint": pruned,
             **self.extra_report(trainer),
         }
-        out = self.output_dir or pl_module.hparams.output_dir
-        # Every rank records it, so the module's own on_fit_end takes the same branch on all ranks.
-        pl_module.saved_stage_dir = str(out)
-        if trainer.is_global_zero:
-            param_scores = (
-                to_param_layout(scores, targets) if scores is not None and self.save_scores else None
-            )
-            pl_module.save_stage(
-                out,
-                extra_metadata={"pruning": self.report},
-                extra_files=lambda tmp: write_artifacts(tmp, param_masks, param_scores, self.report),
-            )
-        trainer.strategy.barrier("antidote_pl.prune")
+        # Weights outside the adapter changed (a masked update merged into the base, or base
+        # linears pruned): an adapter-only save would drop them, so the merged model is saved.
+        merge = self.target != "lora" and getattr(pl_module, "is_peft", False)
+        self.report["merged_adapter"] = merge
+        param_scores = to_param_layout(scores, targets) if scores is not None and self.save_scores else None
+        # Masks are saved under the names of the model as saved (merged names for a merged save);
+        # scores keep the adapter's names, which is where sweeps apply them.
+        saved_masks = {merged_param_name(n): m for n, m in param_masks.items()} if merge else param_masks
+        report = self.report
+        pl_module.add_to_stage(
+            metadata={"pruning": report},
+            files=lambda tmp: write_artifacts(tmp, saved_masks, param_scores, report),
+            output_dir=self.output_dir,
+            merge_adapter=merge,
+        )
         rank_zero_info(
-            f"{type(self).__name__}: removed {self.report['removed_fraction']:.4f} of {len(targets)} target "
-            f"tensors in {seconds:.2f}s; wrote {out}"
+            f"{type(self).__name__}: removed {report['removed_fraction']:.4f} of {len(targets)} target "
+            f"tensors in {seconds:.2f}s"
         )
 
     def extra_report(self, trainer: L.Trainer) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import copy
 import logging
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,8 @@ class CausalLMSFTModule(L.LightningModule):
         # Checkpoints hold trainable weights only; the frozen base is rebuilt from the config.
         self.strict_loading = False
         self.resolved_config: str | None = None  # set by the CLI so the stage output records it
-        self.saved_stage_dir: str | None = None  # set once a callback (e.g. pruning) wrote the stage
+        # What callbacks add to the stage(s) written at fit end, by output directory (None: ours).
+        self.additions: dict[str | None, StageAdditions] = {}
 
     # ----------------------------------------------------------------- output safety
     def input_paths(self) -> dict[str, Any]:
@@ -304,13 +306,48 @@ class CausalLMSFTModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     # ----------------------------------------------------------------- stage output
+    def add_to_stage(
+        self,
+        metadata: dict[str, Any] | None = None,
+        files: Callable[[Path], None] | None = None,
+        output_dir: str | None = None,
+        merge_adapter: bool = False,
+    ) -> None:
+        """Adds a callback's results to the stage output this module writes when fit ends.
+
+        Callbacks change parameters and report; the module alone writes (once, on global rank zero),
+        so a stage directory never holds a half-annotated copy.
+
+        Args:
+            metadata: Merged into ``antidote_stage.json`` (e.g. ``{"pruning": report}``).
+            files: Called with the temporary stage directory to add files (e.g. masks).
+            output_dir: Write this stage there instead of ``model.output_dir`` (each directory named
+                by a callback gets one write; ``model.output_dir`` then gets none).
+            merge_adapter: Save the merged full model instead of the adapter, because the callback
+                changed weights outside the adapter (e.g. a masked update merged into the base).
+        """
+        add = self.additions.setdefault(None if output_dir is None else str(output_dir), StageAdditions())
+        add.metadata.update(metadata or {})
+        if files is not None:
+            add.files.append(files)
+        add.merge_adapter |= merge_adapter
+
     def on_fit_end(self) -> None:
         # Callbacks' on_fit_end (e.g. Wanda pruning) run before this hook, so the output holds
-        # their result.
-        out = self.hparams.output_dir
-        if out is not None and self.saved_stage_dir != str(out):
+        # their result. A callback with its own output_dir replaces ours: one write per directory,
+        # never a second, unannotated copy of the same model.
+        writes = self.additions or {None: StageAdditions()}
+        for out, add in writes.items():
+            out = out or self.hparams.output_dir
+            if out is None:
+                continue
             if self.trainer.is_global_zero:
-                self.save_stage(self.hparams.output_dir)
+                self.save_stage(
+                    out,
+                    extra_metadata=add.metadata,
+                    extra_files=add.write_files if add.files else None,
+                    merge_adapter=add.merge_adapter,
+                )
             self.trainer.strategy.barrier("antidote_pl.save_stage")
         if self.trainer.is_global_zero:
             self.release_output()
@@ -326,6 +363,7 @@ class CausalLMSFTModule(L.LightningModule):
         output_dir: str,
         extra_metadata: dict[str, Any] | None = None,
         extra_files: Callable[[Path], None] | None = None,
+        merge_adapter: bool = False,
     ) -> Path:
         """Writes the model in Hugging Face format to ``output_dir``, atomically.
 
@@ -338,6 +376,9 @@ class CausalLMSFTModule(L.LightningModule):
                 if it is new, empty, or an earlier stage output with ``overwrite`` set.
             extra_metadata: Merged into ``antidote_stage.json``.
             extra_files: Called with the temporary directory to add files (e.g. pruning masks).
+            merge_adapter: For a LoRA stage, write the merged full model (``kind: full_model``,
+                ``merged_adapter: true``) instead of the adapter: needed when weights outside the
+                adapter were changed, which an adapter-only save would silently drop.
 
         Raises:
             ConfigError: when ``output_dir`` may not be written (see :meth:`claim_output`).
@@ -353,7 +394,8 @@ class CausalLMSFTModule(L.LightningModule):
             inputs=self.input_paths(),
             lock=self.output_locks.get(real_path(output_dir)),
         ) as tmp:
-            self.model.save_pretrained(tmp)
+            merged_save = self.is_peft and merge_adapter
+            (copy.deepcopy(self.model).merge_and_unload() if merged_save else self.model).save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             if self.is_peft and self.hparams.save_merged:
                 merged = copy.deepcopy(self.model).merge_and_unload()
@@ -362,7 +404,8 @@ class CausalLMSFTModule(L.LightningModule):
             if self.resolved_config is not None:
                 (tmp / "config.yaml").write_text(self.resolved_config)
             meta = {
-                "kind": "adapter" if self.is_peft else "full_model",
+                "kind": "adapter" if self.is_peft and not merged_save else "full_model",
+                "merged_adapter": merged_save,
                 # Local paths are recorded absolute, so the stage loads from any working directory.
                 "base_model": _absolute_if_local(self.hparams.model_name_or_path)
                 or self.hparams.model_config,
@@ -388,9 +431,22 @@ class CausalLMSFTModule(L.LightningModule):
             atomic_write_json(tmp / STAGE_FILE, meta)
             if extra_files is not None:
                 extra_files(tmp)
-        self.saved_stage_dir = str(output_dir)
         rank_zero_info(f"antidote_pl: stage output written to {output_dir}")
         return Path(output_dir)
+
+
+@dataclass
+class StageAdditions:
+    """Callback results the module writes into its stage output (see ``add_to_stage``)."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: list[Callable[[Path], None]] = field(default_factory=list)
+    merge_adapter: bool = False
+
+    def write_files(self, directory: Path) -> None:
+        """Runs every file writer into ``directory`` (the stage being saved)."""
+        for write in self.files:
+            write(directory)
 
 
 def _absolute_if_local(path: str | None) -> str | None:

@@ -118,7 +118,9 @@ def verify_pruned_model(directory: str | Path, model: torch.nn.Module) -> dict[s
         check_mask_shapes(masks, params)
     except ConfigError as err:
         raise bad_file(d / MASK_FILE, f"does not fit the stage's weights: {err}") from err
-    if report.get("target") != "lora_delta":
+    # Zeroed entries stay zero unless a masked update was merged (lora_delta) or the adapter was
+    # merged over pruned base weights; names and shapes are checked in every case.
+    if report.get("target") != "lora_delta" and not report.get("merged_adapter"):
         # Masked entries were zeroed in place; a non-zero one means weights or masks were swapped.
         for name, mask in masks.items():
             if bool(params[name].detach()[mask.to(params[name].device)].ne(0).any()):

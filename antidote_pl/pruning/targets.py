@@ -198,6 +198,16 @@ def to_param_layout(
     return {name: targets[name].to_param_layout(t) for name, t in tensors.items()}
 
 
+def merged_param_name(name: str) -> str:
+    """A peft model's parameter name as it is in the merged model (``merge_and_unload``).
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` becomes
+    ``model.layers.0.self_attn.q_proj.weight``; names of a plain model are unchanged.
+    """
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
 def _included(module_name: str, include: list[str] | None) -> bool:
     return include is None or any(s in module_name for s in include)
 
