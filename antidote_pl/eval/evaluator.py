@@ -25,6 +25,7 @@ from antidote_pl.eval.generation import gather_objects, generate, write_generati
 from antidote_pl.eval.judges import Judge, KeywordJudge
 from antidote_pl.eval.metrics import HarmfulScore, RateByCategory, TaskAccuracy
 from antidote_pl.eval.parsers import get_parser, is_correct
+from antidote_pl.eval.responses import normalise_response
 from antidote_pl.utils.io import (
     OutputLock,
     atomic_write_json,
@@ -280,17 +281,17 @@ class StageEvaluator(L.LightningModule):
         for metric in self.extra_scores.values():
             metric.reset()
 
+    def _answer(self, items: list[dict[str, Any]], max_new_tokens: int) -> list[str]:
+        """Greedy answers, normalised as the official evaluation before judging and parsing."""
+        template = self.trainer.datamodule.template
+        raw = generate(self.model, self.tokenizer, [i["prompt"] for i in items], max_new_tokens, len(items))
+        return [normalise_response(r, template) for r in raw]
+
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         harmful = [i for i in batch if i["kind"] == "harmful"]
         task = [i for i in batch if i["kind"] == "task"]
         if harmful:
-            responses = generate(
-                self.model,
-                self.tokenizer,
-                [i["prompt"] for i in harmful],
-                self.harmful_max_new_tokens,
-                len(harmful),
-            )
+            responses = self._answer(harmful, self.harmful_max_new_tokens)
             verdicts = self.judge.judge([i["instruction"] for i in harmful], responses)
             flags = torch.tensor([v.harmful for v in verdicts])
             self.harmful_score.update(flags)
@@ -307,9 +308,7 @@ class StageEvaluator(L.LightningModule):
                     _row(item, response, verdict=verdict.to_dict(), prompt=item["prompt"], **more)
                 )
         if task:
-            responses = generate(
-                self.model, self.tokenizer, [i["prompt"] for i in task], self.task_max_new_tokens, len(task)
-            )
+            responses = self._answer(task, self.task_max_new_tokens)
             correct = [is_correct(i["task"], r, i["label"]) for i, r in zip(task, responses)]
             self.finetune_accuracy.update(torch.tensor(correct))
             for item, response, ok in zip(task, responses, correct):
