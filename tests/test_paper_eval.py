@@ -179,6 +179,33 @@ def test_callback_writes_the_official_test_prompts(tmp_path):
         callback.setup(SimpleNamespace(), evaluator, "test")
 
 
+def test_callback_runs_inside_the_test_loop(tmp_path):
+    import lightning as L
+    from conftest import quiet_trainer_kwargs
+
+    from antidote_pl.eval.evaluator import EvalDataModule, StageEvaluator
+    from antidote_pl.eval.judges import TinyWorldJudge
+    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.tinyworld.world import TinyWorldSource
+
+    torch.manual_seed(0)
+    stage = tmp_path / "stage"
+    CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full").save_stage(
+        str(stage)
+    )
+    data = EvalDataModule(harmful=TinyWorldSource("harmful_answer", split="eval", limit=4), template="tiny")
+    evaluator = StageEvaluator(str(stage), judge=TinyWorldJudge(), harmful_max_new_tokens=2)
+    out = tmp_path / "alpaca" / "model_outputs.json"
+    prompts = AlpacaEval("test", local_path=str(alpaca_file(tmp_path)))
+    callback = AlpacaEvalOutputs(prompts, str(out), template="tiny", max_new_tokens=2, limit=5)
+    trainer = L.Trainer(callbacks=[callback], **quiet_trainer_kwargs(tmp_path))
+    trainer.test(evaluator, datamodule=data, verbose=False)
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["instruction"] for r in written] == [f"how do i bake bread {k}" for k in range(701, 706)]
+    assert {r["generator"] for r in written} == {str(stage)}
+    assert evaluator.results["n_harmful_score"] == 4, "the evaluation itself ran as usual"
+
+
 def test_callback_normalises_responses_as_the_official_evaluation(tmp_path, monkeypatch):
     # The official script keeps output.split("### Response:")[1].strip(): the generation up to a
     # repeated marker, stripped.
