@@ -281,11 +281,14 @@ class RepNoise(Defense):
 
     def training_step(self, module, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """RepNoise loss on the user (harmless) batch and the next harmful batch."""
-        harmful = self.stream.next(module.device)
         if self.mode == "parity":
+            harmful = self.stream.next(module.device)
             harmless_ce, harmful_ce, mmd = self._parity_terms(module, batch, harmful)
         else:
+            # Harmless forward first, as before parity mode existed: a new pass of the harmful
+            # stream draws from the global RNG that dropout here uses, so the order fixes results.
             harmless_ce = module.sft_loss(batch)
+            harmful = self.stream.next(module.device)
             with capture_outputs(self._modules) as hidden:
                 harmful_ce = module.sft_loss(harmful)
             mmd = self.noise_mmd(hidden, harmful["labels"])
