@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from antidote_pl.errors import ConfigError, run_entry_point
+from antidote_pl.utils import console
+from antidote_pl.utils.console import StageProgressBar
 
 DEFAULT_SEED = 42
 
@@ -74,7 +78,13 @@ class AntidoteCLI(LightningCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         # An empty `pruner:` slot (no pruning configured) is None, not a callback.
-        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+        callbacks = [c for c in callbacks if c is not None]
+        given = list(callbacks) + list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            callbacks.append(StageProgressBar())
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         self._record_config()
@@ -137,7 +147,7 @@ def _dispatch(argv: list[str]):
     if argv and argv[0] in COMMANDS:
         module, func = COMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module), func)(argv[1:])
-    # argv is sys.argv minus --debug, so LightningCLI's "args and sys.argv both given" note is noise.
+    # argv is sys.argv minus --debug/-v, so LightningCLI's "args and sys.argv both given" is noise.
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
     return AntidoteCLI(args=argv)
 
@@ -147,10 +157,12 @@ def main(args: list[str] | None = None):
 
     ``pipeline`` and ``tokenizer`` go to the functions in :data:`COMMANDS`; everything else is a
     LightningCLI subcommand. Bad input is reported in one line with exit code 2 (``--debug`` shows
-    the traceback).
+    the traceback); known library noise is hidden unless ``-v``/``--verbose`` is given.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_entry_point(_dispatch, args)
+    argv, verbose = console.split_verbose(list(sys.argv[1:] if args is None else args))
+    console.configure(verbose)
+    return run_entry_point(_dispatch, argv)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def test_fit_writes_stage_output_and_config(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     config = write_config(tmp_path, devices=2, strategy="ddp")
-    proc = run_cli("fit", "--config", config, cwd=tmp_path)
+    # -v: Lightning's own "distributed_backend=gloo" line is library output, hidden by default.
+    proc = run_cli("fit", "--config", config, "-v", cwd=tmp_path)
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout
     meta = json.loads((tmp_path / "out" / STAGE_FILE).read_text())
     assert meta["global_step"] == 4

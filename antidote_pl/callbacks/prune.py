@@ -30,7 +30,6 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 
 from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.pruning import (
@@ -54,6 +53,7 @@ from antidote_pl.pruning import (
 from antidote_pl.pruning.artifacts import targets_fingerprint, write_artifacts
 from antidote_pl.pruning.select import check_alpha
 from antidote_pl.pruning.targets import merged_param_name
+from antidote_pl.utils.console import say
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class BasePruneCallback(Callback):
             output_dir=self.output_dir,
             merge_adapter=merge,
         )
-        rank_zero_info(
+        say(
             f"{type(self).__name__}: removed {report['removed_fraction']:.4f} of {len(targets)} target "
             f"tensors in {seconds:.2f}s"
         )

@@ -22,7 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from antidote_pl.defenses.base import Defense
 from antidote_pl.errors import bad_value
@@ -38,6 +37,7 @@ from antidote_pl.models.loading import (
 from antidote_pl.models.loading import (
     merge_adapters as merge_lora_adapters,
 )
+from antidote_pl.utils.console import say
 from antidote_pl.utils.io import (
     OutputLock,
     atomic_dir,
@@ -431,7 +431,7 @@ class CausalLMSFTModule(L.LightningModule):
             atomic_write_json(tmp / STAGE_FILE, meta)
             if extra_files is not None:
                 extra_files(tmp)
-        rank_zero_info(f"antidote_pl: stage output written to {output_dir}")
+        say(f"antidote_pl: stage output written to {output_dir}")
         return Path(output_dir)
 
 

@@ -1,0 +1,48 @@
+"""A stage run prints the progress bar and the project's messages; library chatter only with -v."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from conftest import REPO
+
+from antidote_pl.utils.console import StageProgressBar, split_verbose
+
+NOISE = ("GPU available", "Seed set to", "litlogger", "LeafSpec", "Total length of", "Writing model shards")
+
+
+def run_stage(workdir, *extra: str) -> str:
+    workdir.mkdir()
+    cmd = [sys.executable, "-m", "antidote_pl", "fit", "--config", str(REPO / "configs/tiny/pretrain.yaml")]
+    cmd += ["--model.init_args.model_config=tiny-world-fast", "--trainer.max_steps=1", *extra]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=workdir, env={**os.environ, "COLUMNS": "120"}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_quiet_by_default_and_everything_with_verbose(tmp_path):
+    quiet = run_stage(tmp_path / "quiet")
+    assert "stage output written to outputs/tiny/pretrain" in quiet
+    assert not [n for n in NOISE if n in quiet], quiet
+    verbose = run_stage(tmp_path / "verbose", "-v")
+    assert "GPU available" in verbose and "Seed set to" in verbose
+
+
+def test_progress_description_of_step_limited_runs():
+    bar = StageProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=40)
+    assert bar._get_train_description(0).strip() == "Epoch 0 (max 40 steps)"
+    bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
+
+
+def test_split_verbose():
+    assert split_verbose(["fit", "-v", "--config", "a.yaml"]) == (["fit", "--config", "a.yaml"], True)
+    assert split_verbose(["fit"]) == (["fit"], False)
