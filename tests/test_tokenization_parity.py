@@ -9,6 +9,7 @@ tokenising the response on its own: the separately tokenised response gets a wor
 from __future__ import annotations
 
 import pytest
+from conftest import REPO
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -110,11 +111,15 @@ def test_joint_truncation_and_bad_value(byte_level):
         SFTBatcher(byte_level, "alpaca", 64, 2, 0, 0, 0, tokenization="both")
 
 
-@pytest.mark.parametrize("stage", ["align", "finetune", "repair"])
+PAPER_STAGES = ["align.yaml", "finetune.yaml", "repair.yaml"] + [
+    f"defenses/{p.name}" for p in sorted((REPO / "configs" / "paper" / "defenses").glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("stage", PAPER_STAGES)
 def test_paper_stages_tokenise_jointly(stage):
     """Paper runs (and their realignment sets) are tokenised as the official code does."""
     import yaml
-    from conftest import REPO
 
-    cfg = yaml.safe_load((REPO / "configs" / "paper" / f"{stage}.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "paper" / stage).read_text())
     assert cfg["data"]["init_args"]["tokenization"] == "joint"
