@@ -190,10 +190,16 @@ def _is_done(directory: str | Path, key: str) -> bool:
     return marker.is_file() and json.loads(marker.read_text()).get("key") == key
 
 
-def _mark_done(directory: str | Path, key: str) -> None:
+def _mark_done(directory: str | Path, key: str, seconds: float | None = None) -> None:
+    """Marks a finished step, with the seconds it took so that a resumed run's report counts them."""
     atomic_write_json(
-        Path(directory) / DONE_FILE, {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        Path(directory) / DONE_FILE,
+        {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds},
     )
+
+
+def _done_seconds(directory: str | Path) -> float | None:
+    return read_json_file(Path(directory) / DONE_FILE, "a pipeline step marker").get("seconds")
 
 
 def _fit(configs: list[str], overrides: list[str]) -> None:
@@ -370,6 +376,11 @@ def run_pipeline(
     out = Path(output_dir)
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    # Steps served from an earlier run, with the seconds that run recorded (None if unknown).
+    reused: dict[str, float | None] = {}
+
+    def reuse(step: str, seconds: float | None) -> None:
+        reused[step] = seconds
 
     # 1. Training stages.
     def run_stage(spec: StageSpec, text: str, upstream: str, label: str) -> str:
@@ -377,12 +388,13 @@ def run_pipeline(
         directory = stage_dirs[spec.name]
         if not force and _is_done(directory, key):
             console.print(f"[green]{label} {spec.name}: reusing {directory}")
+            reuse(f"stage/{spec.name}", _done_seconds(directory))
             return key
         console.print(f"[bold]{label} {spec.name}: training -> {directory}")
         t0 = time.perf_counter()
         _run_command(spec)
         timings[f"stage/{spec.name}"] = time.perf_counter() - t0
-        _mark_done(directory, key)
+        _mark_done(directory, key, timings[f"stage/{spec.name}"])
         return key
 
     upstream = ""
@@ -400,6 +412,7 @@ def run_pipeline(
         score_keys[method] = key
         if not force and _is_done(directory, key):
             console.print(f"[green]scores {method}: reusing {directory}")
+            reuse(f"scores/{method}", _done_seconds(directory))
             continue
         console.print(f"[bold]scores {method}: scoring {finetuned} once")
         t0 = time.perf_counter()
@@ -419,7 +432,7 @@ def run_pipeline(
             raise ConfigError(
                 f"repair.methods.{method}={fragment!r} saved no scores; use a score-based callback."
             )
-        _mark_done(directory, key)
+        _mark_done(directory, key, timings[f"scores/{method}"])
 
     # 3. Evaluation: references, the unrepaired model, every (method, alpha).
     rows: list[dict[str, Any]] = []
@@ -430,11 +443,12 @@ def run_pipeline(
         if not force and path.is_file():
             saved = read_json_file(path, "a cached pipeline result")
             if saved.get("key") == key:
+                reuse(f"eval/{name}", saved.get("seconds"))
                 return saved["result"]
         t0 = time.perf_counter()
         result = compute(results_dir / name)
         timings[f"eval/{name}"] = time.perf_counter() - t0
-        atomic_write_json(path, {"key": key, "result": result})
+        atomic_write_json(path, {"key": key, "result": result, "seconds": timings[f"eval/{name}"]})
         return result
 
     for name in references:
@@ -509,7 +523,9 @@ def run_pipeline(
         combined = f"{base.name}+{Path(base.repair_fragment).stem}"
         directory = out / "combined" / combined
         repair_key = _key(key, repair_text, baseline_texts[base.name][-1], str(base.repair_alpha))
-        if force or not _is_done(directory, repair_key):
+        if not force and _is_done(directory, repair_key):
+            reuse(f"stage/{combined}", _done_seconds(directory))
+        else:
             meta = read_stage_metadata(final, f"baselines.{base.name}")
             console.print(f"[bold]baseline {combined}: repairing {final}")
             t0 = time.perf_counter()
@@ -526,7 +542,7 @@ def run_pipeline(
                 ],
             )
             timings[f"stage/{combined}"] = time.perf_counter() - t0
-            _mark_done(directory, repair_key)
+            _mark_done(directory, repair_key, timings[f"stage/{combined}"])
         row = _stage_row(combined, str(directory), repair_key, cached, evaluation, eval_text, console)
         removed = read_report(directory)["removed_fraction"]
         rows.append({**row, "alpha": base.repair_alpha, "removed_fraction": removed})
@@ -536,8 +552,12 @@ def run_pipeline(
         "alphas": alphas,
         "methods": list(repair.methods),
         "stages": stage_dirs,
-        "seconds_total": time.perf_counter() - started,
+        # A resumed run reports the whole experiment: this run's wall time plus the recorded
+        # seconds of the steps it reused (which an earlier run computed).
+        "seconds_this_run": time.perf_counter() - started,
+        "seconds_total": time.perf_counter() - started + sum(v for v in reused.values() if v is not None),
         "seconds_by_step": timings,
+        "seconds_reused_by_step": reused,
     }
     write_report(report, out)
     lock.release()

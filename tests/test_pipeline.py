@@ -136,6 +136,9 @@ def test_pipeline_report_reuse_and_force(in_tmp):
     again = main(["pipeline", "--config", config])
     assert again["seconds_by_step"] == {}, "a rerun with the same config must reuse every finished step"
     assert again["rows"] == report["rows"]
+    # The resumed report still times the whole experiment, from the seconds each step recorded.
+    assert again["seconds_reused_by_step"] == pytest.approx(report["seconds_by_step"])
+    assert again["seconds_total"] >= sum(report["seconds_by_step"].values()) > again["seconds_this_run"]
 
     # An interrupted variant (its result deleted) is the only thing recomputed.
     (out / "results" / "random_a0.05" / "result.json").unlink()
