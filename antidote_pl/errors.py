@@ -1,4 +1,8 @@
-"""Project-wide error type for bad configuration or input, and how entry points report it.
+"""Validation and errors: the project's one place for checking input and reporting it.
+
+:class:`ConfigError` with :func:`bad_value`'s message shape (field, value, what is allowed), the
+checks every constructor uses (:func:`check_int`, :func:`check_number`, :func:`check_choice`), and
+how entry points report a failure.
 
 Every entry point (``python -m antidote_pl ...``, the judge and tiny-world scripts) runs through
 :func:`run_entry_point`: a :class:`ConfigError` anywhere in an exception's chain (LightningCLI and
@@ -9,9 +13,10 @@ in the environment, shows the full traceback instead.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 DEBUG_FLAG = "--debug"
@@ -59,6 +64,61 @@ def check_int(field: str, value: object, minimum: int, maximum: int | None = Non
         raise bad_value(field, value, allowed)
     if value < minimum or (maximum is not None and value > maximum):
         raise bad_value(field, value, allowed)
+
+
+def check_number(
+    field: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raises a :class:`ConfigError` naming ``field`` unless ``value`` is a finite number in range.
+
+    Args:
+        field: Name used in the message, e.g. ``"Vaccine.rho"``.
+        value: The value to check (booleans are rejected).
+        low: Lower bound, inclusive unless ``low_open``.
+        high: Upper bound, inclusive unless ``high_open``.
+        low_open: Exclude ``low`` itself.
+        high_open: Exclude ``high`` itself.
+        integer: Require an ``int``.
+    """
+    kind = "an int" if integer else "a number"
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+    allowed = f"{kind} {' and '.join(bounds)}".strip()
+    types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value):
+        raise bad_value(field, value, allowed)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise bad_value(field, value, allowed)
+    if high is not None and (value > high or (high_open and value == high)):
+        raise bad_value(field, value, allowed)
+
+
+def check_choice(field: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """Returns ``value`` if it is one of ``allowed``, else raises a :class:`ConfigError`.
+
+    Args:
+        field: Dotted name of the configuration field, for the message.
+        value: The value received (an unhashable one is simply not allowed).
+        allowed: The allowed values (a tuple, or a dict/set whose keys are listed sorted).
+    """
+    options = list(allowed) if isinstance(allowed, list | tuple) else sorted(allowed)
+    try:
+        ok = value in allowed
+    except TypeError:  # e.g. a list given where a key of a dict is expected
+        ok = False
+    if not ok:
+        raise bad_value(field, value, f"one of {options}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from antidote_pl.cli import validate_config
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.models.loading import read_stage_metadata
 from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.hashing import directory_fingerprint
@@ -169,8 +169,7 @@ def _stage_output_dir(spec: StageSpec, field: str) -> str:
 
     ``fit`` stages write ``model.init_args.output_dir``, ``tokenizer`` stages ``output_dir``.
     """
-    if spec.command not in STAGE_COMMANDS:
-        raise bad_value(f"{field}.command", spec.command, f"one of {list(STAGE_COMMANDS)}")
+    check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
     flag = "--model.init_args.output_dir" if spec.command == "fit" else "--output_dir"
     overridden = _override(spec.overrides, flag)
     if overridden is not None:

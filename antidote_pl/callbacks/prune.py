@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.pruning import (
     SCOPES,
     STATISTICS,
@@ -51,15 +51,14 @@ from antidote_pl.pruning import (
     wanda_scores,
 )
 from antidote_pl.pruning.artifacts import targets_fingerprint, write_artifacts
-from antidote_pl.pruning.select import check_alpha
+from antidote_pl.pruning.select import RANDOM_SCOPES, check_alpha
+from antidote_pl.pruning.stats import TOKEN_MASKS
 from antidote_pl.pruning.targets import merged_param_name
 from antidote_pl.utils.console import say
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_SETS = ("realignment", "task")
-TOKEN_MASKS = ("attention", "response")
-RANDOM_SCOPES = ("row", "tensor")
 
 
 class BasePruneCallback(Callback):
@@ -93,10 +92,8 @@ class BasePruneCallback(Callback):
     ) -> None:
         super().__init__()
         self.alpha = check_alpha(alpha, "alpha")
-        if target not in TARGET_KINDS:
-            raise bad_value("target", target, f"one of {list(TARGET_KINDS)}")
-        if scope not in SCOPES:
-            raise bad_value("scope", scope, f"one of {list(SCOPES)}")
+        check_choice("target", target, TARGET_KINDS)
+        check_choice("scope", scope, SCOPES)
         self.target = target
         self.scope = scope
         self.include = include
@@ -241,12 +238,9 @@ class WandaPruneCallback(BasePruneCallback):
         protect_fraction: float = 0.0,
     ) -> None:
         super().__init__(alpha, target, scope, include, adapter_name, output_dir, save_scores)
-        if calibration not in CALIBRATION_SETS:
-            raise bad_value("calibration", calibration, f"one of {list(CALIBRATION_SETS)}")
-        if statistic not in STATISTICS:
-            raise bad_value("statistic", statistic, f"one of {list(STATISTICS)}")
-        if token_mask not in TOKEN_MASKS:
-            raise bad_value("token_mask", token_mask, f"one of {list(TOKEN_MASKS)}")
+        check_choice("calibration", calibration, CALIBRATION_SETS)
+        check_choice("statistic", statistic, STATISTICS)
+        check_choice("token_mask", token_mask, TOKEN_MASKS)
         if batch_size is not None and batch_size <= 0:
             raise bad_value("batch_size", batch_size, "a positive integer or null")
         if not 0.0 <= protect_fraction < 1.0:
@@ -349,8 +343,7 @@ class RandomPruneCallback(BasePruneCallback):
         random_scope: str = "row",
     ) -> None:
         super().__init__(alpha, target, "row", include, adapter_name, output_dir, save_scores)
-        if random_scope not in RANDOM_SCOPES:
-            raise bad_value("random_scope", random_scope, f"one of {list(RANDOM_SCOPES)}")
+        check_choice("random_scope", random_scope, RANDOM_SCOPES)
         self.seed = seed
         self.random_scope = random_scope
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from antidote_pl.data.records import Record, Source
 from antidote_pl.data.templates import get_template
 from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, check_tokenization, tokenize_records
-from antidote_pl.errors import ConfigError, bad_value, check_int
+from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int
 
 log = logging.getLogger(__name__)
 
@@ -408,8 +408,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         ):
             raise bad_value("harmful_ratio", harmful_ratio, "a number in [0, 1]")
         check_int("num_samples", num_samples, 1)
-        if mode not in MODES:
-            raise bad_value("mode", mode, f"one of {list(MODES)}")
+        check_choice("mode", mode, MODES)
         check_int("realignment_size", realignment_size, 2 if mode == "parity" else 1)
         check_int("realign_start", realign_start, 0)
         if task_calibration_size is not None:

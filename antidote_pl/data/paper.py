@@ -35,7 +35,7 @@ from antidote_pl.data.sources import (
     LocalSource,
     infer_format,
 )
-from antidote_pl.errors import bad_value, check_int
+from antidote_pl.errors import bad_value, check_choice, check_int
 from antidote_pl.eval.parsers import AGNEWS_CLASSES, SST2_LABELS
 
 BEAVERTAILS_SPLITS = ("30k_train", "30k_test", "330k_train", "330k_test")
@@ -82,11 +82,6 @@ class _HubSource(_PreparedRows, HFSource):
 
 class _FileSource(_PreparedRows, LocalSource):
     pass
-
-
-def _check_choice(field: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise bad_value(field, value, f"one of {list(allowed)}")
 
 
 class PaperSource(Source):
@@ -241,7 +236,7 @@ class BeaverTails(PaperSource):
         limit: int | None = None,
         offset: int = 0,
     ) -> None:
-        _check_choice("BeaverTails.split", split, BEAVERTAILS_SPLITS)
+        check_choice("BeaverTails.split", split, BEAVERTAILS_SPLITS)
         if not isinstance(safe, bool):
             raise bad_value("BeaverTails.safe", safe, "true (alignment pairs) or false (harmful pairs)")
         self.safe = safe
@@ -308,7 +303,7 @@ class SST2(PaperSource):
         limit: int | None = None,
         offset: int = 0,
     ) -> None:
-        _check_choice("SST2.split", split, ("train", "validation"))
+        check_choice("SST2.split", split, ("train", "validation"))
         super().__init__(
             split, local_path, hub_path, hub_name, data_files, revision, cache_dir, limit, offset
         )
@@ -357,7 +352,7 @@ class AGNews(PaperSource):
         limit: int | None = None,
         offset: int = 0,
     ) -> None:
-        _check_choice("AGNews.split", split, ("train", "test"))
+        check_choice("AGNews.split", split, ("train", "test"))
         super().__init__(
             split, local_path, hub_path, hub_name, data_files, revision, cache_dir, limit, offset
         )
@@ -431,7 +426,7 @@ class GSM8K(PaperSource):
         limit: int | None = None,
         offset: int = 0,
     ) -> None:
-        _check_choice("GSM8K.split", split, ("train", "test"))
+        check_choice("GSM8K.split", split, ("train", "test"))
         super().__init__(
             split, local_path, hub_path, hub_name, data_files, revision, cache_dir, limit, offset
         )
@@ -489,7 +484,7 @@ class AlpacaEval(PaperSource):
         data_files: str | list[str] | dict[str, Any] | None = ALPACA_EVAL_FILE,
         cache_dir: str | None = None,
     ) -> None:
-        _check_choice("AlpacaEval.part", part, ("train", "test"))
+        check_choice("AlpacaEval.part", part, ("train", "test"))
         check_int("AlpacaEval.train_size", train_size, 1)
         if test_start is None:
             test_start = train_size + (ALPACA_TEST_START - ALPACA_TRAIN_SIZE)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from antidote_pl.data.records import Record
 from antidote_pl.data.templates import get_template, render
-from antidote_pl.errors import ConfigError, bad_value, check_int
+from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def _prompt_ids(tokenizer: Any, prompt: str, eos: int) -> list[int]:
 
 def check_tokenization(tokenization: str, field: str = "tokenization") -> str:
     """Returns ``tokenization`` if it is one of :data:`TOKENIZATIONS`, else raises a ConfigError."""
-    if tokenization not in TOKENIZATIONS:
-        raise bad_value(field, tokenization, f"one of {list(TOKENIZATIONS)}")
+    check_choice(field, tokenization, TOKENIZATIONS)
     return tokenization
 
 

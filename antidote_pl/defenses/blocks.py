@@ -19,7 +19,6 @@ without a new iterator per step; under DDP each rank reads its own shard.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from antidote_pl.data.records import Source
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_choice, check_number
 
 REPRESENTATIONS = ("block", "mlp")
 #: ``project``: this project's variant of a defense (documented per defense); ``parity``: the
@@ -128,8 +127,7 @@ def check_mode(owner: str, mode: Any) -> str:
     Raises:
         ConfigError: naming ``<owner>.mode`` otherwise.
     """
-    if mode not in MODES:
-        raise bad_value(f"{owner}.mode", mode, f"one of {list(MODES)}")
+    check_choice(f"{owner}.mode", mode, MODES)
     return mode
 
 
@@ -173,8 +171,7 @@ def representation_modules(model: nn.Module, representation: str) -> list[nn.Mod
     Raises:
         ConfigError: on an unknown representation or an architecture without the modules.
     """
-    if representation not in REPRESENTATIONS:
-        raise bad_value("representation", representation, f"one of {list(REPRESENTATIONS)}")
+    check_choice("representation", representation, REPRESENTATIONS)
     blocks = list(find_decoder_blocks(model))
     return blocks if representation == "block" else [find_mlp(b) for b in blocks]
 
@@ -273,43 +270,6 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- validation
-def check_number(
-    field: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    integer: bool = False,
-) -> None:
-    """Raises a :class:`ConfigError` naming ``field`` unless ``value`` is a finite number in range.
-
-    Args:
-        field: Name used in the message, e.g. ``"Vaccine.rho"``.
-        value: The value to check (booleans are rejected).
-        low: Lower bound, inclusive unless ``low_open``.
-        high: Upper bound, inclusive unless ``high_open``.
-        low_open: Exclude ``low`` itself.
-        high_open: Exclude ``high`` itself.
-        integer: Require an ``int``.
-    """
-    kind = "an int" if integer else "a number"
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low}")
-    if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {high}")
-    allowed = f"{kind} {' and '.join(bounds)}".strip()
-    types = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value):
-        raise bad_value(field, value, allowed)
-    if low is not None and (value < low or (low_open and value == low)):
-        raise bad_value(field, value, allowed)
-    if high is not None and (value > high or (high_open and value == high)):
-        raise bad_value(field, value, allowed)
-
-
 def check_sources(field: str, sources: Any) -> list[Source]:
     """Returns ``sources`` as a non-empty list of :class:`Source` (one source is accepted too).
 

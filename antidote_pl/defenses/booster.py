@@ -45,13 +45,12 @@ from antidote_pl.defenses.base import Defense
 from antidote_pl.defenses.blocks import (
     AuxiliaryStream,
     check_mode,
-    check_number,
     check_sources,
     global_norm,
     parity_value,
     trainable_parameters,
 )
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_number
 
 EPS = 1e-7
 #: Booster's own alignment settings (git-disl/Booster smooth_align.sh and BoosterAlignmentTrainer).

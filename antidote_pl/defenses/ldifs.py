@@ -47,11 +47,10 @@ from antidote_pl.defenses.blocks import (
     REPRESENTATIONS,
     capture_outputs,
     check_mode,
-    check_number,
     parity_value,
     representation_modules,
 )
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_choice, check_number
 
 REDUCTIONS = ("mean", "sum")
 #: The official per-layer guard: terms ``rho/2 * d_l`` at or above it are dropped (reference D).
@@ -106,10 +105,10 @@ class LDIFS(Defense):
     ) -> None:
         check_mode("LDIFS", mode)
         check_number("LDIFS.rho", rho, low=0.0)
-        if representation is not None and representation not in REPRESENTATIONS:
-            raise bad_value("LDIFS.representation", representation, f"one of {list(REPRESENTATIONS)}")
-        if reduction is not None and reduction not in REDUCTIONS:
-            raise bad_value("LDIFS.reduction", reduction, f"one of {list(REDUCTIONS)}")
+        if representation is not None:
+            check_choice("LDIFS.representation", representation, REPRESENTATIONS)
+        if reduction is not None:
+            check_choice("LDIFS.reduction", reduction, REDUCTIONS)
         if max_layer_distance is not None:
             check_number("LDIFS.max_layer_distance", max_layer_distance, low=0.0, low_open=True)
         self.mode = mode

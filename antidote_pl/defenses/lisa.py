@@ -34,8 +34,8 @@ import torch
 
 from antidote_pl.data.records import Source
 from antidote_pl.defenses.base import Defense
-from antidote_pl.defenses.blocks import AuxiliaryStream, check_number, check_sources, trainable_parameters
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.defenses.blocks import AuxiliaryStream, check_sources, trainable_parameters
+from antidote_pl.errors import ConfigError, bad_value, check_choice, check_number
 
 ALIGN, FINETUNE = "align", "finetune"
 OPTIMIZER_STATES = ("shared", "per_state")
@@ -80,8 +80,7 @@ class Lisa(Defense):
         check_number("Lisa.finetune_steps", finetune_steps, low=1, integer=True)
         check_number("Lisa.rho", rho, low=0.0)
         check_number("Lisa.proximal_start", proximal_start, low=0.0, high=1.0)
-        if optimizer_state not in OPTIMIZER_STATES:
-            raise bad_value("Lisa.optimizer_state", optimizer_state, f"one of {list(OPTIMIZER_STATES)}")
+        check_choice("Lisa.optimizer_state", optimizer_state, OPTIMIZER_STATES)
         self.align_steps = align_steps
         self.finetune_steps = finetune_steps
         self.rho = float(rho)

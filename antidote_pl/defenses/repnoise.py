@@ -56,12 +56,11 @@ from antidote_pl.defenses.blocks import (
     AuxiliaryStream,
     capture_outputs,
     check_mode,
-    check_number,
     check_sources,
     parity_value,
     representation_modules,
 )
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import check_choice, check_number
 
 IGNORE_INDEX = -100
 PAIRWISE = ("direct", "gram")
@@ -155,8 +154,7 @@ def gaussian_mmd(
         pairwise: ``direct`` (differences, exact) or ``gram`` (through inner products in fp64; for
             long vectors, same value up to rounding).
     """
-    if pairwise not in PAIRWISE:
-        raise bad_value("pairwise", pairwise, f"one of {list(PAIRWISE)}")
+    check_choice("pairwise", pairwise, PAIRWISE)
     z = torch.cat([x, y]).float()
     sq = _pairwise_sq(z, pairwise)
     count = z.shape[0]
@@ -214,8 +212,8 @@ class RepNoise(Defense):
         check_number("RepNoise.beta", beta, low=0.0)
         check_number("RepNoise.num_kernels", num_kernels, low=1, integer=True)
         check_number("RepNoise.kernel_mul", kernel_mul, low=1.0, low_open=True)
-        if representation is not None and representation not in REPRESENTATIONS:
-            raise bad_value("RepNoise.representation", representation, f"one of {list(REPRESENTATIONS)}")
+        if representation is not None:
+            check_choice("RepNoise.representation", representation, REPRESENTATIONS)
         self.mode = mode
         self.alpha = float(alpha)
         self.beta = float(beta)

@@ -41,10 +41,10 @@ from antidote_pl.defenses.blocks import (
     attention_modules,
     capture_outputs,
     check_mode,
-    check_number,
     find_decoder_blocks,
     global_norm,
 )
+from antidote_pl.errors import check_number
 
 EPS = 1e-7
 

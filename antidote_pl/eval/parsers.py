@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_choice
 
 SST2_LABELS = ("negative", "positive")  # index = GLUE label (1 = positive)
 AGNEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")  # index = AG News class id - 1
@@ -96,8 +96,7 @@ def get_parser(task: str) -> Callable[[str], object]:
     Raises:
         ConfigError: for a task without a parser.
     """
-    if task not in PARSERS:
-        raise bad_value("task", task, f"one of {sorted(PARSERS)}")
+    check_choice("task", task, PARSERS)
     return PARSERS[task]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.models.gguf import is_gguf_spec, load_gguf_causal_lm, load_gguf_tokenizer
 from antidote_pl.pruning.artifacts import has_artifacts, read_masks, verify_pruned_model
 from antidote_pl.utils.files import check_safetensors_file, read_json_file
@@ -27,8 +27,7 @@ STAGE_FILE = "antidote_stage.json"
 
 def resolve_dtype(dtype: str, field: str = "model.dtype") -> torch.dtype:
     """Maps ``fp32``/``bf16``/``fp16`` to a torch dtype, with a clear error otherwise."""
-    if dtype not in DTYPES:
-        raise bad_value(field, dtype, f"one of {sorted(DTYPES)}")
+    check_choice(field, dtype, DTYPES)
     return DTYPES[dtype]
 
 

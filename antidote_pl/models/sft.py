@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from antidote_pl.defenses.base import Defense
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_choice
 from antidote_pl.models.gguf import gguf_source
 from antidote_pl.models.loading import (
     STAGE_FILE,
@@ -118,10 +118,8 @@ class CausalLMSFTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["defense"])
         self.defense = defense
-        if finetuning not in FINETUNING:
-            raise bad_value("model.finetuning", finetuning, f"one of {FINETUNING}")
-        if scheduler not in SCHEDULERS:
-            raise bad_value("model.scheduler", scheduler, f"one of {SCHEDULERS}")
+        check_choice("model.finetuning", finetuning, FINETUNING)
+        check_choice("model.scheduler", scheduler, SCHEDULERS)
         if not 0.0 <= warmup_ratio < 1.0:
             raise bad_value("model.warmup_ratio", warmup_ratio, "a number in [0, 1)")
         if learning_rate <= 0:

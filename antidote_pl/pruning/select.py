@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import torch
 
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.pruning.scores import name_generator, random_scores
 
 SCOPES = ("row", "matrix", "global")
@@ -96,8 +96,7 @@ def masks_for_alphas(
         ConfigError: Bad α, scope, protection arguments, NaN scores or mismatched shapes.
     """
     alphas = [check_alpha(a) for a in alphas]
-    if scope not in SCOPES:
-        raise bad_value("scope", scope, f"one of {list(SCOPES)}")
+    check_choice("scope", scope, SCOPES)
     _check_scores(scores, "scores", need_2d=scope == "row")
     protected = _protected(scores, scope, protect_scores, protect_fraction, protect_mode)
     ranked = scores
@@ -141,8 +140,7 @@ def random_masks(
         seed: Seed; each tensor's draw depends only on the seed and its name.
     """
     alpha = check_alpha(alpha)
-    if scope not in RANDOM_SCOPES:
-        raise bad_value("scope", scope, f"one of {list(RANDOM_SCOPES)}")
+    check_choice("scope", scope, RANDOM_SCOPES)
     if scope == "row":
         return select_masks(random_scores(weights, seed), alpha, "row")
     masks = {}
@@ -174,8 +172,7 @@ def _protected(
     protect_fraction: float,
     protect_mode: str,
 ) -> dict[str, torch.Tensor] | None:
-    if protect_mode not in PROTECT_MODES:
-        raise bad_value("protect_mode", protect_mode, f"one of {list(PROTECT_MODES)}")
+    check_choice("protect_mode", protect_mode, PROTECT_MODES)
     if protect_fraction == 0:
         return None
     check_alpha(protect_fraction, "protect_fraction")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.pruning.targets import TargetInfo
 
 STATISTICS = ("sample_mean", "token_mean", "sample_token_mean")
@@ -174,8 +174,7 @@ class ActivationStats:
         Raises:
             ConfigError: Unknown ``kind``, or a target that saw no counted token.
         """
-        if kind not in STATISTICS:
-            raise bad_value("statistic", kind, f"one of {list(STATISTICS)}")
+        check_choice("statistic", kind, STATISTICS)
         empty = [n for n in self.names if self.n_tokens[n] == 0]
         if empty:
             raise bad_value(
@@ -321,8 +320,7 @@ def batch_token_mask(batch: Mapping[str, torch.Tensor], token_mask: str = "atten
         token_mask: ``"attention"``: every non-padding token (official parity); ``"response"``:
             non-padding tokens whose label is not -100 (labels are unshifted, as in HF batches).
     """
-    if token_mask not in TOKEN_MASKS:
-        raise bad_value("token_mask", token_mask, f"one of {list(TOKEN_MASKS)}")
+    check_choice("token_mask", token_mask, TOKEN_MASKS)
     if "attention_mask" in batch:
         mask = batch["attention_mask"].bool()
     else:
@@ -356,8 +354,7 @@ def run_calibration(
     Returns:
         Number of batches run.
     """
-    if token_mask not in TOKEN_MASKS:
-        raise bad_value("token_mask", token_mask, f"one of {list(TOKEN_MASKS)}")
+    check_choice("token_mask", token_mask, TOKEN_MASKS)
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_choice
 
 TARGET_KINDS = ("lora", "lora_delta", "linear")
 
@@ -160,8 +160,7 @@ def find_targets(
     Raises:
         ConfigError: Unknown ``target``, or nothing matched (the message says what was found).
     """
-    if target not in TARGET_KINDS:
-        raise bad_value("target", target, f"one of {list(TARGET_KINDS)}")
+    check_choice("target", target, TARGET_KINDS)
     param_names = {id(p): n for n, p in model.named_parameters()}
     if target == "linear":
         candidates = _linear_targets(model, param_names)

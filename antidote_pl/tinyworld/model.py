@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_choice
 
 _COMMON: dict[str, Any] = {
     "num_attention_heads": 4,
@@ -49,8 +49,7 @@ def tiny_llama_config(size: str = "default", vocab_size: int | None = None) -> d
         antidote_pl.errors.ConfigError: on an unknown size or a vocabulary smaller than the
             tokenizer's.
     """
-    if size not in TINY_MODEL_CONFIGS:
-        raise bad_value("tiny_llama_config.size", size, f"one of {sorted(TINY_MODEL_CONFIGS)}")
+    check_choice("tiny_llama_config.size", size, TINY_MODEL_CONFIGS)
     from antidote_pl.tinyworld.tokenizer import build_tokenizer
 
     tok = build_tokenizer()

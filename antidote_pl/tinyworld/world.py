@@ -23,7 +23,7 @@ from functools import lru_cache
 from types import MappingProxyType
 
 from antidote_pl.data.records import Record, Source
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_choice
 
 # --------------------------------------------------------------------------------------------
 # Word lists and templates. Placeholders ("{v}") are whitespace-separated tokens so that
@@ -511,8 +511,7 @@ def _pretrain_records(
 
 
 def _check_kind_split(kind: str, split: str, owner: str = "tinyworld") -> None:
-    if kind not in KIND_SPLITS:
-        raise bad_value(f"{owner}.kind", kind, f"one of {list(KIND_SPLITS)}")
+    check_choice(f"{owner}.kind", kind, KIND_SPLITS)
     if split not in KIND_SPLITS[kind]:
         raise bad_value(f"{owner}.split", split, f"one of {list(KIND_SPLITS[kind])} for kind={kind!r}")
 
