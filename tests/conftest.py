@@ -76,6 +76,26 @@ def tiny_finetune_data(num_samples: int = 32, realignment_size: int = 8, **kw):
     return HarmfulFinetuneDataModule(**{**args, **kw})
 
 
+def make_stages(root: Path) -> tuple[Path, Path]:
+    """Saves a tiny full base and a LoRA (r=4) trained 3 steps on it at lr 1e-2, so B != 0.
+
+    Returns:
+        ``(base, adapter)``: ``root/base`` and ``root/finetune``.
+    """
+    import lightning as L
+
+    from antidote_pl.models.sft import CausalLMSFTModule
+
+    L.seed_everything(0)
+    base, adapter = root / "base", root / "finetune"
+    full = CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full")
+    full.save_stage(str(base))
+    finetune = CausalLMSFTModule(model_name_or_path=str(base), lora_r=4, lora_alpha=8, learning_rate=1e-2)
+    L.Trainer(max_steps=3, **quiet_trainer_kwargs(root)).fit(finetune, datamodule=tiny_finetune_data())
+    finetune.save_stage(str(adapter))
+    return base, adapter
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """Runs the README's main job (the tiny-world pipeline) once per session, in a temporary cwd.

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
+from conftest import REPO, TINY_LLAMA, make_stages, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import WandaPruneCallback
 from antidote_pl.cli import main
@@ -51,14 +51,8 @@ REPAIR = str(REPO / "configs" / "tiny" / "repair.yaml")
 def stages(tmp_path_factory) -> dict[str, Path]:
     """A tiny full base, a LoRA fine-tuned on it, and a Wanda repair of that LoRA (scores saved)."""
     root = tmp_path_factory.mktemp("input_errors")
-    L.seed_everything(0)
-    base, adapter, repair = root / "base", root / "finetune", root / "repair"
-    CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full").save_stage(
-        str(base)
-    )
-    finetune = CausalLMSFTModule(model_name_or_path=str(base), lora_r=4, lora_alpha=8, learning_rate=1e-2)
-    L.Trainer(max_steps=3, **quiet_trainer_kwargs(root)).fit(finetune, datamodule=tiny_finetune_data())
-    finetune.save_stage(str(adapter))
+    base, adapter = make_stages(root)
+    repair = root / "repair"
     module = CausalLMSFTModule(
         model_name_or_path=str(base), adapter_path=str(adapter), output_dir=str(repair)
     )

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
+from conftest import REPO, make_stages, quiet_trainer_kwargs, tiny_finetune_data
 from peft.tuners.lora import LoraLayer
 
 from antidote_pl.callbacks import (
@@ -50,18 +50,6 @@ REPAIR_CONFIG = REPO / "configs" / "tiny" / "repair.yaml"
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
-def make_stages(root: Path) -> tuple[Path, Path]:
-    """Saves a tiny full base and a LoRA (r=4) trained 3 steps on it at lr 1e-2, so B != 0."""
-    L.seed_everything(0)
-    base, adapter = root / "base", root / "finetune"
-    full = CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full")
-    full.save_stage(str(base))
-    finetune = CausalLMSFTModule(model_name_or_path=str(base), lora_r=4, lora_alpha=8, learning_rate=1e-2)
-    L.Trainer(max_steps=3, **quiet_trainer_kwargs(root)).fit(finetune, datamodule=tiny_finetune_data())
-    finetune.save_stage(str(adapter))
-    return base, adapter
 
 
 def repair_module(stages: tuple[Path, Path], **kw) -> CausalLMSFTModule:

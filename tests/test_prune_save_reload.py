@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
+from conftest import make_stages, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import MagnitudePruneCallback, WandaPruneCallback
 from antidote_pl.models.loading import STAGE_FILE, load_stage
@@ -25,14 +25,8 @@ from antidote_pl.pruning.artifacts import read_masks
 def stages(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A tiny full base, a LoRA trained on it (B != 0) and a fully fine-tuned copy."""
     root = tmp_path_factory.mktemp("save_reload")
-    L.seed_everything(0)
-    base, adapter, full = root / "base", root / "adapter", root / "full"
-    CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full").save_stage(
-        str(base)
-    )
-    lora = CausalLMSFTModule(model_name_or_path=str(base), lora_r=4, lora_alpha=8, learning_rate=1e-2)
-    L.Trainer(max_steps=3, **quiet_trainer_kwargs(root)).fit(lora, datamodule=tiny_finetune_data())
-    lora.save_stage(str(adapter))
+    base, adapter = make_stages(root)
+    full = root / "full"
     tuned = CausalLMSFTModule(model_name_or_path=str(base), finetuning="full", learning_rate=1e-3)
     L.Trainer(max_steps=2, **quiet_trainer_kwargs(root)).fit(tuned, datamodule=tiny_finetune_data())
     tuned.save_stage(str(full))
