@@ -81,20 +81,27 @@ def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def _find_child(block: nn.Module, pattern: re.Pattern, names: str, option: tuple[str, str, str]) -> nn.Module:
+    """The first direct child of ``block`` whose class name matches ``pattern``.
+
+    Raises:
+        ConfigError: naming the option that needs it (``option`` = field, value, the alternative).
+    """
+    for child in block.children():
+        if pattern.search(type(child).__name__):
+            return child
+    field, value, alternative = option
+    found = f"{type(block).__name__} has no direct child whose class name contains {names}"
+    raise bad_value(field, value, f"{alternative}: {found}")
+
+
 def find_mlp(block: nn.Module) -> nn.Module:
     """Returns the feed-forward child of a decoder block (class name with "MLP"/"FeedForward"/"FFN").
 
     Raises:
         ConfigError: if the block has no such direct child.
     """
-    for child in block.children():
-        if _MLP_CLASS.search(type(child).__name__):
-            return child
-    raise bad_value(
-        "representation",
-        "mlp",
-        f"'block': {type(block).__name__} has no direct child whose class name contains MLP/FeedForward/FFN",
-    )
+    return _find_child(block, _MLP_CLASS, "MLP/FeedForward/FFN", ("representation", "mlp", "'block'"))
 
 
 def find_attention(block: nn.Module) -> nn.Module:
@@ -106,14 +113,7 @@ def find_attention(block: nn.Module) -> nn.Module:
     Raises:
         ConfigError: if the block has no such direct child.
     """
-    for child in block.children():
-        if _ATTENTION_CLASS.search(type(child).__name__):
-            return child
-    raise bad_value(
-        "Vaccine.mode",
-        "parity",
-        f"'project': {type(block).__name__} has no direct child whose class name contains Attention/Attn",
-    )
+    return _find_child(block, _ATTENTION_CLASS, "Attention/Attn", ("Vaccine.mode", "parity", "'project'"))
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
