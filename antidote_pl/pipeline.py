@@ -29,9 +29,15 @@ from typing import Any
 
 import yaml
 
-from antidote_pl.cli import validate_config
+from antidote_pl.cli import AntidoteCLI, validate_config
+from antidote_pl.data.bpe import build_parser as tokenizer_parser
+from antidote_pl.data.bpe import main as tokenizer_main
 from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.models.loading import read_stage_metadata
+from antidote_pl.pruning import apply_target_masks_, find_targets, masks_for_alphas, overall_fraction
+from antidote_pl.pruning.artifacts import artifacts_fingerprint, read_report, read_scores
+from antidote_pl.pruning.select import check_alpha
+from antidote_pl.pruning.targets import to_param_layout
 from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.hashing import directory_fingerprint
 from antidote_pl.utils.io import (
@@ -202,7 +208,6 @@ def _done_seconds(directory: str | Path) -> float | None:
 
 
 def _fit(configs: list[str], overrides: list[str]) -> None:
-    from antidote_pl.cli import AntidoteCLI
 
     args = ["fit"]
     for c in configs:
@@ -212,8 +217,6 @@ def _fit(configs: list[str], overrides: list[str]) -> None:
 
 def _run_command(spec: StageSpec) -> None:
     if spec.command == "tokenizer":
-        from antidote_pl.data.bpe import main as tokenizer_main
-
         tokenizer_main(["--config", spec.config, *spec.overrides, "--overwrite=true"])
     else:
         _fit([spec.config], [*spec.overrides, OVERWRITE_STAGE])
@@ -221,9 +224,7 @@ def _run_command(spec: StageSpec) -> None:
 
 def _validate_stage(spec: StageSpec) -> None:
     if spec.command == "tokenizer":
-        from antidote_pl.data.bpe import build_parser
-
-        build_parser().parse_args(["--config", spec.config, *spec.overrides])
+        tokenizer_parser().parse_args(["--config", spec.config, *spec.overrides])
     else:
         validate_config([spec.config], spec.overrides)
 
@@ -250,7 +251,6 @@ def _validate_configs(
 
 
 def _evaluator(config: str, stage: str, merge: bool):
-    from antidote_pl.cli import AntidoteCLI
 
     cli = AntidoteCLI(
         args=[
@@ -304,7 +304,6 @@ def run_pipeline(
             ``output_dir`` that may not be written (an unmarked non-empty directory, one inside a
             stage output, one another run is writing), before any work.
     """
-    from antidote_pl.pruning.select import check_alpha
 
     if not stages:
         raise bad_value("stages", stages, "at least one training stage")
@@ -455,10 +454,6 @@ def run_pipeline(
             name, stage_dirs[name], _done_key(stage_dirs[name]), cached, evaluation, eval_text, console
         )
         rows.append({**row, "reference": True})
-
-    from antidote_pl.pruning import apply_target_masks_, find_targets, masks_for_alphas, overall_fraction
-    from antidote_pl.pruning.artifacts import artifacts_fingerprint, read_report, read_scores
-    from antidote_pl.pruning.targets import to_param_layout
 
     evaluator, datamodule, trainer = _evaluator(evaluation, finetuned, merge=False)
     peft_model = evaluator.model

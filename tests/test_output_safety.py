@@ -487,7 +487,7 @@ def test_pipeline_passes_overwrite_to_its_own_stages(monkeypatch):
 
     calls = []
     monkeypatch.setattr(pipeline, "_fit", lambda configs, overrides: calls.append(overrides))
-    monkeypatch.setattr("antidote_pl.data.bpe.main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(pipeline, "tokenizer_main", lambda argv: calls.append(argv))
     pipeline._run_command(StageSpec("a", "a.yaml", ["--trainer.max_steps=1"]))
     pipeline._run_command(StageSpec("t", "t.yaml", command="tokenizer"))
     assert calls == [["--trainer.max_steps=1", OVERWRITE_STAGE], ["--config", "t.yaml", "--overwrite=true"]]

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from antidote_pl.data.records import fingerprint_records
 from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.pruning import (
     SCOPES,
@@ -302,7 +303,6 @@ class WandaPruneCallback(BasePruneCallback):
 
     def extra_report(self, trainer: L.Trainer) -> dict[str, Any]:
         records = _calibration_records(trainer, self.calibration)
-        from antidote_pl.data.records import fingerprint_records
 
         return {
             "calibration_samples": self._calibration_counts.get(self.calibration, 0),

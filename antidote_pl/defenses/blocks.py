@@ -29,6 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from antidote_pl.data.records import Source
+from antidote_pl.data.templates import get_template
+from antidote_pl.data.tokenize import SFTCollator, tokenize_records
 from antidote_pl.errors import ConfigError, bad_value, check_choice, check_number
 
 REPRESENTATIONS = ("block", "mlp")
@@ -326,8 +328,6 @@ class AuxiliaryStream:
             check_number(f"{owner}.max_length", max_length, low=1, integer=True)
         check_number(f"{owner}.seed", seed, low=0, integer=True)
         if template is not None:
-            from antidote_pl.data.templates import get_template
-
             get_template(template)
         self.sources = list(sources)
         self.field = field
@@ -360,7 +360,6 @@ class AuxiliaryStream:
         Raises:
             ConfigError: if a source yields no record, or a setting is missing.
         """
-        from antidote_pl.data.tokenize import SFTCollator, tokenize_records
 
         batcher = _datamodule_batcher(module)
         template = self._setting("template", self.template, batcher)

@@ -35,7 +35,7 @@ from antidote_pl.data.templates import get_template, render_prompt
 from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.eval.generation import gather_objects, generate, rank_and_world_size, shard_for_rank
 from antidote_pl.eval.responses import normalise_response
-from antidote_pl.utils.io import atomic_write_text
+from antidote_pl.utils.io import atomic_write_text, check_apart_from_inputs
 
 #: The fields of one AlpacaEval model-output record, in the order they are written.
 ALPACA_EVAL_FIELDS = ("instruction", "output", "generator")
@@ -220,8 +220,6 @@ class AlpacaEvalOutputs(L.Callback):
             )
         stage_dir = getattr(pl_module, "stage", None)
         if stage_dir is not None and Path(stage_dir).exists():
-            from antidote_pl.utils.io import check_apart_from_inputs
-
             check_apart_from_inputs(
                 self.output_path, "AlpacaEvalOutputs.output_path", {"model.stage": stage_dir}
             )

@@ -26,6 +26,7 @@ from antidote_pl.eval.judges import Judge, KeywordJudge
 from antidote_pl.eval.metrics import HarmfulScore, RateByCategory, TaskAccuracy
 from antidote_pl.eval.parsers import get_parser, is_correct
 from antidote_pl.eval.responses import normalise_response
+from antidote_pl.models.loading import load_stage
 from antidote_pl.utils.io import (
     OutputLock,
     atomic_write_json,
@@ -216,7 +217,6 @@ class StageEvaluator(L.LightningModule):
         ):
             if value <= 0:
                 raise bad_value(field, value, "a positive integer")
-        from antidote_pl.models.loading import load_stage
 
         self.stage = stage
         self.overwrite = overwrite

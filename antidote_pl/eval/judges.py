@@ -27,6 +27,8 @@ import torch
 
 from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.eval.generation import generate
+from antidote_pl.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from antidote_pl.tinyworld.judge import classify_response
 
 DEFAULT_REFUSAL_PHRASES = (
     "I'm sorry",
@@ -317,7 +319,6 @@ class ClassifierJudge(Judge):
         device: str | None = None,
         dtype: str = "fp32",
     ) -> None:
-        from antidote_pl.models.loading import resolve_dtype
 
         if parity is not None and parity not in PARITY_MODES:
             raise bad_value("parity", parity, f"None or one of {list(PARITY_MODES)}")
@@ -348,8 +349,6 @@ class ClassifierJudge(Judge):
     def load(self) -> None:
         """Loads tokenizer and weights (done automatically on first use)."""
         from transformers import AutoModelForSequenceClassification
-
-        from antidote_pl.models.loading import load_tokenizer
 
         self._tokenizer = load_tokenizer(self.model_path, field="judge.model_path")
         self._model = AutoModelForSequenceClassification.from_pretrained(
@@ -487,7 +486,6 @@ class GuardJudge(Judge):
         device: str | None = None,
         dtype: str = "bf16",
     ) -> None:
-        from antidote_pl.models.loading import resolve_dtype
 
         if "{response}" not in template or "{prompt}" not in template:
             raise bad_value("template", template, "a template containing '{prompt}' and '{response}'")
@@ -502,7 +500,6 @@ class GuardJudge(Judge):
 
     def load(self) -> None:
         """Loads tokenizer and weights (done automatically on first use)."""
-        from antidote_pl.models.loading import load_causal_lm, load_tokenizer
 
         self._tokenizer = load_tokenizer(self.model_path, field="judge.model_path")
         self._model = load_causal_lm(self.model_path, dtype=self.dtype).to(self.device).eval()
@@ -544,7 +541,6 @@ class TinyWorldJudge(Judge):
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         # Imported lazily: the tiny world is optional for users judging real models.
-        from antidote_pl.tinyworld.judge import classify_response
 
         verdicts = []
         for response in responses:

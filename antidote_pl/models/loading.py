@@ -15,6 +15,8 @@ from torch import nn
 from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.models.gguf import is_gguf_spec, load_gguf_causal_lm, load_gguf_tokenizer
 from antidote_pl.pruning.artifacts import has_artifacts, read_masks, verify_pruned_model
+from antidote_pl.tinyworld.model import tiny_llama_config
+from antidote_pl.tinyworld.tokenizer import build_tokenizer
 from antidote_pl.utils.files import check_safetensors_file, read_json_file
 from antidote_pl.utils.hashing import tensors_fingerprint
 
@@ -61,8 +63,6 @@ def load_tokenizer(spec: str, field: str = "tokenizer"):
         ConfigError: if the tokenizer cannot be found or loaded.
     """
     if spec == TINY_WORLD:
-        from antidote_pl.tinyworld.tokenizer import build_tokenizer
-
         tok = build_tokenizer()
     elif is_gguf_spec(spec):
         tok = load_gguf_tokenizer(spec, field)
@@ -102,7 +102,6 @@ def build_config(model_config: dict | str, vocab_size: int | None, field: str = 
         presets = {TINY_WORLD: "default", f"{TINY_WORLD}-fast": "fast"}
         if model_config not in presets:
             raise bad_value(field, model_config, f"a dict with 'model_type' or one of {sorted(presets)}")
-        from antidote_pl.tinyworld.model import tiny_llama_config
 
         model_config = {"model_type": "llama", **tiny_llama_config(presets[model_config])}
     cfg = dict(model_config)

@@ -37,6 +37,7 @@ from antidote_pl.models.loading import (
 from antidote_pl.models.loading import (
     merge_adapters as merge_lora_adapters,
 )
+from antidote_pl.pruning.targets import default_lora_target_modules
 from antidote_pl.utils.console import say
 from antidote_pl.utils.io import (
     OutputLock,
@@ -217,7 +218,6 @@ class CausalLMSFTModule(L.LightningModule):
         if hp.adapter_path is not None:
             check_adapter_dir(hp.adapter_path, model, "model.adapter_path")
             return PeftModel.from_pretrained(model, hp.adapter_path, is_trainable=True)
-        from antidote_pl.pruning.targets import default_lora_target_modules
 
         targets = list(hp.lora_target_modules or default_lora_target_modules(model))
         config = LoraConfig(

@@ -16,7 +16,9 @@ import json
 from typing import Any
 
 from antidote_pl.data.templates import render_prompt
+from antidote_pl.errors import run_entry_point
 from antidote_pl.eval.generation import generate
+from antidote_pl.models.loading import load_stage
 from antidote_pl.tinyworld.judge import classify_response, sentiment_prediction
 from antidote_pl.tinyworld.world import build_world
 
@@ -68,7 +70,6 @@ def rates(model, tokenizer, seed: int = 0, template: str = "tiny", batch_size: i
 
 def check_stage(stage_dir: str, seed: int = 0) -> dict[str, Any]:
     """Loads a stage output directory and returns :func:`rates` for it."""
-    from antidote_pl.models.loading import load_stage
 
     model, tokenizer = load_stage(stage_dir)
     return {"stage": stage_dir, **rates(model, tokenizer, seed=seed)}
@@ -94,6 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from antidote_pl.errors import run_entry_point
-
     run_entry_point(main, prog="antidote_pl.tinyworld.check")

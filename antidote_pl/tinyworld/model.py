@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from antidote_pl.errors import bad_value, check_choice
+from antidote_pl.tinyworld.tokenizer import build_tokenizer
 
 _COMMON: dict[str, Any] = {
     "num_attention_heads": 4,
@@ -50,7 +51,6 @@ def tiny_llama_config(size: str = "default", vocab_size: int | None = None) -> d
             tokenizer's.
     """
     check_choice("tiny_llama_config.size", size, TINY_MODEL_CONFIGS)
-    from antidote_pl.tinyworld.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     if vocab_size is None:

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from antidote_pl.data.records import Source
 from antidote_pl.errors import ConfigError, bad_value
 
 #: Marker of a tokenizer, judge, evaluation or pipeline output directory written by this project.
@@ -536,7 +537,6 @@ def source_paths(field: str, value: Any) -> dict[str, Any]:
     Takes the ``path`` and ``data_files`` of each :class:`~antidote_pl.data.records.Source`; anything
     else in ``value`` is ignored.
     """
-    from antidote_pl.data.records import Source
 
     items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
     found: dict[str, Any] = {}
