@@ -33,6 +33,7 @@ from antidote_pl.cli import AntidoteCLI, validate_config
 from antidote_pl.data.bpe import build_parser as tokenizer_parser
 from antidote_pl.data.bpe import main as tokenizer_main
 from antidote_pl.errors import ConfigError, bad_value, check_choice
+from antidote_pl.eval.intervals import rate_interval
 from antidote_pl.models.loading import read_stage_metadata
 from antidote_pl.pruning import apply_target_masks_, find_targets, masks_for_alphas, overall_fraction
 from antidote_pl.pruning.artifacts import artifacts_fingerprint, read_report, read_scores
@@ -580,8 +581,12 @@ def _done_key(directory: str) -> str:
     return json.loads(marker.read_text()).get("key", "") if marker.is_file() else ""
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _fmt(value: float | None, n: int | None = None) -> str:
+    """A rate in percent, with its Wilson 95% interval when the count ``n`` behind it is known."""
+    if value is None:
+        return "n/a"
+    ci = rate_interval(value, n)
+    return f"{value:.1f}" if ci is None else f"{value:.1f} ({ci[0]:.1f}-{ci[1]:.1f})"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -597,13 +602,25 @@ def report_markdown(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
         removed = "-" if r.get("removed_fraction") is None else f"{100 * r['removed_fraction']:.1f}"
+        n_hs, n_fa = r.get("n_harmful_score", 0), r.get("n_finetune_accuracy", 0)
         lines.append(
-            f"| {r['method']} | {alpha} | {removed} | {_fmt(r.get('harmful_score'))} | "
-            + "".join(f"{_fmt(r.get(f'harmful_score/{name}'))} | " for name in extra)
-            + f"{_fmt(r.get('finetune_accuracy'))} | {_fmt(r.get('coherent_rate'))} | "
-            f"{r.get('n_harmful_score', 0)} | {r.get('n_finetune_accuracy', 0)} |"
+            f"| {r['method']} | {alpha} | {removed} | {_fmt(r.get('harmful_score'), n_hs)} | "
+            + "".join(f"{_fmt(r.get(f'harmful_score/{name}'), n_hs)} | " for name in extra)
+            + f"{_fmt(r.get('finetune_accuracy'), n_fa)} | {_fmt(r.get('coherent_rate'), n_hs)} | "
+            f"{n_hs} | {n_fa} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _error_bars(points: list[dict[str, Any]], key: str, n_key: str) -> list[list[float]]:
+    """Matplotlib's ``[[below], [above]]`` distances to each point's Wilson 95% interval."""
+    below, above = [], []
+    for p in points:
+        ci = rate_interval(p.get(key), p.get(n_key))
+        value = p.get(key) or 0.0
+        below.append(0.0 if ci is None else value - ci[0])
+        above.append(0.0 if ci is None else ci[1] - value)
+    return [below, above]
 
 
 def extra_judge_names(rows: list[dict[str, Any]]) -> list[str]:
@@ -626,7 +643,9 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         "# antidote_pl report\n\n"
         "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better). "
         "FA: fine-tune accuracy, % of held-out task questions answered correctly. "
-        "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised.\n\n"
+        "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised. "
+        "One run (one seed); in brackets the Wilson 95% interval over the n prompts of the last "
+        "two columns.\n\n"
     )
     atomic_write_text(out / "report.md", header + report_markdown(report))
 
@@ -636,8 +655,14 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         pts = [r for r in report["rows"] if r["method"] == method]
         if none is not None:
             pts = [none, *pts]
-        ax.plot(
-            [p["finetune_accuracy"] for p in pts], [p["harmful_score"] for p in pts], marker="o", label=method
+        ax.errorbar(
+            [p["finetune_accuracy"] for p in pts],
+            [p["harmful_score"] for p in pts],
+            xerr=_error_bars(pts, "finetune_accuracy", "n_finetune_accuracy"),
+            yerr=_error_bars(pts, "harmful_score", "n_harmful_score"),
+            marker="o",
+            capsize=2,
+            label=method,
         )
     for r in report["rows"]:
         # References, baselines and combined defenses are single points, not sweeps.
@@ -651,7 +676,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             )
     ax.set_xlabel("fine-tune accuracy FA (%)")
     ax.set_ylabel("harmful score HS (%)")
-    ax.set_title("Repair trade-off: alpha sweep per method (starts at the unrepaired model)")
+    ax.set_title("Repair trade-off per method (from the unrepaired model); bars: Wilson 95%")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

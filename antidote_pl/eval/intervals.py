@@ -1,0 +1,39 @@
+"""Confidence intervals for the rates a report shows (HS, FA, coherence): every figure carries one."""
+
+from __future__ import annotations
+
+import math
+
+from antidote_pl.errors import check_int
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion, in percent.
+
+    Preferred over the normal (Wald) interval because it stays inside [0, 100] and keeps a sensible
+    width at 0 or n successes, which repaired models (HS 0) and attacked ones (HS 100) often have.
+
+    Args:
+        successes: Number of positives (e.g. harmful answers).
+        n: Number of trials (e.g. prompts); must be >= 1.
+        z: Normal quantile (default: 95%).
+
+    Returns:
+        ``(low, high)`` in percent.
+    """
+    check_int("n", n, 1)
+    check_int("successes", successes, 0, n)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def rate_interval(rate_percent: float | None, n: int | None) -> tuple[float, float] | None:
+    """The Wilson interval of a rate given in percent over ``n`` items (``None`` when undefined)."""
+    if rate_percent is None or not n:
+        return None
+    return wilson_interval(round(rate_percent * n / 100), n)

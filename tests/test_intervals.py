@@ -1,0 +1,51 @@
+"""Wilson intervals against values computed by hand from the closed form."""
+
+from __future__ import annotations
+
+import pytest
+
+from antidote_pl.errors import ConfigError
+from antidote_pl.eval.intervals import rate_interval, wilson_interval
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        (5, 10, 23.659, 76.341),
+        (0, 10, 0.0, 27.753),
+        (10, 10, 72.247, 100.0),
+        (1, 300, 0.0589, 1.8637),
+        (170, 300, 51.010, 62.155),
+    ],
+)
+def test_known_values(k, n, low, high):
+    lo, hi = wilson_interval(k, n)
+    assert lo == pytest.approx(low, abs=2e-3) and hi == pytest.approx(high, abs=2e-3)
+
+
+def test_rate_interval_and_bad_input():
+    assert rate_interval(56.666666, 300) == wilson_interval(170, 300)
+    assert rate_interval(None, 300) is None and rate_interval(50.0, 0) is None
+    with pytest.raises(ConfigError, match="successes=11"):
+        wilson_interval(11, 10)
+    with pytest.raises(ConfigError, match="n=0"):
+        wilson_interval(0, 0)
+
+
+def test_report_cells_carry_the_interval_of_their_n():
+    from antidote_pl.pipeline import report_markdown
+
+    row = {
+        "method": "wanda",
+        "alpha": 0.1,
+        "removed_fraction": 0.1,
+        "harmful_score": 50.0,
+        "finetune_accuracy": 100.0,
+        "coherent_rate": 100.0,
+        "n_harmful_score": 10,
+        "n_finetune_accuracy": 10,
+    }
+    line = report_markdown({"rows": [row]}).splitlines()[2]
+    assert line == (
+        "| wanda | 0.1 | 10.0 | 50.0 (23.7-76.3) | 100.0 (72.2-100.0) | 100.0 (72.2-100.0) | 10 | 10 |"
+    )
