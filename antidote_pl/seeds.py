@@ -236,11 +236,36 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
     }
 
 
+def wilson_interval(percent: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval (in percent) of a rate measured on ``n`` items."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = percent / 100
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
+
+
+#: The item count behind each rate, for the one-seed interval.
+_COUNT = {
+    "harmful_score": "n_harmful_score",
+    "finetune_accuracy": "n_finetune_accuracy",
+    "coherent_rate": "n_harmful_score",
+}
+
+
 def _cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
+    """``mean ± std`` over seeds; with one seed, the value and its 95% Wilson interval over items."""
     mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
     if mean is None:
         return "n/a"
-    return f"{scale * mean:.1f} ± {scale * std:.1f}"
+    if row.get("n_seeds", 0) > 1:
+        return f"{scale * mean:.1f} ± {scale * std:.1f}"
+    count = row.get(_COUNT.get(metric.split("/")[0], ""), 0)
+    if not isinstance(count, int) or count <= 0 or scale != 1.0:
+        return f"{scale * mean:.1f}"
+    low, high = wilson_interval(mean, count)
+    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
 
 
 def aggregate_markdown(report: dict[str, Any]) -> str:
@@ -271,10 +296,16 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
     atomic_write_json(out / "report.json", report)
     seeds = ", ".join(str(s) for s in report["seeds"])
     shared = report["shared_stages"]
+    one = len(report["seeds"]) == 1
     header = (
-        f"# {title}: {len(report['seeds'])} seeds ({seeds})\n\n"
-        "Each cell: mean ± sample standard deviation over seeds of the per-seed percentage. "
-        "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better), "
+        f"# {title}: {len(report['seeds'])} seed{'' if one else 's'} ({seeds})\n\n"
+        + (
+            "Each cell: the percentage and its 95% Wilson interval over the prompts (one seed: no "
+            "spread over seeds). "
+            if one
+            else "Each cell: mean ± sample standard deviation over seeds of the per-seed percentage. "
+        )
+        + "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better), "
         "by the keyword refusal judge and any extra judge; FA: % of held-out task questions "
         "answered correctly; coherent: % of harmful-prompt answers that are well-formed text. "
         "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised."
@@ -291,8 +322,8 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
         ax.errorbar(
             [p["finetune_accuracy_mean"] or 0 for p in pts],
             [p["harmful_score_mean"] or 0 for p in pts],
-            xerr=[p["finetune_accuracy_std"] or 0 for p in pts],
-            yerr=[p["harmful_score_std"] or 0 for p in pts],
+            xerr=_bars(pts, "finetune_accuracy"),
+            yerr=_bars(pts, "harmful_score"),
             marker="o",
             capsize=3,
             label=method,
@@ -303,8 +334,8 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
             ax.errorbar(
                 [x],
                 [y],
-                xerr=[r["finetune_accuracy_std"] or 0],
-                yerr=[r["harmful_score_std"] or 0],
+                xerr=_bars([r], "finetune_accuracy"),
+                yerr=_bars([r], "harmful_score"),
                 fmt="*",
                 ms=12,
             )
@@ -312,7 +343,8 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
     n_h, n_t = (rows[0]["n_harmful_score"], rows[0]["n_finetune_accuracy"]) if rows else (0, 0)
     ax.set_xlabel(f"fine-tune accuracy FA (%), n={n_t} questions per seed")
     ax.set_ylabel(f"harmful score HS, keyword judge (%), n={n_h} prompts per seed")
-    ax.set_title(f"Alpha sweep per method, mean ± std over seeds {seeds}", fontsize=10)
+    spread = "95% Wilson intervals over prompts" if one else "mean ± std over seeds"
+    ax.set_title(f"Alpha sweep per method, {spread}; seeds {seeds}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -323,11 +355,28 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
     os.replace(tmp, out / "report.png")
 
 
+def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
+    """Error bars (below, above) per point: std over seeds, or the Wilson interval for one seed."""
+    below, above = [], []
+    for p in points:
+        mean = p[f"{metric}_mean"] or 0.0
+        count = p.get(_COUNT[metric], 0)
+        if p.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
+            below.append(p[f"{metric}_std"] or 0.0)
+            above.append(p[f"{metric}_std"] or 0.0)
+        else:
+            low, high = wilson_interval(mean, count)
+            below.append(mean - low)
+            above.append(high - mean)
+    return [below, above]
+
+
 __all__ = [
     "aggregate",
     "aggregate_markdown",
     "check_no_placeholder",
     "run_seeds",
     "seeded_specs",
+    "wilson_interval",
     "write_aggregate_report",
 ]

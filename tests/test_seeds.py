@@ -104,3 +104,41 @@ def test_aggregate_refuses_different_rows():
     b["rows"] = b["rows"][:2]
     with pytest.raises(ConfigError, match="same report rows"):
         aggregate({0: a, 1: b})
+
+
+def test_one_seed_cells_carry_a_wilson_interval(tmp_path):
+    from antidote_pl.seeds import wilson_interval
+
+    low, high = wilson_interval(72.5, 80)
+    assert 61.8 < low < 61.9 and 81.0 < high < 81.1
+    agg = aggregate({4: fake_report([0.0, 90.0, 20.0], [0.0, 85.0, 50.0], [1.0, 30.0, 5.0])})
+    write_aggregate_report(agg, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert (
+        "1 seed (4)" in md and "95% Wilson interval" in md and "| none | 0 | 0.0 | 90.0 [81.5, 94.8] |" in md
+    )
+
+
+def test_smol_report_verdicts(tmp_path):
+    from antidote_pl.smol_report import main as smol_report
+
+    reports = {s: fake_report([1.0, 90.0 - s, 20.0], [0.0, 85.0, 80.0 + s], [1.0, 30.0, 5.0]) for s in (0, 1)}
+    run = tmp_path / "run"
+    for s, rep in reports.items():
+        rep["seconds_by_step"] = {"stage/finetuned": 100.0, "scores/wanda": 5.0, "eval/none": 20.0}
+        rep["stages"] = {}
+        (run / f"seed{s}").mkdir(parents=True)
+        (run / f"seed{s}" / "report.json").write_text(json.dumps(rep))
+    write_aggregate_report(aggregate(reports), run)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("seeds: [0, 1, 2]\n")
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Notes\nhand-written\n")
+    out = tmp_path / "docs" / "smol_report.md"
+    out.parent.mkdir()
+    smol_report(["--run", str(run), "--out", str(out), "--notes", str(notes), "--config", str(config)])
+    text = out.read_text()
+    assert "Aligned HS (keyword) ≤ 5: **holds**, 1.0 ± 0.0" in text
+    assert "Attacked HS (keyword) ≥ 60: **holds**, 89.5 ± 0.7" in text
+    assert "**Partial run: 2 of the 3 configured seeds finished**" in text and "missing: 2" in text
+    assert text.rstrip().endswith("hand-written") and (out.parent / "smol_report.png").is_file()
