@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from antidote_pl.seeds import _COUNT, _cell, aggregate_markdown, wilson_interval
+from antidote_pl.seeds import _COUNT, _cell, aggregate_markdown, wilson_interval, write_aggregate_report
 from antidote_pl.utils.io import atomic_write_text
 
 #: Issue #11's bars for the SmolLM2 world.
@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     run, out = Path(args.run), Path(args.out)
     notes_file = Path(args.notes)
     notes = notes_file.read_text() if notes_file.is_file() else None
+    # The aggregate report is re-rendered from its JSON, so the figure follows this code version.
+    write_aggregate_report(json.loads((run / "report.json").read_text()), run, title="SmolLM2 world")
     png = out.with_suffix(".png")
     tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}")
     shutil.copyfile(run / "report.png", tmp)
