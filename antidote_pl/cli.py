@@ -138,7 +138,7 @@ def _same_spec(a: str, b: str) -> bool:
 
 # Subcommands that are not LightningCLI ones: name -> "module:function" taking the remaining argv.
 COMMANDS = {
-    "pipeline": "antidote_pl.pipeline:main",
+    "pipeline": "antidote_pl.experiment:main",
     "tokenizer": "antidote_pl.data.bpe:main",
 }
 

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.errors import bad_value
-from antidote_pl.utils.io import atomic_write_json, atomic_write_text
+from antidote_pl.pipeline import extra_judge_names, run_pipeline
+from antidote_pl.utils.io import atomic_write_json, atomic_write_text, mark_output_dir
 
 PLACEHOLDER = "{seed}"
 #: Per-row figures aggregated over seeds (percentages, and the realised removed fraction).
@@ -126,8 +127,6 @@ def run_seeds(
         ConfigError: on an empty or repeated seed list, or when no override uses ``{seed}`` (every
             seed would then be the same run).
     """
-    from antidote_pl.pipeline import run_pipeline
-
     if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise bad_value("seeds", seeds, "a non-empty list of distinct non-negative integers")
     per_seed_fields = _placeholders(stages, repair, baselines)
@@ -163,7 +162,6 @@ def _reuse_shared_results(first: Path, target: Path, shared: list[str]) -> None:
     its result is not recomputed: the pipeline still checks each copied result's cache key (stage
     key + evaluation config) and recomputes any that does not match.
     """
-    from antidote_pl.utils.io import atomic_write_text, mark_output_dir
 
     for name in shared:
         src = first / "results" / f"ref_{name}"
@@ -199,8 +197,6 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
     Raises:
         ConfigError: if the seeds' reports do not have the same rows (different configs).
     """
-    from antidote_pl.pipeline import extra_judge_names
-
     seeds = sorted(reports)
     first = reports[seeds[0]]
     order = [(r["method"], r["alpha"]) for r in first["rows"]]

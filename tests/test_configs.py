@@ -44,7 +44,7 @@ def test_config_parses(config):
 
 @pytest.mark.parametrize("config", PIPELINES, ids=lambda p: str(p.relative_to(REPO)))
 def test_pipeline_config_parses(config):
-    from antidote_pl.pipeline import build_parser
+    from antidote_pl.experiment import build_parser
 
     parser = build_parser()
     cfg = parser.parse_args(["--config", str(config)])

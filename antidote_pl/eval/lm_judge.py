@@ -22,9 +22,10 @@ GPTFuzz's question indices are resolved to text by :func:`load_labelled_csv`; fo
 plain ``question`` is used, not the adversarial ``prompt``.
 
 Speed: the backbone is the cost (1.3-2.3 pairs/s at 192 tokens and 18 layers, measured on two
-shared, busy CPU cores), the head trains in seconds. Features are therefore cached in a safetensors file per data file, keyed by
-the file's sha256, the subsample and every feature setting (:func:`feature_cache_key`), so
-retraining the head or re-scoring the other judges does not rerun the backbone. Only the layers up
+shared, busy CPU cores), the head trains in seconds. Features are therefore cached in a safetensors
+file per data file, keyed by the file's sha256, the subsample and every feature setting
+(:func:`feature_cache_key`), so retraining the head or re-scoring the other judges does not rerun
+the backbone. Only the layers up
 to the deepest cached one are run. ``--limit-per-file`` subsamples each file (seeded) so that the
 whole command fits in about 30 minutes on two cores.
 
@@ -50,6 +51,8 @@ from torch import nn
 from antidote_pl.errors import bad_file, bad_value, check_int, run_entry_point
 from antidote_pl.eval.judges import Judge, KeywordJudge, Verdict, resolve_device
 from antidote_pl.eval.offline_judge import OfflineJudge, binary_agreement, heldout_mask, load_labelled_csv
+from antidote_pl.models.gguf import gguf_source, is_gguf_spec
+from antidote_pl.models.loading import load_causal_lm, load_tokenizer
 from antidote_pl.utils.files import check_safetensors_file, read_json_file
 from antidote_pl.utils.hashing import directory_fingerprint, file_sha256
 from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_file, atomic_write_json, check_output_dir
@@ -96,7 +99,6 @@ def backbone_identity(spec: str, field: str = "backbone") -> dict[str, Any]:
     Raises:
         ConfigError: if the spec is neither an existing GGUF source nor a local directory.
     """
-    from antidote_pl.models.gguf import gguf_source, is_gguf_spec
 
     if is_gguf_spec(spec):
         source = gguf_source(spec, field)
@@ -167,7 +169,6 @@ class PairFeaturizer:
         Raises:
             ConfigError: if the backbone cannot be loaded or has fewer layers than requested.
         """
-        from antidote_pl.models.loading import load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(self.backbone, field="backbone")
         model = load_causal_lm(self.backbone, dtype="fp32")
