@@ -237,7 +237,7 @@ def render(run: Path, png_name: str, notes: str | None, configured: list[int] | 
         "## All cells",
         "",
         aggregate_markdown(report),
-        f"![HS against FA per method, mean ± std over seeds {', '.join(map(str, seeds))}]({png_name})",
+        f"![HS against FA per method, seeds {', '.join(map(str, seeds))}]({png_name})",
         "",
         "## Time",
         "",
