@@ -618,8 +618,9 @@ def _error_bars(points: list[dict[str, Any]], key: str, n_key: str) -> list[list
     for p in points:
         ci = rate_interval(p.get(key), p.get(n_key))
         value = p.get(key) or 0.0
-        below.append(0.0 if ci is None else value - ci[0])
-        above.append(0.0 if ci is None else ci[1] - value)
+        # Clamped: at 0 or 100 % the bound equals the value up to float rounding (e.g. -5e-15).
+        below.append(0.0 if ci is None else max(0.0, value - ci[0]))
+        above.append(0.0 if ci is None else max(0.0, ci[1] - value))
     return [below, above]
 
 

@@ -49,3 +49,12 @@ def test_report_cells_carry_the_interval_of_their_n():
     assert line == (
         "| wanda | 0.1 | 10.0 | 50.0 (23.7-76.3) | 100.0 (72.2-100.0) | 100.0 (72.2-100.0) | 10 | 10 |"
     )
+
+
+def test_plot_error_bars_are_never_negative():
+    """At HS 0 or 100 the Wilson bound equals the value up to rounding; matplotlib rejects < 0."""
+    from antidote_pl.pipeline import _error_bars
+
+    points = [{"hs": v, "n": n} for v, n in ((0.0, 300), (100.0, 300), (100.0 / 3, 300), (None, 0))]
+    below, above = _error_bars(points, "hs", "n")
+    assert min(below + above) >= 0.0 and below[0] == 0.0 and above[1] == 0.0

@@ -37,7 +37,7 @@ from antidote_pl.data.records import Record, Source
 from antidote_pl.data.templates import get_template
 from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, check_tokenization, tokenize_records
 from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int
-from antidote_pl.models.loading import load_tokenizer
+from antidote_pl.models import loading
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class SFTBatcher:
     def tokenizer(self) -> Any:
         """The tokenizer, loaded on first use (the import stays out of module import time)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_spec, field="data.tokenizer")
+            self._tokenizer = loading.load_tokenizer(self.tokenizer_spec, field="data.tokenizer")
         return self._tokenizer
 
     def split(self, records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
