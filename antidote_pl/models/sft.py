@@ -395,7 +395,7 @@ class CausalLMSFTModule(L.LightningModule):
             merged_save = self.is_peft and merge_adapter
             (copy.deepcopy(self.model).merge_and_unload() if merged_save else self.model).save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            if self.is_peft and self.hparams.save_merged:
+            if self.is_peft and self.hparams.save_merged and not merged_save:  # else it is the main save
                 merged = copy.deepcopy(self.model).merge_and_unload()
                 merged.save_pretrained(tmp / "merged")
                 self.tokenizer.save_pretrained(tmp / "merged")
