@@ -17,7 +17,7 @@ from antidote_pl.models.gguf import is_gguf_spec, load_gguf_causal_lm, load_gguf
 from antidote_pl.pruning.artifacts import has_artifacts, read_masks, verify_pruned_model
 from antidote_pl.tinyworld.model import tiny_llama_config
 from antidote_pl.tinyworld.tokenizer import build_tokenizer
-from antidote_pl.utils.files import check_safetensors_file, read_json_file
+from antidote_pl.utils.files import check_safetensors_file, looks_local, read_json_file
 from antidote_pl.utils.hashing import tensors_fingerprint
 
 log = logging.getLogger(__name__)
@@ -31,21 +31,6 @@ def resolve_dtype(dtype: str, field: str = "model.dtype") -> torch.dtype:
     """Maps ``fp32``/``bf16``/``fp16`` to a torch dtype, with a clear error otherwise."""
     check_choice(field, dtype, DTYPES)
     return DTYPES[dtype]
-
-
-def looks_local(spec: str) -> bool:
-    """Whether ``spec`` names a local path rather than a hub repository.
-
-    Hub ids are ``name`` or ``namespace/name``. A spec is local when it exists, starts with ``.``,
-    ``/`` or ``~``, has more than one ``/``, or when its first component is an existing local
-    directory (``outputs/nothere`` while ``outputs/`` exists). A local-looking spec that does not
-    exist is reported as a missing path, never tried on the hub: a mistyped path must not download
-    a stranger's repository of that name.
-    """
-    if spec.startswith((".", "/", "~")) or Path(spec).exists():
-        return True
-    parts = spec.replace("\\", "/").split("/")
-    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def load_tokenizer(spec: str, field: str = "tokenizer"):

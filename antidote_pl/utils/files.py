@@ -51,3 +51,18 @@ def check_safetensors_file(path: str | os.PathLike, what: str = "a safetensors f
             return list(f.keys())
     except Exception as err:  # SafetensorError and OSError alike: the file is unusable
         raise bad_file(p, f"unreadable ({err}); expected {what}") from err
+
+
+def looks_local(spec: str) -> bool:
+    """Whether ``spec`` names a local path rather than a hub repository.
+
+    Hub ids are ``name`` or ``namespace/name``. A spec is local when it exists, starts with ``.``,
+    ``/`` or ``~``, has more than one ``/``, or when its first component is an existing local
+    directory (``outputs/nothere`` while ``outputs/`` exists). A local-looking spec that does not
+    exist is reported as a missing path, never tried on the hub: a mistyped path must not download
+    a stranger's repository of that name.
+    """
+    if spec.startswith((".", "/", "~")) or Path(spec).exists():
+        return True
+    parts = spec.replace("\\", "/").split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())

@@ -33,6 +33,7 @@ from typing import Any
 
 from antidote_pl.data.records import Source
 from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.utils.files import looks_local
 
 #: Marker of a tokenizer, judge, evaluation or pipeline output directory written by this project.
 OUTPUT_MARKER = "antidote_output.json"
@@ -77,13 +78,8 @@ def overlap(output: PathLike, other: PathLike) -> str | None:
 
 
 def _looks_local(value: Any) -> bool:
-    # Hub names ("org/model") and builder names are not paths unless such a path exists here.
-    if not isinstance(value, str | os.PathLike):
-        return False
-    text = os.fspath(value)
-    return bool(text) and (
-        os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(os.path.expanduser(text))
-    )
+    # Hub names ("org/model") and builder names are not paths; the rule is files.looks_local's.
+    return isinstance(value, str | os.PathLike) and bool(os.fspath(value)) and looks_local(os.fspath(value))
 
 
 def _input_items(inputs: Inputs | None) -> Iterator[tuple[str, Any]]:
