@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from antidote_pl.errors import bad_file, bad_value, check_int, run_entry_point
@@ -346,8 +348,6 @@ def cached_features(
     Returns:
         ``(features, from_cache)``.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     key = feature_cache_key(file, featurizer.settings, backbone_sha256)
     entry = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
@@ -579,7 +579,6 @@ class LMJudge(Judge):
         )
 
     def _load(self, path: Path) -> None:
-        from safetensors.torch import load_file
 
         meta = read_json_file(path / META_FILE, "an LMJudge's judge.json")
         check_safetensors_file(path / WEIGHTS_FILE, "an LMJudge's head weights")
@@ -674,27 +673,13 @@ def train_judge(
     questions = [q for f in files for q in f["questions"]]
     answers = [a for f in files for a in f["answers"]]
     labels = [y for f in files for y in f["labels"]]
-    source = torch.tensor([k for k, f in enumerate(files) for _ in f["labels"]])
     gold = torch.tensor([bool(y) for y in labels])
     train, val, test = grouped_split(questions, heldout_fraction, val_fraction, seed)
     _check_parts(gold, {"train": train, "validation": val, "heldout": test})
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
 
-    feature_seconds, parts, from_cache = time.time(), [], []
-    for f in files:
-        t0 = time.time()
-
-        def progress(done: int, total: int, name=Path(f["path"]).name, t0=t0) -> None:
-            rate = done / max(time.time() - t0, 1e-9)
-            left = (total - done) / rate
-            say(f"features {name}: {done}/{total} pairs, {rate:.2f} pairs/s, ~{left:.0f}s left")
-
-        feats, hit = cached_features(featurizer, f, identity["sha256"], cache, progress)
-        how = "from cache" if hit else "computed"
-        say(f"features {Path(f['path']).name}: {how} ({time.time() - t0:.0f}s)")
-        parts.append(feats)
-        from_cache.append(hit)
-    feats = torch.cat(parts)
+    feature_seconds = time.time()
+    feats, from_cache = _all_features(featurizer, files, identity["sha256"], cache, say)
     feature_seconds = time.time() - feature_seconds
 
     head_seconds = time.time()
@@ -702,48 +687,18 @@ def train_judge(
     lm_pred = head.probabilities(feats[test]) > threshold
     head_seconds = time.time() - head_seconds
 
-    # The other judges on exactly the same held-out rows. The OfflineJudge's own split is the same
-    # heldout_mask call, so it trains on train + validation and holds out the same rows.
-    offline = OfflineJudge.from_pairs(
-        questions, answers, labels, heldout_fraction=heldout_fraction, seed=seed
-    )
-    test_idx = test.nonzero().squeeze(-1).tolist()
-    test_q, test_a = [questions[i] for i in test_idx], [answers[i] for i in test_idx]
-    offline_pred = offline.probabilities(test_q, test_a) > offline.threshold
-    keyword_pred = torch.tensor([v.harmful for v in KeywordJudge()(test_q, test_a)])
+    preds = {"lm_judge": lm_pred, **_other_judges(questions, answers, labels, test, heldout_fraction, seed)}
     majority = bool(gold[train | val].float().mean() >= 0.5)
-    gold_test, source_test = gold[test], source[test]
-    preds = {"lm_judge": lm_pred, "keyword_judge": keyword_pred, "offline_judge": offline_pred}
-    heldout = {name: binary_agreement(p, gold_test, majority) for name, p in preds.items()}
-    heldout["pairwise_agreement"] = {
-        "lm_vs_keyword": _rate(lm_pred, keyword_pred),
-        "lm_vs_offline": _rate(lm_pred, offline_pred),
-        "keyword_vs_offline": _rate(keyword_pred, offline_pred),
-    }
-    heldout["by_file"] = {
-        f["path"]: {
-            name: binary_agreement(p[source_test == k], gold_test[source_test == k])
-            for name, p in preds.items()
-        }
-        for k, f in enumerate(files)
-        if bool((source_test == k).any())
-    }
+    source = torch.tensor([k for k, f in enumerate(files) for _ in f["labels"]])
     report = {
-        "heldout": heldout,
+        "heldout": _heldout_agreement(preds, gold[test], source[test], files, majority),
         "validation": {k: v for k, v in selection.items() if k != "grid"},
         "split": {
             "by": "question",
             "heldout_fraction": heldout_fraction,
             "val_fraction": val_fraction,
             "seed": seed,
-            **{
-                f"n_{name}": int(m.sum())
-                for name, m in (("train", train), ("validation", val), ("heldout", test))
-            },
-            **{
-                f"questions_{name}": len({questions[i] for i in m.nonzero().squeeze(-1).tolist()})
-                for name, m in (("train", train), ("validation", val), ("heldout", test))
-            },
+            **_split_sizes(questions, {"train": train, "validation": val, "heldout": test}),
         },
         "data": [
             {k: f[k] for k in ("path", "sha256", "rows_in_file")} | {"rows_used": len(f["rows"])}
@@ -767,8 +722,6 @@ def train_judge(
         "agreement": report,
         "validation_grid": selection["grid"],
     }
-    from safetensors.torch import save_file
-
     with atomic_dir(
         out, field="out", overwrite=overwrite, flag="--overwrite", kind="judge", inputs=inputs, lock=lock
     ) as tmp:
@@ -776,6 +729,86 @@ def train_judge(
         atomic_write_json(tmp / META_FILE, meta)
         atomic_write_json(tmp / AGREEMENT_FILE, report)
     return report
+
+
+def _all_features(
+    featurizer: PairFeaturizer,
+    files: list[dict[str, Any]],
+    backbone_sha256: str,
+    cache: Path | None,
+    say: Callable[[str], None],
+) -> tuple[torch.Tensor, list[bool]]:
+    """The features of every file's pairs, in file order, and per file whether the cache served them."""
+    parts, from_cache = [], []
+    for f in files:
+        t0 = time.time()
+
+        def progress(done: int, total: int, name=Path(f["path"]).name, t0=t0) -> None:
+            rate = done / max(time.time() - t0, 1e-9)
+            left = (total - done) / rate
+            say(f"features {name}: {done}/{total} pairs, {rate:.2f} pairs/s, ~{left:.0f}s left")
+
+        feats, hit = cached_features(featurizer, f, backbone_sha256, cache, progress)
+        how = "from cache" if hit else "computed"
+        say(f"features {Path(f['path']).name}: {how} ({time.time() - t0:.0f}s)")
+        parts.append(feats)
+        from_cache.append(hit)
+    return torch.cat(parts), from_cache
+
+
+def _other_judges(
+    questions: list[str],
+    answers: list[str],
+    labels: list[int],
+    test: torch.Tensor,
+    heldout_fraction: float,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """The keyword and n-gram judges' verdicts on exactly the held-out rows.
+
+    The OfflineJudge's own split is the same ``heldout_mask`` call, so it trains on train +
+    validation and holds out the same rows: the figures compare like with like.
+    """
+    offline = OfflineJudge.from_pairs(
+        questions, answers, labels, heldout_fraction=heldout_fraction, seed=seed
+    )
+    test_idx = test.nonzero().squeeze(-1).tolist()
+    test_q, test_a = [questions[i] for i in test_idx], [answers[i] for i in test_idx]
+    return {
+        "keyword_judge": torch.tensor([v.harmful for v in KeywordJudge()(test_q, test_a)]),
+        "offline_judge": offline.probabilities(test_q, test_a) > offline.threshold,
+    }
+
+
+def _heldout_agreement(
+    preds: dict[str, torch.Tensor],
+    gold: torch.Tensor,
+    source: torch.Tensor,
+    files: list[dict[str, Any]],
+    majority: bool,
+) -> dict[str, Any]:
+    """Each judge's agreement with the labels (overall and per file) and the judges' pairwise agreement."""
+    heldout: dict[str, Any] = {name: binary_agreement(p, gold, majority) for name, p in preds.items()}
+    lm, keyword, offline = preds["lm_judge"], preds["keyword_judge"], preds["offline_judge"]
+    heldout["pairwise_agreement"] = {
+        "lm_vs_keyword": _rate(lm, keyword),
+        "lm_vs_offline": _rate(lm, offline),
+        "keyword_vs_offline": _rate(keyword, offline),
+    }
+    heldout["by_file"] = {
+        f["path"]: {name: binary_agreement(p[source == k], gold[source == k]) for name, p in preds.items()}
+        for k, f in enumerate(files)
+        if bool((source == k).any())
+    }
+    return heldout
+
+
+def _split_sizes(questions: list[str], parts: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Rows and distinct questions per part of the grouped split."""
+    sizes = {f"n_{name}": int(m.sum()) for name, m in parts.items()}
+    for name, m in parts.items():
+        sizes[f"questions_{name}"] = len({questions[i] for i in m.nonzero().squeeze(-1).tolist()})
+    return sizes
 
 
 def _flag(value: str) -> bool:
