@@ -69,9 +69,9 @@ def test_list_config_is_validated_and_run_as_repeated_config(tmp_path, monkeypat
     with pytest.raises(Exception, match="defense_typo"):
         pipeline._validate_stage(StageSpec("v", [ALIGN, str(bad)]))
     calls = []
-    monkeypatch.setattr(pipeline, "_fit", lambda configs, overrides: calls.append((configs, overrides)))
+    monkeypatch.setattr(pipeline, "run_fit", lambda configs, values, args: calls.append((configs, args)))
     pipeline._run_command(StageSpec("v", [ALIGN, fragment], ["--trainer.max_steps=1"]))
-    assert calls == [([ALIGN, fragment], ["--trainer.max_steps=1", pipeline.OVERWRITE_STAGE])]
+    assert calls == [([ALIGN, fragment], ["--trainer.max_steps=1"])]
 
 
 def test_pipeline_yaml_accepts_a_list_config(tmp_path):
@@ -91,3 +91,37 @@ def test_pipeline_yaml_accepts_a_list_config(tmp_path):
     parser = build_parser()
     init = parser.instantiate_classes(parser.parse_args(["--config", str(cfg)]))
     assert init.stages[0].configs == ["x.yaml", "y.yaml"] and init.stages[1].configs == ["z.yaml"]
+
+
+def test_validate_config_values_override_files_and_args():
+    from antidote_pl.cli import validate_config
+
+    repair = [str(REPO / "configs/tiny/repair.yaml"), str(REPO / "callbacks/random.yaml")]
+    cfg = validate_config(
+        repair,
+        ["--pruner.init_args.alpha=0.3", "--model.init_args.output_dir=from_args"],
+        {"model.init_args.output_dir": None, "pruner.init_args.alpha": 0.2},
+    )
+    assert cfg.pruner.class_path.endswith("RandomPruneCallback")
+    # Values are Python values (None, not the text "null"), set after files and arguments.
+    assert cfg.model.init_args.output_dir is None and cfg.pruner.init_args.alpha == 0.2
+    with pytest.raises(Exception, match="nope"):
+        validate_config(repair, values={"model.init_args.nope": 1})
+    with pytest.raises(Exception, match="max_steps"):
+        validate_config(repair, values={"trainer.max_steps": "many"})
+
+
+def test_run_fit_runs_a_stage_from_files_args_and_values(tmp_path):
+    from antidote_pl.cli import run_fit
+
+    out = tmp_path / "out"
+    cli = run_fit(
+        [str(REPO / "configs/tiny/pretrain.yaml")],
+        {"model.init_args.output_dir": str(out), "trainer.max_steps": 1, "trainer.logger": False},
+        args=["--model.init_args.model_config=tiny-world-fast", "--trainer.max_steps=7"],
+    )
+    assert cli.subcommand == "fit" and cli.trainer.global_step == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 1
+    assert saved["model"]["init_args"]["model_config"] == "tiny-world-fast"
+    assert (out / "antidote_stage.json").is_file()
