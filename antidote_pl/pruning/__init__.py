@@ -23,10 +23,11 @@ from antidote_pl.pruning.apply import (
     realised_fractions,
     save_tensors,
 )
-from antidote_pl.pruning.scores import magnitude_scores, random_scores, wanda_scores
+from antidote_pl.pruning.scores import contrastive_scores, magnitude_scores, random_scores, wanda_scores
 from antidote_pl.pruning.select import (
     SCOPES,
     keep_count,
+    layer_of,
     masks_for_alphas,
     random_masks,
     removed_count,
@@ -60,9 +61,11 @@ __all__ = [
     "batch_token_mask",
     "check_mask_shapes",
     "collect",
+    "contrastive_scores",
     "default_lora_target_modules",
     "find_targets",
     "keep_count",
+    "layer_of",
     "load_tensors",
     "lora_delta_weight",
     "magnitude_scores",
