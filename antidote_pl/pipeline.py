@@ -13,10 +13,11 @@
    already holds a finished result for the same configs (and the same upstream stages) is reused;
    ``--force`` reruns everything.
 3. :meth:`~Pipeline.score`: the fine-tuned model is scored once per repair method, through the
-   method's own callback fragment (``callbacks/*.yaml``) with ``save_scores``, so every alpha comes
-   from one scoring pass.
+   method's own callback fragment (``callbacks/*.yaml``) with every alpha as its ``sweep_alphas``:
+   one scoring pass saves the masks of every alpha (and the scores).
 4. :meth:`~Pipeline.sweep_and_evaluate`: the reference stages (e.g. aligned, fine-tuned), the
-   unrepaired model and every (method, alpha), by applying masks to the adapter in memory and
+   unrepaired model and every (method, alpha), by applying the saved masks
+   (:class:`~antidote_pl.pruning.artifacts.RepairArtifacts`) to the adapter in memory and
    restoring it afterwards; then :meth:`~Pipeline.run_baselines` trains and evaluates the baseline
    defenses.
 5. :meth:`~Pipeline.write_report`: ``report.json``, ``report.md`` and ``report.png``
@@ -43,10 +44,9 @@ from antidote_pl.data.bpe import main as tokenizer_main
 from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.pipeline_cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
 from antidote_pl.pipeline_report import extra_judge_names, report_markdown, write_report
-from antidote_pl.pruning import apply_target_masks_, find_targets, masks_for_alphas, overall_fraction
-from antidote_pl.pruning.artifacts import SCORES_FILE, artifacts_fingerprint, read_report, read_scores
+from antidote_pl.pruning import apply_target_masks_, find_targets, overall_fraction
+from antidote_pl.pruning.artifacts import RepairArtifacts
 from antidote_pl.pruning.select import check_alpha
-from antidote_pl.pruning.targets import to_param_layout
 from antidote_pl.utils.io import claim_output_dir, mark_output_dir, overlap
 
 #: What the pipeline sets on its own stage runs: they write only directories this pipeline owns
@@ -296,8 +296,8 @@ class AdapterSweep:
         return _evaluate(self.evaluator, self.datamodule, self.trainer, out_dir)
 
     def evaluate_masked(self, targets, masks, out_dir: Path) -> dict[str, Any]:
-        """Evaluates with ``masks`` (target layout) applied to ``targets``, then restores the weights."""
-        apply_target_masks_(targets, to_param_layout(masks, targets))
+        """Evaluates with ``masks`` (parameter layout) applied to ``targets``, then restores the weights."""
+        apply_target_masks_(targets, masks)
         try:
             return self.evaluate(out_dir)
         finally:
@@ -435,7 +435,8 @@ class Pipeline:
         for spec in [*self.stages, *(s for b in self.baselines for s in b.stages)]:
             _validate_stage(spec)
         for method, fragment in self.repair.methods.items():
-            validate_config([*self.repair.configs, fragment], self.repair.args(method))
+            values = self._score_values(self.out / "scores" / method)
+            validate_config([*self.repair.configs, fragment], self.repair.args(method), values)
         for base in self.baselines:
             if base.repair_fragment is not None:
                 validate_config([*self.repair.configs, base.repair_fragment])
@@ -484,22 +485,33 @@ class Pipeline:
         for method, fragment in self.repair.methods.items():
             self.score_keys[method] = self._score_method(method, fragment)
 
+    def _score_values(self, directory: Path) -> dict[str, Any]:
+        """What a scoring run sets: the smallest alpha applied, every alpha's masks saved."""
+        return {
+            "pruner.init_args.alpha": self.alphas[0],
+            "pruner.init_args.sweep_alphas": self.alphas,
+            "pruner.init_args.save_scores": True,
+            "model.init_args.output_dir": str(directory),
+            **OVERWRITE,
+            **QUIET,
+        }
+
     def _score_method(self, method: str, fragment: str) -> str:
         directory = self.out / "scores" / method
         extra = self.repair.args(method)
-        # With no extra arguments the key is the same as before they existed (caches stay valid).
-        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], str(self.alphas[0]), *extra)
+        sweep = ["sweep_alphas", *map(str, self.alphas)]
+        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra)
         if self._reused(StageOutput(directory), key, f"scores/{method}"):
             self.console.print(f"[green]scores {method}: reusing {directory}")
             return key
         self.console.print(f"[bold]scores {method}: scoring {self.finetuned} once")
-        values = {"pruner.init_args.save_scores": True, "pruner.init_args.alpha": self.alphas[0]}
-        values.update({"model.init_args.output_dir": str(directory), **OVERWRITE, **QUIET})
         with self.times.timed(f"scores/{method}"):
-            run_fit([*self.repair.configs, fragment], values, args=extra)
-        if not (directory / SCORES_FILE).is_file():
+            run_fit([*self.repair.configs, fragment], self._score_values(directory), args=extra)
+        missing = sorted(set(self.alphas) - set(RepairArtifacts.read(directory).alphas))
+        if missing:
             raise ConfigError(
-                f"repair.methods.{method}={fragment!r} saved no scores; use a score-based callback."
+                f"repair.methods.{method}={fragment!r} saved no masks for alphas {missing}; "
+                "use a prune callback that takes sweep_alphas."
             )
         StageOutput(directory).mark_done(key, self.times.ran[f"scores/{method}"])
         return key
@@ -522,11 +534,9 @@ class Pipeline:
             self._evaluate_method(sweep, method)
 
     def _evaluate_method(self, sweep: AdapterSweep, method: str) -> None:
-        directory = self.out / "scores" / method
-        targets, by_alpha = self._masks_by_alpha(sweep.model, directory)
-        # The key covers the artefacts read, so edited scores or masks are never served from cache.
-        artefacts = artifacts_fingerprint(directory)
+        artefacts, targets, by_alpha = self._masks_by_alpha(sweep.model, self.out / "scores" / method)
         for alpha, masks in by_alpha.items():
+            # The key covers the artefacts read, so edited masks are never served from cache.
             key = _key(self.score_keys[method], self.eval_text, str(alpha), artefacts, self.finetuned_files)
             self.console.print(f"[bold]evaluate {method} alpha={alpha}")
             result = self.results.get(
@@ -536,14 +546,13 @@ class Pipeline:
             self.rows.append({**row, **result})
 
     def _masks_by_alpha(self, model, directory: Path):
-        """The targets of ``model`` and the masks of every sweep alpha, from one scoring run."""
-        meta = read_report(directory)
+        """The scoring run's fingerprint, the targets of ``model`` and the saved mask of every alpha."""
+        art = RepairArtifacts.read(directory)
+        meta = art.report
         targets = find_targets(model, meta["target"], meta["adapter_name"], meta["include"])
-        # Checked against the fine-tuned adapter they are swept on (fingerprint, names, shapes).
-        saved, _ = read_scores(directory, {n: t.param for n, t in targets.items()})
-        # Scores are saved in each parameter's layout; the same transposition maps them back to rows.
-        scores = to_param_layout(saved, targets)
-        return targets, masks_for_alphas(scores, self.alphas, meta["scope"])
+        # The saved scores check that the run scored this very adapter (fingerprint, names, shapes).
+        art.scores({n: t.param for n, t in targets.items()})
+        return art.fingerprint, targets, {alpha: art.masks(alpha) for alpha in self.alphas}
 
     def _stage_row(self, name: str, directory: str | Path, stage_key: str) -> dict[str, Any]:
         """Evaluates a stage output directory (merged), cached by the stage's key and the eval config."""
@@ -583,7 +592,7 @@ class Pipeline:
                 values,
             )
         row = self._stage_row(combined, directory, repair_key)
-        removed = read_report(directory)["removed_fraction"]
+        removed = RepairArtifacts.read(directory).report["removed_fraction"]
         return {**row, "alpha": base.repair_alpha, "removed_fraction": removed}
 
     def _combined_values(self, base: BaselineSpec, final: str, directory: Path) -> dict[str, Any]:
