@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from antidote_pl.errors import bad_value
 from antidote_pl.pipeline import run_inputs, run_pipeline
 from antidote_pl.pipeline_report import extra_judge_names
 from antidote_pl.utils.io import (
+    OUTPUT_MARKER,
     atomic_file,
     atomic_write_json,
     atomic_write_text,
@@ -138,6 +140,7 @@ def run_seeds(
     # Like a single pipeline run: its own (marked) directory is resumed, any other non-empty one is
     # refused; held until the last seed's aggregate report is written.
     inputs = run_inputs(stages, repair, evaluation, baselines)
+    _adopt_earlier_seeds_output(Path(output_dir))
     lock = claim_output_dir(output_dir, "output_dir", overwrite=True, inputs=inputs, replace=False)
     mark_output_dir(output_dir, "pipeline")
     out = Path(output_dir)
@@ -156,6 +159,26 @@ def run_seeds(
     finally:
         lock.release()
     return aggregate(reports, shared_stages=shared)
+
+
+#: What a multi-seed output held before it carried a marker: per-seed runs and the aggregate report.
+_EARLIER_SEEDS_OUTPUT = re.compile(r"seed\d+|report\.(md|json|png)|\..*")
+
+
+def _adopt_earlier_seeds_output(out: Path) -> None:
+    """Marks an unmarked multi-seed output written before the top directory got its marker.
+
+    Only a directory holding nothing but ``seed<N>`` pipeline outputs (each with its marker), the
+    aggregate ``report.*`` files and hidden temporaries is recognised; anything else stays unmarked
+    and is refused by the output check.
+    """
+    if not out.is_dir() or (out / OUTPUT_MARKER).exists() or not any(out.iterdir()):
+        return
+    entries = list(out.iterdir())
+    ours = all(_EARLIER_SEEDS_OUTPUT.fullmatch(e.name) for e in entries)
+    seeds = [e for e in entries if e.name.startswith("seed")]
+    if ours and seeds and all((e / OUTPUT_MARKER).is_file() for e in seeds):
+        mark_output_dir(out, "pipeline")
 
 
 def _check_seeds(seeds: list[int], stages, repair, baselines) -> None:

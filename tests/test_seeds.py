@@ -176,3 +176,25 @@ def test_run_seeds_claims_and_marks_its_output_dir(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*.lock"))
     # Its own (marked) directory is resumed without a flag.
     seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(out))
+
+
+def test_run_seeds_resumes_a_multi_seed_output_written_before_it_was_marked(tmp_path, monkeypatch):
+    from antidote_pl import seeds
+    from antidote_pl.utils.io import OUTPUT_MARKER, mark_output_dir
+
+    stages, repair = specs()
+    monkeypatch.setattr(
+        seeds, "run_pipeline", lambda *a: fake_report([0.0, 90.0, 20.0], [0.0, 85.0, 50.0], [1.0, 30.0, 5.0])
+    )
+    earlier = tmp_path / "earlier"
+    mark_output_dir(earlier / "seed0", "pipeline")
+    (earlier / "report.md").write_text("old")
+    seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(earlier))
+    assert (earlier / OUTPUT_MARKER).is_file() and (earlier / "report.md").read_text() != "old"
+    # A user's file beside the seed runs: not recognised as ours, refused.
+    other = tmp_path / "other"
+    mark_output_dir(other / "seed0", "pipeline")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="no antidote_output.json"):
+        seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(other))
+    assert not (other / OUTPUT_MARKER).exists()
