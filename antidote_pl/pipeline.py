@@ -343,6 +343,7 @@ class Pipeline:
         self.rows: list[dict[str, Any]] = []
         self.upstream = ""  # the key of the last main stage, once trained
         self.score_keys: dict[str, str] = {}
+        self.finetuned_files = ""  # fingerprint of the fine-tuned stage's files, once evaluated
 
     def run(self) -> dict[str, Any]:
         """Runs every step and writes the report; see the module docstring.
