@@ -36,6 +36,7 @@ from antidote_pl.pruning.artifacts import (
     artifacts_fingerprint,
     read_masks,
 )
+from antidote_pl.pruning.targets import merged_param_name
 
 ALPHA = 0.25
 SWEEP = [0.1, 0.5]
@@ -185,3 +186,18 @@ def test_bad_sweep_alphas_fail_at_construction(value, field):
 def test_sweep_alphas_are_sorted_and_deduplicated():
     cb = WandaPruneCallback(alpha=0.2, sweep_alphas=[0.3, 0.05, 0.3])
     assert cb.sweep_alphas == [0.05, 0.3] and cb.mask_alphas == [0.05, 0.2, 0.3]
+
+
+def test_merged_saves_keep_sweep_masks_under_the_pruned_model_names(stages, tmp_path):
+    out = tmp_path / "delta"
+    cb = WandaPruneCallback(alpha=ALPHA, target="lora_delta", sweep_alphas=[0.5], output_dir=str(out))
+    repair(stages, cb, tmp_path)
+    art = RepairArtifacts.read(out)
+    targets = find_targets(module_for(stages).model, "lora_delta")
+    assert art.report["merged_adapter"] and art.alphas == [ALPHA, 0.5]
+    # The sweep file names the fine-tuned (peft) model's parameters, where sweeps are applied; the
+    # applied mask is saved under the merged model's names, and is the same mask.
+    assert set(art.masks(ALPHA)) == set(art.masks(0.5)) == set(targets)
+    saved, _ = read_masks(out)
+    assert set(saved) == {merged_param_name(n) for n in targets}
+    assert all(torch.equal(saved[merged_param_name(n)], m) for n, m in art.masks(ALPHA).items())

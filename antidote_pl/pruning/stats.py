@@ -43,7 +43,9 @@ class _ForwardStop:
     How often each target runs per forward is measured once by a short probe forward (a module may
     run several times, e.g. a shared layer); a forward is then stopped at the call that completes the
     count. If the probe misses a target (e.g. an expert a routed model did not use), stopping stays
-    off and every forward runs to the end, so a late call can never be lost.
+    off and every forward runs to the end, so a late call can never be lost. Call counts must not
+    depend on the input otherwise (true of dense decoder LMs: each target runs a fixed number of
+    times per forward, whatever the tokens).
     """
 
     def __init__(self, names: Iterable[str]) -> None:
