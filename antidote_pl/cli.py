@@ -11,7 +11,9 @@ import importlib
 import os
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
@@ -99,7 +101,30 @@ class AntidoteCLI(LightningCLI):
             self.model.resolved_config = parser.dump(self.config[self.subcommand], skip_none=False)
 
 
-class _ValidatingCLI(AntidoteCLI):
+class _OverridingCLI(AntidoteCLI):
+    """An :class:`AntidoteCLI` whose parsed config gets values set by dotted key before it is used.
+
+    Command-line arguments are parsed first (config files in order, then overrides as given on a
+    command line), then ``overrides`` replace values in the result, which is parsed again as a
+    whole so that a wrong key or type fails exactly as it would on the command line.
+    """
+
+    def __init__(self, *args, overrides: Mapping[str, Any] | None = None, **kwargs) -> None:
+        self._overrides = dict(overrides or {})
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        if not self._overrides:
+            return
+        sub = self.config.get("subcommand")
+        target = self.config[sub] if sub else self.config
+        for key, value in self._overrides.items():
+            target[key] = value
+        self.config = parser.parse_object(self.config)
+
+
+class _ValidatingCLI(_OverridingCLI):
     """Parses a config and builds its cheap parts only (see :func:`validate_config`)."""
 
     def _set_seed(self) -> None:
@@ -109,7 +134,44 @@ class _ValidatingCLI(AntidoteCLI):
         self._prevalidate()
 
 
-def validate_config(configs: list[str], overrides: list[str] | None = None) -> None:
+def _config_args(configs: Sequence[str], args: Sequence[str]) -> list[str]:
+    argv: list[str] = []
+    for c in configs:
+        argv += ["--config", c]
+    return [*argv, *args]
+
+
+def run_fit(
+    configs: Sequence[str], overrides: Mapping[str, Any] | None = None, args: Sequence[str] = ()
+) -> AntidoteCLI:
+    """Runs ``fit`` as ``python -m antidote_pl fit --config a.yaml --config b.yaml ...`` would.
+
+    Args:
+        configs: Config files, composed in order (like repeated ``--config``).
+        overrides: Dotted key -> value, set last (e.g. ``{"model.init_args.output_dir": "out"}``);
+            values are Python values, not command-line text.
+        args: Command-line style overrides from a user's config (e.g. a pipeline stage's
+            ``overrides:`` list), applied after the files and before ``overrides``.
+
+    Returns:
+        The CLI, after the fit finished.
+    """
+    return _OverridingCLI(args=["fit", *_config_args(configs, args)], overrides=overrides)
+
+
+def build_cli(
+    configs: Sequence[str], overrides: Mapping[str, Any] | None = None, args: Sequence[str] = ()
+) -> AntidoteCLI:
+    """Builds model, data module and trainer of a config without running anything.
+
+    Arguments as :func:`run_fit`; the caller runs e.g. ``cli.trainer.test(cli.model, cli.datamodule)``.
+    """
+    return _OverridingCLI(args=_config_args(configs, args), overrides=overrides, run=False)
+
+
+def validate_config(
+    configs: Sequence[str], overrides: Sequence[str] | None = None, values: Mapping[str, Any] | None = None
+):
     """Checks a stage or evaluation config without loading any model or data.
 
     Parses the files and overrides exactly as ``python -m antidote_pl fit`` would (unknown keys,
@@ -117,15 +179,21 @@ def validate_config(configs: list[str], overrides: list[str] | None = None) -> N
     and the callbacks, whose constructors validate their arguments. The pipeline calls it for every
     config before its first stage, so a typo in the last step fails in seconds.
 
+    Args:
+        configs: Config files, composed in order.
+        overrides: Command-line style overrides, as :func:`run_fit`'s ``args``.
+        values: Dotted key -> value, as :func:`run_fit`'s ``overrides``.
+
+    Returns:
+        The parsed config (a jsonargparse namespace, e.g. ``cfg.model.init_args.output_dir``).
+
     Raises:
         ConfigError: or a jsonargparse error, naming the key and the problem.
     """
-    args: list[str] = []
-    for c in configs:
-        args += ["--config", c]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _ValidatingCLI(args=[*args, *(overrides or [])], run=False)
+        cli = _ValidatingCLI(args=_config_args(configs, overrides or ()), overrides=values, run=False)
+    return cli.config
 
 
 def _same_spec(a: str, b: str) -> bool:

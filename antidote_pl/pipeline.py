@@ -4,66 +4,64 @@
 
     python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force]
 
-1. Runs each training stage (``fit`` with its config, or ``tokenizer`` for a stage that trains a
-   tokenizer), in order. A stage whose output directory already holds a finished result for the
-   same config (and the same upstream stages) is reused; ``--force`` reruns everything.
-2. Scores the fine-tuned model once per repair method, through the method's own callback fragment
-   (``callbacks/*.yaml``) with ``save_scores``, so every alpha comes from one scoring pass.
-3. Evaluates the reference stages (e.g. aligned, fine-tuned), the unrepaired model and every
-   (method, alpha) by applying masks to the adapter in memory and restoring it afterwards.
-4. Writes ``report.json``, ``report.md`` (HS and FA per variant and alpha, with the number of
-   prompts behind each figure) and ``report.png`` (HS against FA, one curve per method).
+:class:`Pipeline` is a recipe in five steps, each a method:
 
-Every result is written atomically and cached under ``output_dir``, so an interrupted run resumes
-from the last finished step and never reports a half-written result.
+1. :meth:`~Pipeline.validate`: every config file the run will use is read and parsed, and every
+   output checked, before any work.
+2. :meth:`~Pipeline.train_stages`: each training stage (``fit`` with its config files, or
+   ``tokenizer`` for a stage that trains a tokenizer), in order. A stage whose output directory
+   already holds a finished result for the same configs (and the same upstream stages) is reused;
+   ``--force`` reruns everything.
+3. :meth:`~Pipeline.score`: the fine-tuned model is scored once per repair method, through the
+   method's own callback fragment (``callbacks/*.yaml``) with every alpha as its ``sweep_alphas``:
+   one scoring pass saves the masks of every alpha (and the scores).
+4. :meth:`~Pipeline.sweep_and_evaluate`: the reference stages (e.g. aligned, fine-tuned), the
+   unrepaired model and every (method, alpha), by applying the saved masks
+   (:class:`~antidote_pl.pruning.artifacts.RepairArtifacts`) to the adapter in memory and
+   restoring it afterwards; then :meth:`~Pipeline.run_baselines` trains and evaluates the baseline
+   defenses.
+5. :meth:`~Pipeline.write_report`: ``report.json``, ``report.md`` and ``report.png``
+   (:mod:`antidote_pl.pipeline_report`).
+
+Stages run through the Python API (:func:`antidote_pl.cli.run_fit`); what the pipeline itself sets
+is a mapping of dotted keys to values. Every result is written atomically and cached under
+``output_dir`` (:mod:`antidote_pl.pipeline_cache`), so an interrupted run resumes from the last
+finished step and never reports a half-written result.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from antidote_pl.cli import AntidoteCLI, validate_config
+from antidote_pl.cli import build_cli, run_fit, validate_config
 from antidote_pl.data.bpe import build_parser as tokenizer_parser
 from antidote_pl.data.bpe import main as tokenizer_main
 from antidote_pl.errors import ConfigError, bad_value, check_choice
-from antidote_pl.eval.intervals import rate_interval
-from antidote_pl.models.loading import read_stage_metadata
-from antidote_pl.pruning import apply_target_masks_, find_targets, masks_for_alphas, overall_fraction
-from antidote_pl.pruning.artifacts import artifacts_fingerprint, read_report, read_scores
+from antidote_pl.pipeline_cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
+from antidote_pl.pipeline_report import extra_judge_names, report_markdown, write_report
+from antidote_pl.pruning import apply_target_masks_, find_targets, overall_fraction
+from antidote_pl.pruning.artifacts import RepairArtifacts
 from antidote_pl.pruning.select import check_alpha
-from antidote_pl.pruning.targets import to_param_layout
-from antidote_pl.utils.files import read_json_file
-from antidote_pl.utils.hashing import directory_fingerprint
-from antidote_pl.utils.io import (
-    atomic_file,
-    atomic_write_json,
-    atomic_write_text,
-    claim_output_dir,
-    mark_output_dir,
-    overlap,
-)
+from antidote_pl.utils.io import claim_output_dir, mark_output_dir, overlap
 
-DONE_FILE = "pipeline_done.json"
-# What an evaluation reads from a stage directory; anything else there (e.g. DONE_FILE, which
-# carries a timestamp) must not change a result's cache key.
-STAGE_FILES = (
-    "*.safetensors",
-    "antidote_stage.json",
-    "adapter_config.json",
-    "config.json",
-    "mask.json",
-    "tokenizer*",
-)
-#: The stage runs write only directories this pipeline owns (its stage and score outputs), so
-#: replacing an earlier result there is allowed; an unmarked directory is still never replaced.
-OVERWRITE_STAGE = "--model.init_args.overwrite=true"
+#: What the pipeline sets on its own stage runs: they write only directories this pipeline owns
+#: (its stage and score outputs), so replacing an earlier result there is allowed; an unmarked
+#: directory is still never replaced.
+OVERWRITE = {"model.init_args.overwrite": True}
+#: Scoring and repair runs print no progress bar (there is no training to follow).
+QUIET = {"trainer.enable_progress_bar": False}
+STAGE_COMMANDS = ("fit", "tokenizer")
+_key = cache_key
+
+
+def config_list(config: str | list[str]) -> list[str]:
+    """Config files in composition order: one file, or a list of them (like repeated ``--config``)."""
+    return [config] if isinstance(config, str) else list(config)
 
 
 @dataclass
@@ -72,16 +70,22 @@ class StageSpec:
 
     Args:
         name: Short name used in the report (e.g. ``align``).
-        config: Config file for ``python -m antidote_pl <command>``.
+        config: Config file for ``python -m antidote_pl <command>``, or a list of them composed in
+            order like repeated ``--config`` (e.g. a base config and a defense fragment).
         overrides: Extra command-line arguments for that run.
         command: ``fit`` (a model stage, writing ``model.init_args.output_dir``) or ``tokenizer``
             (trains a tokenizer, writing the config's ``output_dir``; see :mod:`antidote_pl.data.bpe`).
     """
 
     name: str
-    config: str
+    config: str | list[str]
     overrides: list[str] = field(default_factory=list)
     command: str = "fit"
+
+    @property
+    def configs(self) -> list[str]:
+        """The config files, in composition order (one for a single ``config`` string)."""
+        return config_list(self.config)
 
 
 @dataclass
@@ -89,7 +93,8 @@ class RepairSpec:
     """The repair sweep.
 
     Args:
-        config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter).
+        config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter), or a list
+            of config files composed in order; each method's fragment is composed after them.
         alphas: Fractions removed, each in (0, 1).
         methods: Method name -> callback fragment (``callbacks/*.yaml``).
         overrides: Extra command-line arguments for every scoring run (e.g. the fine-tuned adapter
@@ -98,11 +103,20 @@ class RepairSpec:
             ``--pruner.init_args.seed`` of the random ablation).
     """
 
-    config: str
+    config: str | list[str]
     alphas: list[float]
     methods: dict[str, str]
     overrides: list[str] = field(default_factory=list)
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def configs(self) -> list[str]:
+        """The config files, in composition order."""
+        return config_list(self.config)
+
+    def args(self, method: str) -> list[str]:
+        """The user's extra arguments for ``method``'s scoring run."""
+        return [*self.overrides, *self.method_overrides.get(method, [])]
 
 
 @dataclass
@@ -123,21 +137,13 @@ class BaselineSpec:
     repair_fragment: str | None = None
     repair_alpha: float = 0.1
 
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _key(*parts: str) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+    @property
+    def combined_name(self) -> str:
+        """The combined defense's row name, ``<name>+<fragment stem>``."""
+        return f"{self.name}+{Path(self.repair_fragment or '').stem}"
 
 
+# --------------------------------------------------------------------------- spec helpers
 def _read(path: str, field: str) -> str:
     p = Path(path)
     if not p.is_file():
@@ -145,7 +151,14 @@ def _read(path: str, field: str) -> str:
     return p.read_text()
 
 
-STAGE_COMMANDS = ("fit", "tokenizer")
+def _config_text(config: str | list[str], field: str) -> str:
+    """The text of every config file (a list's items named ``<field>[i]``); a single file gives just
+    its text, so the keys of caches written before lists existed stay valid."""
+    if isinstance(config, str):
+        return _read(config, field)
+    if not config:
+        raise bad_value(field, config, "a config file or a non-empty list of them")
+    return "\0".join(_read(c, f"{field}[{i}]") for i, c in enumerate(config))
 
 
 def _override(overrides: list[str], flag: str) -> str | None:
@@ -158,12 +171,28 @@ def _override(overrides: list[str], flag: str) -> str | None:
     return None
 
 
+def _composed_yaml(configs: list[str]) -> dict[str, Any]:
+    """Config files merged in order (later files win, key by key), as repeated ``--config`` does."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        _deep_update(merged, yaml.safe_load(Path(config).read_text()) or {})
+    return merged
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
 def _stage_text(spec: StageSpec, field: str) -> str:
     """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
     so editing the pretraining data retrains the tokenizer too."""
-    text = _read(spec.config, f"{field}.config")
+    text = _config_text(spec.config, f"{field}.config")
     if spec.command == "tokenizer":
-        corpus = _override(spec.overrides, "--corpus_config") or (yaml.safe_load(text) or {}).get(
+        corpus = _override(spec.overrides, "--corpus_config") or _composed_yaml(spec.configs).get(
             "corpus_config"
         )
         if corpus:
@@ -172,7 +201,7 @@ def _stage_text(spec: StageSpec, field: str) -> str:
 
 
 def _stage_output_dir(spec: StageSpec, field: str) -> str:
-    """The directory a stage writes (its config, or an override).
+    """The directory a stage writes (its composed config, or an override).
 
     ``fit`` stages write ``model.init_args.output_dir``, ``tokenizer`` stages ``output_dir``.
     """
@@ -181,7 +210,7 @@ def _stage_output_dir(spec: StageSpec, field: str) -> str:
     overridden = _override(spec.overrides, flag)
     if overridden is not None:
         return overridden
-    cfg = yaml.safe_load(Path(spec.config).read_text()) or {}
+    cfg = _composed_yaml(spec.configs)
     if spec.command == "fit":
         out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
     else:
@@ -191,89 +220,409 @@ def _stage_output_dir(spec: StageSpec, field: str) -> str:
     return out
 
 
-def _is_done(directory: str | Path, key: str) -> bool:
-    marker = Path(directory) / DONE_FILE
-    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
-
-
-def _mark_done(directory: str | Path, key: str, seconds: float | None = None) -> None:
-    """Marks a finished step, with the seconds it took so that a resumed run's report counts them."""
-    atomic_write_json(
-        Path(directory) / DONE_FILE,
-        {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds},
-    )
-
-
-def _done_seconds(directory: str | Path) -> float | None:
-    return read_json_file(Path(directory) / DONE_FILE, "a pipeline step marker").get("seconds")
-
-
-def _fit(configs: list[str], overrides: list[str]) -> None:
-
-    args = ["fit"]
-    for c in configs:
-        args += ["--config", c]
-    AntidoteCLI(args=[*args, *overrides])
+def _tokenizer_args(spec: StageSpec) -> list[str]:
+    # The tokenizer command (antidote_pl.data.bpe) takes command-line arguments only.
+    return [*(a for c in spec.configs for a in ("--config", c)), *spec.overrides]
 
 
 def _run_command(spec: StageSpec) -> None:
+    """Runs one training stage through the Python API (a tokenizer stage through its command)."""
     if spec.command == "tokenizer":
-        tokenizer_main(["--config", spec.config, *spec.overrides, "--overwrite=true"])
+        tokenizer_main([*_tokenizer_args(spec), "--overwrite=true"])
     else:
-        _fit([spec.config], [*spec.overrides, OVERWRITE_STAGE])
+        run_fit(spec.configs, OVERWRITE, args=spec.overrides)
 
 
 def _validate_stage(spec: StageSpec) -> None:
     if spec.command == "tokenizer":
-        tokenizer_parser().parse_args(["--config", spec.config, *spec.overrides])
+        tokenizer_parser().parse_args(_tokenizer_args(spec))
     else:
-        validate_config([spec.config], spec.overrides)
+        validate_config(spec.configs, spec.overrides)
 
 
-def _validate_configs(
-    stages: list[StageSpec], repair: RepairSpec, evaluation: str, baselines: list[BaselineSpec]
-) -> None:
-    """Parses every config the run will use, as its step will, before the first step runs.
-
-    Nothing is loaded; a typo in a late step (a method fragment, the judge's ``class_path``, a
-    baseline) fails now rather than after an hour of training.
-    """
-    for spec in [*stages, *(s for b in baselines for s in b.stages)]:
-        _validate_stage(spec)
-    for method, fragment in repair.methods.items():
-        validate_config(
-            [repair.config, fragment],
-            [*repair.overrides, *repair.method_overrides.get(method, [])],
-        )
-    for base in baselines:
-        if base.repair_fragment is not None:
-            validate_config([repair.config, base.repair_fragment])
-    validate_config([evaluation])
+def _last_is_fit(stages: list[StageSpec], field: str, why: str) -> None:
+    if stages[-1].command != "fit":
+        raise bad_value(f"{field}[{len(stages) - 1}].command", stages[-1].command, f"'fit': {why}")
 
 
-def _evaluator(config: str, stage: str, merge: bool):
-
-    cli = AntidoteCLI(
-        args=[
-            "--config",
-            config,
-            "--model.init_args.stage",
-            stage,
-            "--model.init_args.merge_adapter",
-            str(merge).lower(),
-            "--model.init_args.output_dir",
-            "null",
-        ],
-        run=False,
-    )
-    return cli.model, cli.datamodule, cli.trainer
+def run_inputs(
+    stages: list[StageSpec], repair: RepairSpec, evaluation: str, baselines: list[BaselineSpec] | None
+) -> dict[str, Any]:
+    """A run's config files, ``field -> paths``, which its output directory must stay apart from."""
+    return {
+        "stages": [c for s in stages for c in s.configs],
+        "repair.config": repair.config,
+        "repair.methods": list(repair.methods.values()),
+        "evaluation": evaluation,
+        "baselines": [c for b in baselines or [] for s in b.stages for c in s.configs],
+    }
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+# --------------------------------------------------------------------------- evaluation
 def _evaluate(evaluator, datamodule, trainer, out_dir: Path) -> dict[str, Any]:
     evaluator.output_dir = str(out_dir)
     evaluator.overwrite = True  # results/<name> is the pipeline's own: a recomputed result replaces it
     trainer.test(evaluator, datamodule=datamodule, verbose=False)
     return dict(evaluator.results)
+
+
+def _evaluator(config: str, stage: str, merge: bool):
+    values = {"model.init_args.stage": stage, "model.init_args.merge_adapter": merge}
+    cli = build_cli([config], {**values, "model.init_args.output_dir": None})
+    return cli.model, cli.datamodule, cli.trainer
+
+
+class AdapterSweep:
+    """The fine-tuned model loaded once for evaluation, with masks applied and undone per variant.
+
+    Args:
+        evaluation: The evaluation config.
+        stage: The fine-tuned stage (its adapter stays unmerged, so masks apply to it).
+    """
+
+    def __init__(self, evaluation: str, stage: str) -> None:
+        self.evaluator, self.datamodule, self.trainer = _evaluator(evaluation, stage, merge=False)
+        self.model = self.evaluator.model
+        self._original = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def evaluate(self, out_dir: Path) -> dict[str, Any]:
+        """Evaluates the model as it is now."""
+        return _evaluate(self.evaluator, self.datamodule, self.trainer, out_dir)
+
+    def evaluate_masked(self, targets, masks, out_dir: Path) -> dict[str, Any]:
+        """Evaluates with ``masks`` (parameter layout) applied to ``targets``, then restores the weights."""
+        apply_target_masks_(targets, masks)
+        try:
+            return self.evaluate(out_dir)
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(self._original[n])
+
+
+# --------------------------------------------------------------------------- the recipe
+class Pipeline:
+    """The experiment as a recipe: validate, train stages, score, sweep and evaluate, baselines, report.
+
+    Args:
+        stages: Training stages in order; the last one is the fine-tuned model that gets repaired.
+        repair: The repair config, alphas and methods.
+        evaluation: Config for ``python -m antidote_pl test`` (StageEvaluator + EvalDataModule).
+        output_dir: Where scores, per-variant results and the report go.
+        references: Stage names evaluated as reference rows (default: every stage but the first).
+        force: Rerun everything, ignoring finished results.
+        baselines: Baseline defenses trained after the main stages, one report row each (plus a
+            combined row when a baseline is also repaired).
+    """
+
+    def __init__(
+        self,
+        stages: list[StageSpec],
+        repair: RepairSpec,
+        evaluation: str,
+        output_dir: str,
+        references: list[str] | None = None,
+        force: bool = False,
+        baselines: list[BaselineSpec] | None = None,
+    ) -> None:
+        self.stages, self.repair, self.evaluation = stages, repair, evaluation
+        self.output_dir, self.out, self.force = output_dir, Path(output_dir), force
+        self.references = references
+        self.baselines = list(baselines or [])
+        self.console = _console()
+        self.times = StepTimes()
+        self.rows: list[dict[str, Any]] = []
+        self.upstream = ""  # the key of the last main stage, once trained
+        self.score_keys: dict[str, str] = {}
+        self.finetuned_files = ""  # fingerprint of the fine-tuned stage's files, once evaluated
+
+    def run(self) -> dict[str, Any]:
+        """Runs every step and writes the report; see the module docstring.
+
+        Returns:
+            The report as a dict (also written to ``report.json``).
+
+        Raises:
+            ConfigError: for a missing config file, a bad alpha, an unknown reference, or an
+                ``output_dir`` that may not be written (an unmarked non-empty directory, one inside
+                a stage output, one another run is writing), before any work.
+        """
+        self.validate()
+        # Resuming into its own (marked) directory is the pipeline's normal use, so no flag is
+        # needed; an unmarked non-empty directory is refused. Held until the report is written.
+        lock = claim_output_dir(
+            self.output_dir, "output_dir", overwrite=True, inputs=self.inputs(), replace=False
+        )
+        mark_output_dir(self.output_dir, "pipeline")
+        self.times = StepTimes()
+        self.results = ResultCache(self.out / "results", self.times, self.force)
+        try:
+            self.train_stages()
+            self.score()
+            self.sweep_and_evaluate()
+            self.run_baselines()
+            return self.write_report()
+        finally:
+            lock.release()
+
+    # ------------------------------------------------------------------ 1. validate
+    def validate(self) -> None:
+        """Reads every config, checks names, alphas and outputs, and parses every config as its
+        step will, before the first step runs: a typo in a late step (a method fragment, the
+        judge's ``class_path``, a baseline) fails now rather than after an hour of training."""
+        self._read_main()
+        self._check_references()
+        self.baseline_texts = {
+            base.name: self._read_baseline(b, base) for b, base in enumerate(self.baselines)
+        }
+        self._parse_configs()
+        for name, directory in self.stage_dirs.items():
+            if overlap(self.output_dir, directory) in ("is", "lies inside"):
+                raise bad_value(
+                    "output_dir", self.output_dir, f"a directory outside stage {name}'s output {directory!r}"
+                )
+
+    def _read_main(self) -> None:
+        if not self.stages:
+            raise bad_value("stages", self.stages, "at least one training stage")
+        self.stage_texts = [_stage_text(s, f"stages[{i}]") for i, s in enumerate(self.stages)]
+        self.repair_text = _config_text(self.repair.config, "repair.config")
+        self.eval_text = _read(self.evaluation, "evaluation")
+        self.fragment_texts = {m: _read(f, f"repair.methods.{m}") for m, f in self.repair.methods.items()}
+        if not self.repair.methods:
+            raise bad_value("repair.methods", self.repair.methods, "at least one method -> callback fragment")
+        self.alphas = sorted({check_alpha(a, "repair.alphas") for a in self.repair.alphas})
+        if not self.alphas:
+            raise bad_value("repair.alphas", self.repair.alphas, "at least one alpha in (0, 1)")
+
+    def _check_references(self) -> None:
+        names = [s.name for s in self.stages]
+        self.references = names[1:] if self.references is None else self.references
+        unknown = [r for r in self.references if r not in names]
+        if unknown:
+            raise bad_value("references", unknown, f"stage names from {names}")
+        self.stage_dirs = {s.name: _stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(self.stages)}
+        _last_is_fit(self.stages, "stages", "the last stage is repaired")
+        models = [s.name for s in self.stages if s.command == "fit"]
+        not_models = [r for r in self.references if r not in models]
+        if not_models:
+            raise bad_value("references", not_models, f"names of fit stages (models) from {models}")
+
+    def _read_baseline(self, b: int, base: BaselineSpec) -> list[str]:
+        """The baseline's stage texts (and its repair fragment's); records its stage directories."""
+        field = f"baselines[{b}]"
+        if not base.stages:
+            raise bad_value(f"{field}.stages", base.stages, "at least one stage")
+        texts = [_stage_text(s, f"{field}.stages[{i}]") for i, s in enumerate(base.stages)]
+        for i, spec in enumerate(base.stages):
+            self.stage_dirs[spec.name] = _stage_output_dir(spec, f"{field}.stages[{i}]")
+        _last_is_fit(base.stages, f"{field}.stages", "a baseline's last stage is evaluated")
+        if base.repair_fragment is not None:
+            texts.append(_read(base.repair_fragment, f"{field}.repair_fragment"))
+            check_alpha(base.repair_alpha, f"{field}.repair_alpha")
+        return texts
+
+    def _parse_configs(self) -> None:
+        """Parses every config the run will use, as its step will; nothing is loaded."""
+        for spec in [*self.stages, *(s for b in self.baselines for s in b.stages)]:
+            _validate_stage(spec)
+        for method, fragment in self.repair.methods.items():
+            values = self._score_values(self.out / "scores" / method)
+            validate_config([*self.repair.configs, fragment], self.repair.args(method), values)
+        for base in self.baselines:
+            if base.repair_fragment is not None:
+                validate_config([*self.repair.configs, base.repair_fragment])
+        validate_config([self.evaluation])
+
+    def inputs(self) -> dict[str, Any]:
+        """The run's config files, which ``output_dir`` must stay apart from."""
+        return run_inputs(self.stages, self.repair, self.evaluation, self.baselines)
+
+    # ------------------------------------------------------------------ 2. train stages
+    def train_stages(self) -> None:
+        """Trains (or reuses) every main stage, in order; each key chains its upstream's."""
+        for i, (spec, text) in enumerate(zip(self.stages, self.stage_texts)):
+            self.upstream = self._run_stage(spec, text, self.upstream, f"stage {i + 1}/{len(self.stages)}")
+
+    def _run_stage(self, spec: StageSpec, text: str, upstream: str, label: str) -> str:
+        key = _key(upstream, text, *spec.overrides)
+        directory = self.stage_dirs[spec.name]
+        if self._reused(StageOutput(Path(directory)), key, f"stage/{spec.name}"):
+            self.console.print(f"[green]{label} {spec.name}: reusing {directory}")
+            return key
+        self.console.print(f"[bold]{label} {spec.name}: training -> {directory}")
+        self._timed_step(StageOutput(Path(directory)), key, f"stage/{spec.name}", _run_command, spec)
+        return key
+
+    def _reused(self, output: StageOutput, key: str, step: str) -> bool:
+        """Whether ``step`` finished earlier with ``key`` (and records its seconds if so)."""
+        if self.force or not output.is_done(key):
+            return False
+        self.times.reuse(step, output.done_seconds())
+        return True
+
+    def _timed_step(self, output: StageOutput, key: str, step: str, fn, *args) -> None:
+        with self.times.timed(step):
+            fn(*args)
+        output.mark_done(key, self.times.ran[step])
+
+    @property
+    def finetuned(self) -> str:
+        """The output directory of the last main stage (the model that gets repaired)."""
+        return self.stage_dirs[self.stages[-1].name]
+
+    # ------------------------------------------------------------------ 3. score
+    def score(self) -> None:
+        """One scoring pass per method, through its callback, on the fine-tuned model."""
+        for method, fragment in self.repair.methods.items():
+            self.score_keys[method] = self._score_method(method, fragment)
+
+    def _score_values(self, directory: Path) -> dict[str, Any]:
+        """What a scoring run sets: the smallest alpha applied, every alpha's masks saved."""
+        return {
+            "pruner.init_args.alpha": self.alphas[0],
+            "pruner.init_args.sweep_alphas": self.alphas,
+            "pruner.init_args.save_scores": True,
+            "model.init_args.output_dir": str(directory),
+            **OVERWRITE,
+            **QUIET,
+        }
+
+    def _score_method(self, method: str, fragment: str) -> str:
+        directory = self.out / "scores" / method
+        extra = self.repair.args(method)
+        sweep = ["sweep_alphas", *map(str, self.alphas)]
+        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra)
+        if self._reused(StageOutput(directory), key, f"scores/{method}"):
+            self.console.print(f"[green]scores {method}: reusing {directory}")
+            return key
+        self.console.print(f"[bold]scores {method}: scoring {self.finetuned} once")
+        with self.times.timed(f"scores/{method}"):
+            run_fit([*self.repair.configs, fragment], self._score_values(directory), args=extra)
+        missing = sorted(set(self.alphas) - set(RepairArtifacts.read(directory).alphas))
+        if missing:
+            raise ConfigError(
+                f"repair.methods.{method}={fragment!r} saved no masks for alphas {missing}; "
+                "use a prune callback that takes sweep_alphas."
+            )
+        StageOutput(directory).mark_done(key, self.times.ran[f"scores/{method}"])
+        return key
+
+    # ------------------------------------------------------------------ 4. sweep and evaluate
+    def sweep_and_evaluate(self) -> None:
+        """Evaluates the references, the unrepaired model and every (method, alpha)."""
+        for name in self.references:
+            directory = self.stage_dirs[name]
+            row = self._stage_row(name, directory, StageOutput(Path(directory)).done_key)
+            self.rows.append({**row, "reference": True})
+        sweep = AdapterSweep(self.evaluation, self.finetuned)
+        # Keys of results computed on the fine-tuned weights also cover those files.
+        self.finetuned_files = stage_fingerprint(self.finetuned)
+        key = _key(self.upstream, self.eval_text, "none", self.finetuned_files)
+        self.console.print("[bold]evaluate none (unrepaired)")
+        result = self.results.get("none", key, sweep.evaluate)
+        self.rows.append({"method": "none", "alpha": 0.0, "removed_fraction": 0.0, **result})
+        for method in self.repair.methods:
+            self._evaluate_method(sweep, method)
+
+    def _evaluate_method(self, sweep: AdapterSweep, method: str) -> None:
+        artefacts, targets, by_alpha = self._masks_by_alpha(sweep.model, self.out / "scores" / method)
+        for alpha, masks in by_alpha.items():
+            # The key covers the artefacts read, so edited masks are never served from cache.
+            key = _key(self.score_keys[method], self.eval_text, str(alpha), artefacts, self.finetuned_files)
+            self.console.print(f"[bold]evaluate {method} alpha={alpha}")
+            result = self.results.get(
+                f"{method}_a{alpha:g}", key, lambda d, m=masks: sweep.evaluate_masked(targets, m, d)
+            )
+            row = {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks)}
+            self.rows.append({**row, **result})
+
+    def _masks_by_alpha(self, model, directory: Path):
+        """The scoring run's fingerprint, the targets of ``model`` and the saved mask of every alpha."""
+        art = RepairArtifacts.read(directory)
+        meta = art.report
+        targets = find_targets(model, meta["target"], meta["adapter_name"], meta["include"])
+        # The saved scores check that the run scored this very adapter (fingerprint, names, shapes).
+        art.scores({n: t.param for n, t in targets.items()})
+        return art.fingerprint, targets, {alpha: art.masks(alpha) for alpha in self.alphas}
+
+    def _stage_row(self, name: str, directory: str | Path, stage_key: str) -> dict[str, Any]:
+        """Evaluates a stage output directory (merged), cached by the stage's key and the eval config."""
+        self.console.print(f"[bold]evaluate {name}")
+        key = _key(stage_key, self.eval_text, name, stage_fingerprint(directory))
+        result = self.results.get(
+            f"ref_{name}", key, lambda d: _evaluate(*_evaluator(self.evaluation, str(directory), True), d)
+        )
+        return {"method": name, "alpha": None, **result}
+
+    # ------------------------------------------------------------------ 5. baselines
+    def run_baselines(self) -> None:
+        """Baseline defenses (and combined defenses): their own stages, one row each."""
+        for base in self.baselines:
+            key = self.upstream
+            for spec, text in zip(base.stages, self.baseline_texts[base.name]):
+                key = self._run_stage(spec, text, key, f"baseline {base.name}")
+            final = self.stage_dirs[base.stages[-1].name]
+            self.rows.append(self._stage_row(base.name, final, key))
+            if base.repair_fragment is not None:
+                self.rows.append(self._combined_row(base, final, key))
+
+    def _combined_row(self, base: BaselineSpec, final: str, key: str) -> dict[str, Any]:
+        """Repairs a baseline's last stage with its fragment (once) and evaluates it."""
+        combined = base.combined_name
+        directory = self.out / "combined" / combined
+        repair_key = _key(key, self.repair_text, self.baseline_texts[base.name][-1], str(base.repair_alpha))
+        if not self._reused(StageOutput(directory), repair_key, f"stage/{combined}"):
+            self.console.print(f"[bold]baseline {combined}: repairing {final}")
+            values = self._combined_values(base, final, directory)
+            self._timed_step(
+                StageOutput(directory),
+                repair_key,
+                f"stage/{combined}",
+                run_fit,
+                [*self.repair.configs, base.repair_fragment],
+                values,
+            )
+        row = self._stage_row(combined, directory, repair_key)
+        removed = RepairArtifacts.read(directory).report["removed_fraction"]
+        return {**row, "alpha": base.repair_alpha, "removed_fraction": removed}
+
+    def _combined_values(self, base: BaselineSpec, final: str, directory: Path) -> dict[str, Any]:
+        base_model = StageOutput(Path(final)).metadata(f"baselines.{base.name}")["base_model"]
+        return {
+            "model.init_args.model_name_or_path": base_model,
+            "model.init_args.adapter_path": final,
+            "data.init_args.tokenizer": base_model,
+            "pruner.init_args.alpha": base.repair_alpha,
+            "model.init_args.output_dir": str(directory),
+            **OVERWRITE,
+            **QUIET,
+        }
+
+    # ------------------------------------------------------------------ 6. report
+    def write_report(self) -> dict[str, Any]:
+        """Writes ``report.{json,md,png}`` under ``output_dir`` and returns the report."""
+        report = {
+            "rows": self.rows,
+            "alphas": self.alphas,
+            "methods": list(self.repair.methods),
+            "stages": self.stage_dirs,
+            **self.times.summary(),
+        }
+        write_report(report, self.out)
+        self.console.print(
+            f"[green]report written to {self.out / 'report.md'} ({report['seconds_total']:.0f} s)"
+        )
+        return report
 
 
 def run_pipeline(
@@ -285,402 +634,19 @@ def run_pipeline(
     force: bool = False,
     baselines: list[BaselineSpec] | None = None,
 ) -> dict[str, Any]:
-    """Runs the whole experiment and writes the report; see the module docstring.
-
-    Args:
-        stages: Training stages in order; the last one is the fine-tuned model that gets repaired.
-        repair: The repair config, alphas and methods.
-        evaluation: Config for ``python -m antidote_pl test`` (StageEvaluator + EvalDataModule).
-        output_dir: Where scores, per-variant results and the report go.
-        references: Stage names evaluated as reference rows (default: every stage but the first).
-        force: Rerun everything, ignoring finished results.
-        baselines: Baseline defenses trained after the main stages, one report row each (plus a
-            combined row when a baseline is also repaired).
-
-    Returns:
-        The report as a dict (also written to ``report.json``).
-
-    Raises:
-        ConfigError: for a missing config file, a bad alpha, an unknown reference, or an
-            ``output_dir`` that may not be written (an unmarked non-empty directory, one inside a
-            stage output, one another run is writing), before any work.
-    """
-
-    if not stages:
-        raise bad_value("stages", stages, "at least one training stage")
-    texts = {f"stages[{i}].config": _stage_text(s, f"stages[{i}]") for i, s in enumerate(stages)}
-    repair_text = _read(repair.config, "repair.config")
-    eval_text = _read(evaluation, "evaluation")
-    fragments = {m: _read(f, f"repair.methods.{m}") for m, f in repair.methods.items()}
-    if not repair.methods:
-        raise bad_value("repair.methods", repair.methods, "at least one method -> callback fragment")
-    alphas = sorted({check_alpha(a, "repair.alphas") for a in repair.alphas})
-    if not alphas:
-        raise bad_value("repair.alphas", repair.alphas, "at least one alpha in (0, 1)")
-    names = [s.name for s in stages]
-    references = names[1:] if references is None else references
-    unknown = [r for r in references if r not in names]
-    if unknown:
-        raise bad_value("references", unknown, f"stage names from {names}")
-    stage_dirs = {s.name: _stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(stages)}
-    models = [s.name for s in stages if s.command == "fit"]
-    if stages[-1].command != "fit":
-        raise bad_value(
-            f"stages[{len(stages) - 1}].command", stages[-1].command, "'fit': the last stage is repaired"
-        )
-    not_models = [r for r in references if r not in models]
-    if not_models:
-        raise bad_value("references", not_models, f"names of fit stages (models) from {models}")
-    baselines = list(baselines or [])
-    baseline_texts: dict[str, list[str]] = {}
-    for b, base in enumerate(baselines):
-        field = f"baselines[{b}]"
-        if not base.stages:
-            raise bad_value(f"{field}.stages", base.stages, "at least one stage")
-        baseline_texts[base.name] = [
-            _stage_text(s, f"{field}.stages[{i}]") for i, s in enumerate(base.stages)
-        ]
-        for i, spec in enumerate(base.stages):
-            stage_dirs[spec.name] = _stage_output_dir(spec, f"{field}.stages[{i}]")
-        if base.stages[-1].command != "fit":
-            raise bad_value(
-                f"{field}.stages[{len(base.stages) - 1}].command",
-                base.stages[-1].command,
-                "'fit': a baseline's last stage is evaluated",
-            )
-        if base.repair_fragment is not None:
-            baseline_texts[base.name].append(_read(base.repair_fragment, f"{field}.repair_fragment"))
-            check_alpha(base.repair_alpha, f"{field}.repair_alpha")
-
-    _validate_configs(stages, repair, evaluation, baselines)
-
-    inputs = {
-        "stages": [s.config for s in stages],
-        "repair.config": repair.config,
-        "repair.methods": list(repair.methods.values()),
-        "evaluation": evaluation,
-        "baselines": [s.config for b in baselines for s in b.stages],
-    }
-    for name, directory in stage_dirs.items():
-        if overlap(output_dir, directory) in ("is", "lies inside"):
-            raise bad_value(
-                "output_dir", output_dir, f"a directory outside stage {name}'s output {directory!r}"
-            )
-    # Resuming into its own (marked) directory is the pipeline's normal use, so no flag is needed;
-    # an unmarked non-empty directory is refused. Held until the report is written.
-    lock = claim_output_dir(output_dir, "output_dir", overwrite=True, inputs=inputs, replace=False)
-    mark_output_dir(output_dir, "pipeline")
-
-    console = _console()
-    out = Path(output_dir)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    # Steps served from an earlier run, with the seconds that run recorded (None if unknown).
-    reused: dict[str, float | None] = {}
-
-    def reuse(step: str, seconds: float | None) -> None:
-        reused[step] = seconds
-
-    # 1. Training stages.
-    def run_stage(spec: StageSpec, text: str, upstream: str, label: str) -> str:
-        key = _key(upstream, text, *spec.overrides)
-        directory = stage_dirs[spec.name]
-        if not force and _is_done(directory, key):
-            console.print(f"[green]{label} {spec.name}: reusing {directory}")
-            reuse(f"stage/{spec.name}", _done_seconds(directory))
-            return key
-        console.print(f"[bold]{label} {spec.name}: training -> {directory}")
-        t0 = time.perf_counter()
-        _run_command(spec)
-        timings[f"stage/{spec.name}"] = time.perf_counter() - t0
-        _mark_done(directory, key, timings[f"stage/{spec.name}"])
-        return key
-
-    upstream = ""
-    for i, spec in enumerate(stages):
-        upstream = run_stage(spec, texts[f"stages[{i}].config"], upstream, f"stage {i + 1}/{len(stages)}")
-    finetuned = stage_dirs[stages[-1].name]
-
-    # 2. One scoring pass per method, through its callback.
-    score_keys = {}
-    for method, fragment in repair.methods.items():
-        directory = out / "scores" / method
-        extra = [*repair.overrides, *repair.method_overrides.get(method, [])]
-        # With no extra arguments the key is the same as before they existed (caches stay valid).
-        key = _key(upstream, repair_text, fragments[method], str(alphas[0]), *extra)
-        score_keys[method] = key
-        if not force and _is_done(directory, key):
-            console.print(f"[green]scores {method}: reusing {directory}")
-            reuse(f"scores/{method}", _done_seconds(directory))
-            continue
-        console.print(f"[bold]scores {method}: scoring {finetuned} once")
-        t0 = time.perf_counter()
-        _fit(
-            [repair.config, fragment],
-            [
-                *extra,
-                "--pruner.init_args.save_scores=true",
-                f"--pruner.init_args.alpha={alphas[0]}",
-                f"--model.init_args.output_dir={directory}",
-                OVERWRITE_STAGE,
-                "--trainer.enable_progress_bar=false",
-            ],
-        )
-        timings[f"scores/{method}"] = time.perf_counter() - t0
-        if not (directory / "scores.safetensors").is_file():
-            raise ConfigError(
-                f"repair.methods.{method}={fragment!r} saved no scores; use a score-based callback."
-            )
-        _mark_done(directory, key, timings[f"scores/{method}"])
-
-    # 3. Evaluation: references, the unrepaired model, every (method, alpha).
-    rows: list[dict[str, Any]] = []
-    results_dir = out / "results"
-
-    def cached(name: str, key: str, compute) -> dict[str, Any]:
-        path = results_dir / name / "result.json"
-        if not force and path.is_file():
-            saved = read_json_file(path, "a cached pipeline result")
-            if saved.get("key") == key:
-                reuse(f"eval/{name}", saved.get("seconds"))
-                return saved["result"]
-        t0 = time.perf_counter()
-        result = compute(results_dir / name)
-        timings[f"eval/{name}"] = time.perf_counter() - t0
-        atomic_write_json(path, {"key": key, "result": result, "seconds": timings[f"eval/{name}"]})
-        return result
-
-    for name in references:
-        row = _stage_row(
-            name, stage_dirs[name], _done_key(stage_dirs[name]), cached, evaluation, eval_text, console
-        )
-        rows.append({**row, "reference": True})
-
-    evaluator, datamodule, trainer = _evaluator(evaluation, finetuned, merge=False)
-    peft_model = evaluator.model
-    original = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-
-    def restore() -> None:
-        import torch
-
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                p.copy_(original[n])
-
-    # Keys of results computed on the fine-tuned weights also cover those files.
-    upstream_files = stage_fingerprint(finetuned)
-    key_none = _key(upstream, eval_text, "none", upstream_files)
-    console.print("[bold]evaluate none (unrepaired)")
-    rows.append(
-        {
-            "method": "none",
-            "alpha": 0.0,
-            "removed_fraction": 0.0,
-            **cached("none", key_none, lambda d: _evaluate(evaluator, datamodule, trainer, d)),
-        }
-    )
-    for method in repair.methods:
-        directory = out / "scores" / method
-        meta = read_report(directory)
-        targets = find_targets(peft_model, meta["target"], meta["adapter_name"], meta["include"])
-        # Checked against the fine-tuned adapter they are swept on (fingerprint, names, shapes).
-        saved, _ = read_scores(directory, {n: t.param for n, t in targets.items()})
-        # Scores are saved in each parameter's layout; the same transposition maps them back to rows.
-        scores = to_param_layout(saved, targets)
-        sweep = masks_for_alphas(scores, alphas, meta["scope"])
-        # The key covers the artefacts read, so edited scores or masks are never served from cache.
-        artefacts = artifacts_fingerprint(directory)
-        for alpha, masks in sweep.items():
-            key = _key(score_keys[method], eval_text, str(alpha), artefacts, upstream_files)
-
-            def compute(d, masks=masks, targets=targets):
-                apply_target_masks_(targets, to_param_layout(masks, targets))
-                try:
-                    return _evaluate(evaluator, datamodule, trainer, d)
-                finally:
-                    restore()
-
-            console.print(f"[bold]evaluate {method} alpha={alpha}")
-            result = cached(f"{method}_a{alpha:g}", key, compute)
-            rows.append(
-                {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks), **result}
-            )
-
-    # 4. Baseline defenses (and combined defenses): their own stages, one row each.
-    for base in baselines:
-        key = upstream
-        for spec, text in zip(base.stages, baseline_texts[base.name]):
-            key = run_stage(spec, text, key, f"baseline {base.name}")
-        final = stage_dirs[base.stages[-1].name]
-        rows.append(_stage_row(base.name, final, key, cached, evaluation, eval_text, console))
-        if base.repair_fragment is None:
-            continue
-        combined = f"{base.name}+{Path(base.repair_fragment).stem}"
-        directory = out / "combined" / combined
-        repair_key = _key(key, repair_text, baseline_texts[base.name][-1], str(base.repair_alpha))
-        if not force and _is_done(directory, repair_key):
-            reuse(f"stage/{combined}", _done_seconds(directory))
-        else:
-            meta = read_stage_metadata(final, f"baselines.{base.name}")
-            console.print(f"[bold]baseline {combined}: repairing {final}")
-            t0 = time.perf_counter()
-            _fit(
-                [repair.config, base.repair_fragment],
-                [
-                    f"--model.init_args.model_name_or_path={meta['base_model']}",
-                    f"--model.init_args.adapter_path={final}",
-                    f"--data.init_args.tokenizer={meta['base_model']}",
-                    f"--pruner.init_args.alpha={base.repair_alpha}",
-                    f"--model.init_args.output_dir={directory}",
-                    OVERWRITE_STAGE,
-                    "--trainer.enable_progress_bar=false",
-                ],
-            )
-            timings[f"stage/{combined}"] = time.perf_counter() - t0
-            _mark_done(directory, repair_key, timings[f"stage/{combined}"])
-        row = _stage_row(combined, str(directory), repair_key, cached, evaluation, eval_text, console)
-        removed = read_report(directory)["removed_fraction"]
-        rows.append({**row, "alpha": base.repair_alpha, "removed_fraction": removed})
-
-    report = {
-        "rows": rows,
-        "alphas": alphas,
-        "methods": list(repair.methods),
-        "stages": stage_dirs,
-        # A resumed run reports the whole experiment: this run's wall time plus the recorded
-        # seconds of the steps it reused (which an earlier run computed).
-        "seconds_this_run": time.perf_counter() - started,
-        "seconds_total": time.perf_counter() - started + sum(v for v in reused.values() if v is not None),
-        "seconds_by_step": timings,
-        "seconds_reused_by_step": reused,
-    }
-    write_report(report, out)
-    lock.release()
-    console.print(f"[green]report written to {out / 'report.md'} ({report['seconds_total']:.0f} s)")
-    return report
+    """Runs the whole experiment and writes the report: ``Pipeline(...).run()``; see :class:`Pipeline`."""
+    return Pipeline(stages, repair, evaluation, output_dir, references, force, baselines).run()
 
 
-def _stage_row(name, directory, stage_key, cached, evaluation, eval_text, console) -> dict[str, Any]:
-    """Evaluates a stage output directory (merged), cached by the stage's key and the eval config."""
-
-    def compute(d):
-        return _evaluate(*_evaluator(evaluation, directory, merge=True), d)
-
-    console.print(f"[bold]evaluate {name}")
-    key = _key(stage_key, eval_text, name, stage_fingerprint(directory))
-    return {"method": name, "alpha": None, **cached(f"ref_{name}", key, compute)}
-
-
-def stage_fingerprint(directory: str | Path) -> str:
-    """Identity of the files an evaluation reads from a stage output (weights, metadata, masks)."""
-    return directory_fingerprint(directory, STAGE_FILES)
-
-
-def _done_key(directory: str) -> str:
-    marker = Path(directory) / DONE_FILE
-    return json.loads(marker.read_text()).get("key", "") if marker.is_file() else ""
-
-
-def _fmt(value: float | None, n: int | None = None) -> str:
-    """A rate in percent, with its Wilson 95% interval when the count ``n`` behind it is known."""
-    if value is None:
-        return "n/a"
-    ci = rate_interval(value, n)
-    return f"{value:.1f}" if ci is None else f"{value:.1f} ({ci[0]:.1f}-{ci[1]:.1f})"
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The report table: one row per reference, the unrepaired model and every (method, alpha)."""
-    # Extra judges (StageEvaluator.extra_judges) get one HS column each; none for a single judge.
-    extra = extra_judge_names(report["rows"])
-    lines = [
-        "| variant | alpha | removed % | HS % | "
-        + "".join(f"HS {name} % | " for name in extra)
-        + "FA % | coherent % | harmful prompts | task questions |",
-        "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        removed = "-" if r.get("removed_fraction") is None else f"{100 * r['removed_fraction']:.1f}"
-        n_hs, n_fa = r.get("n_harmful_score", 0), r.get("n_finetune_accuracy", 0)
-        lines.append(
-            f"| {r['method']} | {alpha} | {removed} | {_fmt(r.get('harmful_score'), n_hs)} | "
-            + "".join(f"{_fmt(r.get(f'harmful_score/{name}'), n_hs)} | " for name in extra)
-            + f"{_fmt(r.get('finetune_accuracy'), n_fa)} | {_fmt(r.get('coherent_rate'), n_hs)} | "
-            f"{n_hs} | {n_fa} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _error_bars(points: list[dict[str, Any]], key: str, n_key: str) -> list[list[float]]:
-    """Matplotlib's ``[[below], [above]]`` distances to each point's Wilson 95% interval."""
-    below, above = [], []
-    for p in points:
-        ci = rate_interval(p.get(key), p.get(n_key))
-        value = p.get(key) or 0.0
-        # Clamped: at 0 or 100 % the bound equals the value up to float rounding (e.g. -5e-15).
-        below.append(0.0 if ci is None else max(0.0, value - ci[0]))
-        above.append(0.0 if ci is None else max(0.0, ci[1] - value))
-    return [below, above]
-
-
-def extra_judge_names(rows: list[dict[str, Any]]) -> list[str]:
-    """Names of the extra judges whose harmful scores the rows carry, in first-seen order."""
-    prefix = "harmful_score/"
-    names = (k[len(prefix) :] for r in rows for k in r if k.startswith(prefix))
-    return list(dict.fromkeys(names))
-
-
-def write_report(report: dict[str, Any], out: Path) -> None:
-    """Writes ``report.json``, ``report.md`` and ``report.png`` atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", report)
-    header = (
-        "# antidote_pl report\n\n"
-        "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better). "
-        "FA: fine-tune accuracy, % of held-out task questions answered correctly. "
-        "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised. "
-        "One run (one seed); in brackets the Wilson 95% interval over the n prompts of the last "
-        "two columns.\n\n"
-    )
-    atomic_write_text(out / "report.md", header + report_markdown(report))
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    none = next((r for r in report["rows"] if r["method"] == "none"), None)
-    for method in report["methods"]:
-        pts = [r for r in report["rows"] if r["method"] == method]
-        if none is not None:
-            pts = [none, *pts]
-        ax.errorbar(
-            [p["finetune_accuracy"] for p in pts],
-            [p["harmful_score"] for p in pts],
-            xerr=_error_bars(pts, "finetune_accuracy", "n_finetune_accuracy"),
-            yerr=_error_bars(pts, "harmful_score", "n_harmful_score"),
-            marker="o",
-            capsize=2,
-            label=method,
-        )
-    for r in report["rows"]:
-        # References, baselines and combined defenses are single points, not sweeps.
-        if r["method"] not in (*report["methods"], "none"):
-            ax.scatter([r["finetune_accuracy"] or 0], [r["harmful_score"] or 0], marker="*", s=160, zorder=3)
-            ax.annotate(
-                r["method"],
-                (r["finetune_accuracy"] or 0, r["harmful_score"] or 0),
-                xytext=(5, 5),
-                textcoords="offset points",
-            )
-    ax.set_xlabel("fine-tune accuracy FA (%)")
-    ax.set_ylabel("harmful score HS (%)")
-    ax.set_title("Repair trade-off per method (from the unrepaired model); bars: Wilson 95%")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_file(out / "report.png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+__all__ = [
+    "AdapterSweep",
+    "BaselineSpec",
+    "Pipeline",
+    "RepairSpec",
+    "StageSpec",
+    "extra_judge_names",
+    "report_markdown",
+    "run_pipeline",
+    "stage_fingerprint",
+    "write_report",
+]

@@ -30,14 +30,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 from antidote_pl.errors import bad_value
-from antidote_pl.pipeline import extra_judge_names, run_pipeline
-from antidote_pl.utils.io import atomic_write_json, atomic_write_text, mark_output_dir
+from antidote_pl.pipeline import run_inputs, run_pipeline
+from antidote_pl.pipeline_report import extra_judge_names
+from antidote_pl.utils.io import (
+    OUTPUT_MARKER,
+    atomic_file,
+    atomic_write_json,
+    atomic_write_text,
+    claim_output_dir,
+    mark_output_dir,
+)
 
 PLACEHOLDER = "{seed}"
 #: Per-row figures aggregated over seeds (percentages, and the realised removed fraction).
@@ -124,35 +132,60 @@ def run_seeds(
         The aggregate report (also in ``<output_dir>/report.json``).
 
     Raises:
-        ConfigError: on an empty or repeated seed list, or when no override uses ``{seed}`` (every
-            seed would then be the same run).
+        ConfigError: on an empty or repeated seed list, when no override uses ``{seed}`` (every
+            seed would then be the same run), or for an ``output_dir`` that may not be written (an
+            unmarked non-empty directory, one another run is writing), before any work.
     """
-    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise bad_value("seeds", seeds, "a non-empty list of distinct non-negative integers")
-    per_seed_fields = _placeholders(stages, repair, baselines)
-    if not per_seed_fields:
-        raise bad_value("seeds", seeds, f"overrides that use {PLACEHOLDER} (otherwise every seed is one run)")
+    _check_seeds(seeds, stages, repair, baselines)
+    # Like a single pipeline run: its own (marked) directory is resumed, any other non-empty one is
+    # refused; held until the last seed's aggregate report is written.
+    inputs = run_inputs(stages, repair, evaluation, baselines)
+    _adopt_earlier_seeds_output(Path(output_dir))
+    lock = claim_output_dir(output_dir, "output_dir", overwrite=True, inputs=inputs, replace=False)
+    mark_output_dir(output_dir, "pipeline")
+    out = Path(output_dir)
     shared = [s.name for s in stages if not any(PLACEHOLDER in a for a in s.overrides)]
     reports: dict[int, dict[str, Any]] = {}
-    report: dict[str, Any] = {}
-    for seed in seeds:
-        s_stages, s_repair, s_baselines = seeded_specs(seed, stages, repair, baselines)
-        seed_dir = Path(output_dir) / f"seed{seed}"
-        if reports and not force:
-            _reuse_shared_results(Path(output_dir) / f"seed{seeds[0]}", seed_dir, shared)
-        reports[seed] = run_pipeline(
-            stages=s_stages,
-            repair=s_repair,
-            evaluation=evaluation,
-            output_dir=str(seed_dir),
-            references=references,
-            force=force,
-            baselines=s_baselines,
-        )
-        # Rewritten after every seed: an interrupted run still leaves the seeds it finished.
-        report = aggregate(reports, shared_stages=shared)
-        write_aggregate_report(report, Path(output_dir))
-    return report
+    try:
+        for seed in seeds:
+            if reports and not force:
+                _reuse_shared_results(out / f"seed{seeds[0]}", out / f"seed{seed}", shared)
+            s_stages, s_repair, s_baselines = seeded_specs(seed, stages, repair, baselines)
+            reports[seed] = run_pipeline(
+                s_stages, s_repair, evaluation, str(out / f"seed{seed}"), references, force, s_baselines
+            )
+            # Rewritten after every seed: an interrupted run still leaves the seeds it finished.
+            write_aggregate_report(aggregate(reports, shared_stages=shared), out)
+    finally:
+        lock.release()
+    return aggregate(reports, shared_stages=shared)
+
+
+#: What a multi-seed output held before it carried a marker: per-seed runs and the aggregate report.
+_EARLIER_SEEDS_OUTPUT = re.compile(r"seed\d+|report\.(md|json|png)|\..*")
+
+
+def _adopt_earlier_seeds_output(out: Path) -> None:
+    """Marks an unmarked multi-seed output written before the top directory got its marker.
+
+    Only a directory holding nothing but ``seed<N>`` pipeline outputs (each with its marker), the
+    aggregate ``report.*`` files and hidden temporaries is recognised; anything else stays unmarked
+    and is refused by the output check.
+    """
+    if not out.is_dir() or (out / OUTPUT_MARKER).exists() or not any(out.iterdir()):
+        return
+    entries = list(out.iterdir())
+    ours = all(_EARLIER_SEEDS_OUTPUT.fullmatch(e.name) for e in entries)
+    seeds = [e for e in entries if e.name.startswith("seed")]
+    if ours and seeds and all((e / OUTPUT_MARKER).is_file() for e in seeds):
+        mark_output_dir(out, "pipeline")
+
+
+def _check_seeds(seeds: list[int], stages, repair, baselines) -> None:
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise bad_value("seeds", seeds, "a non-empty list of distinct non-negative integers")
+    if not _placeholders(stages, repair, baselines):
+        raise bad_value("seeds", seeds, f"overrides that use {PLACEHOLDER} (otherwise every seed is one run)")
 
 
 def _reuse_shared_results(first: Path, target: Path, shared: list[str]) -> None:
@@ -281,19 +314,11 @@ def aggregate_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "antidote_pl report") -> None:
-    """Writes ``report.json``, ``report.md`` and ``report.png`` (HS against FA, error bars) atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", report)
+def _aggregate_header(report: dict[str, Any], title: str) -> str:
     seeds = ", ".join(str(s) for s in report["seeds"])
     shared = report["shared_stages"]
     one = len(report["seeds"]) == 1
-    header = (
+    return (
         f"# {title}: {len(report['seeds'])} seed{'' if one else 's'} ({seeds})\n\n"
         + (
             "Each cell: the percentage and its 95% Wilson interval over the prompts (one seed: no "
@@ -308,9 +333,43 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
         + (f" Stages trained once and shared by all seeds: {', '.join(shared)}." if shared else "")
         + "\n\n"
     )
-    atomic_write_text(out / "report.md", header + aggregate_markdown(report))
+
+
+def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "antidote_pl report") -> None:
+    """Writes ``report.json``, ``report.md`` and ``report.png`` (HS against FA, error bars) atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", _aggregate_header(report, title) + aggregate_markdown(report))
+    plot_aggregate(report, out / "report.png")
+
+
+def plot_aggregate(report: dict[str, Any], path: Path) -> None:
+    """HS against FA per method over the alpha sweep, with error bars (std over seeds, or Wilson)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
+    _plot_sweeps(ax, report)
+    _plot_single_points(ax, report["rows"], report["methods"])
+    rows = report["rows"]
+    n_h, n_t = (rows[0]["n_harmful_score"], rows[0]["n_finetune_accuracy"]) if rows else (0, 0)
+    ax.set_xlabel(f"fine-tune accuracy FA (%), n={n_t} questions per seed")
+    ax.set_ylabel(f"harmful score HS, keyword judge (%), n={n_h} prompts per seed")
+    seeds = ", ".join(str(s) for s in report["seeds"])
+    spread = "95% Wilson intervals over prompts" if len(report["seeds"]) == 1 else "mean ± std over seeds"
+    ax.set_title(f"Alpha sweep per method, {spread}; seeds {seeds}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    # Rendered beside the target, then renamed: a reader never sees half a PNG.
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def _plot_sweeps(ax, report: dict[str, Any]) -> None:
     rows = report["rows"]
     none = next((r for r in rows if r["method"] == "none"), None)
     for method in report["methods"]:
@@ -324,8 +383,12 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
             capsize=3,
             label=method,
         )
+
+
+def _plot_single_points(ax, rows: list[dict[str, Any]], methods: list[str]) -> None:
+    # References, baselines and combined defenses are single points, not sweeps.
     for r in rows:
-        if r["method"] not in (*report["methods"], "none"):
+        if r["method"] not in (*methods, "none"):
             x, y = r["finetune_accuracy_mean"] or 0, r["harmful_score_mean"] or 0
             ax.errorbar(
                 [x],
@@ -336,19 +399,6 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
                 ms=12,
             )
             ax.annotate(r["method"], (x, y), xytext=(5, 5), textcoords="offset points")
-    n_h, n_t = (rows[0]["n_harmful_score"], rows[0]["n_finetune_accuracy"]) if rows else (0, 0)
-    ax.set_xlabel(f"fine-tune accuracy FA (%), n={n_t} questions per seed")
-    ax.set_ylabel(f"harmful score HS, keyword judge (%), n={n_h} prompts per seed")
-    spread = "95% Wilson intervals over prompts" if one else "mean ± std over seeds"
-    ax.set_title(f"Alpha sweep per method, {spread}; seeds {seeds}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    # Rendered beside the target, then renamed: a reader never sees half a PNG.
-    tmp = out / f".report.png.tmp-{os.getpid()}"
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, out / "report.png")
 
 
 def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:

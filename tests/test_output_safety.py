@@ -483,11 +483,14 @@ def test_pipeline_refuses_unmarked_output_and_stage_dirs(user_dir, tmp_path, no_
 
 def test_pipeline_passes_overwrite_to_its_own_stages(monkeypatch):
     from antidote_pl import pipeline
-    from antidote_pl.pipeline import OVERWRITE_STAGE, StageSpec
+    from antidote_pl.pipeline import StageSpec
 
     calls = []
-    monkeypatch.setattr(pipeline, "_fit", lambda configs, overrides: calls.append(overrides))
+    monkeypatch.setattr(pipeline, "run_fit", lambda configs, values, args: calls.append((values, args)))
     monkeypatch.setattr(pipeline, "tokenizer_main", lambda argv: calls.append(argv))
     pipeline._run_command(StageSpec("a", "a.yaml", ["--trainer.max_steps=1"]))
     pipeline._run_command(StageSpec("t", "t.yaml", command="tokenizer"))
-    assert calls == [["--trainer.max_steps=1", OVERWRITE_STAGE], ["--config", "t.yaml", "--overwrite=true"]]
+    assert calls == [
+        ({"model.init_args.overwrite": True}, ["--trainer.max_steps=1"]),
+        ["--config", "t.yaml", "--overwrite=true"],
+    ]

@@ -11,6 +11,7 @@ from conftest import REPO
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.pipeline import StageSpec, run_pipeline
+from antidote_pl.pruning.artifacts import RepairArtifacts, alpha_key
 
 pytestmark = pytest.mark.slow
 FAST = "--model.init_args.model_config=tiny-world-fast"
@@ -132,6 +133,11 @@ def test_pipeline_report_reuse_and_force(in_tmp):
     # Removing more weights removes at least as many: realised fractions grow with alpha.
     wanda = [r for r in report["rows"] if r["method"] == "wanda"]
     assert wanda[0]["removed_fraction"] < wanda[1]["removed_fraction"]
+    # One scoring run saved every alpha's mask, and those masks are the ones evaluated.
+    saved = RepairArtifacts.read(out / "scores" / "wanda")
+    assert saved.alphas == [0.05, 0.2]
+    fractions = saved.report["sweep_removed_fraction"]
+    assert [r["removed_fraction"] for r in wanda] == [fractions[alpha_key(a)] for a in (0.05, 0.2)]
 
     again = main(["pipeline", "--config", config])
     assert again["seconds_by_step"] == {}, "a rerun with the same config must reuse every finished step"

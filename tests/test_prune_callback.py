@@ -358,8 +358,17 @@ def test_bad_arguments_fail_at_construction(cls, kwargs, field):
         (lambda: WandaPruneCallback(), "no_realignment", r"data \(realignment set\)"),
         (lambda: WandaPruneCallback(protect_fraction=0.5), "no_task", r"data \(task set\)"),
         (lambda: WandaPruneCallback(calibration="task"), "no_task", r"data \(task set\)"),
+        (lambda: WandaPruneCallback(contrast_lambda=1.0), "no_task", r"data \(task set\)"),
     ],
-    ids=["include", "include-magnitude", "adapter", "empty-realignment", "protect-no-task", "task-no-task"],
+    ids=[
+        "include",
+        "include-magnitude",
+        "adapter",
+        "empty-realignment",
+        "protect-no-task",
+        "task-no-task",
+        "contrast-no-task",
+    ],
 )
 def test_bad_setup_fails_before_any_forward(stages, tmp_path, monkeypatch, make_callback, data, field):
     module = repair_module(stages, output_dir=str(tmp_path / "out"))

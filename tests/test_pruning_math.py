@@ -125,8 +125,8 @@ def test_alpha_outside_open_unit_interval_is_rejected(alpha):
 
 
 def test_unknown_scope_and_nan_scores_are_rejected():
-    with pytest.raises(ConfigError, match="scope='layer'"):
-        select_masks(_scores(), 0.1, scope="layer")
+    with pytest.raises(ConfigError, match="scope='column'"):
+        select_masks(_scores(), 0.1, scope="column")
     bad = _scores()
     bad["t0.weight"][0, 0] = float("nan")
     with pytest.raises(ConfigError, match=r"t0.weight.*NaN"):

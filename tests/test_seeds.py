@@ -142,3 +142,59 @@ def test_smol_report_verdicts(tmp_path):
     assert "Attacked HS (keyword) ≥ 60: **holds**, 89.5 ± 0.7" in text
     assert "**Partial run: 2 of the 3 configured seeds finished**" in text and "missing: 2" in text
     assert text.rstrip().endswith("hand-written") and (out.parent / "smol_report.png").is_file()
+
+
+def test_run_seeds_claims_and_marks_its_output_dir(tmp_path, monkeypatch):
+    """Like a single pipeline run: never written into an unmarked non-empty directory."""
+    from antidote_pl import seeds
+
+    stages, repair = specs()
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    monkeypatch.setattr(seeds, "run_pipeline", lambda *a, **k: pytest.fail("a seed ran"))
+    with pytest.raises(ConfigError, match=r"^output_dir=.*no antidote_output.json"):
+        seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(user))
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+    runs = []
+
+    def fake_pipeline(stages, repair, evaluation, output_dir, *rest):
+        runs.append((output_dir, stages[1].overrides[0]))
+        return fake_report([0.0, 90.0, 20.0], [0.0, 85.0, 50.0], [1.0, 30.0, 5.0])
+
+    monkeypatch.setattr(seeds, "run_pipeline", fake_pipeline)
+    out = tmp_path / "runs"
+    agg = seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(out))
+    assert runs == [
+        (str(out / "seed0"), "--data.init_args.seed=0"),
+        (str(out / "seed1"), "--data.init_args.seed=1"),
+    ]
+    assert (
+        agg["seeds"] == [0, 1] and (out / "antidote_output.json").is_file() and (out / "report.md").is_file()
+    )
+    assert not list(tmp_path.glob(".*.lock"))
+    # Its own (marked) directory is resumed without a flag.
+    seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(out))
+
+
+def test_run_seeds_resumes_a_multi_seed_output_written_before_it_was_marked(tmp_path, monkeypatch):
+    from antidote_pl import seeds
+    from antidote_pl.utils.io import OUTPUT_MARKER, mark_output_dir
+
+    stages, repair = specs()
+    monkeypatch.setattr(
+        seeds, "run_pipeline", lambda *a: fake_report([0.0, 90.0, 20.0], [0.0, 85.0, 50.0], [1.0, 30.0, 5.0])
+    )
+    earlier = tmp_path / "earlier"
+    mark_output_dir(earlier / "seed0", "pipeline")
+    (earlier / "report.md").write_text("old")
+    seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(earlier))
+    assert (earlier / OUTPUT_MARKER).is_file() and (earlier / "report.md").read_text() != "old"
+    # A user's file beside the seed runs: not recognised as ours, refused.
+    other = tmp_path / "other"
+    mark_output_dir(other / "seed0", "pipeline")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="no antidote_output.json"):
+        seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(other))
+    assert not (other / OUTPUT_MARKER).exists()

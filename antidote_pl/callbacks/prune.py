@@ -32,13 +32,14 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from antidote_pl.data.records import fingerprint_records
-from antidote_pl.errors import ConfigError, bad_value, check_choice
+from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int, check_number
 from antidote_pl.pruning import (
     SCOPES,
     STATISTICS,
     TARGET_KINDS,
     apply_target_masks_,
     collect,
+    contrastive_scores,
     find_targets,
     magnitude_scores,
     masks_for_alphas,
@@ -51,9 +52,9 @@ from antidote_pl.pruning import (
     to_param_layout,
     wanda_scores,
 )
-from antidote_pl.pruning.artifacts import targets_fingerprint, write_artifacts
+from antidote_pl.pruning.artifacts import alpha_key, targets_fingerprint, write_artifacts
 from antidote_pl.pruning.select import RANDOM_SCOPES, check_alpha
-from antidote_pl.pruning.stats import TOKEN_MASKS
+from antidote_pl.pruning.stats import DEFAULT_DECISIVE_TOKENS, TOKEN_MASKS
 from antidote_pl.pruning.targets import merged_param_name
 from antidote_pl.utils.console import say
 
@@ -77,6 +78,9 @@ class BasePruneCallback(Callback):
         output_dir: Where masks and the pruned model go; defaults to the model's ``output_dir``.
         save_scores: Also save the scores (``scores.safetensors``) so other alphas can be swept
             without another forward pass.
+        sweep_alphas: Also save the masks of these alphas (``sweep_masks.safetensors``, with the
+            callback's own alpha), all computed from this one scoring by the function that computes
+            the applied mask; read them with :class:`~antidote_pl.pruning.artifacts.RepairArtifacts`.
     """
 
     method = "base"
@@ -90,9 +94,11 @@ class BasePruneCallback(Callback):
         adapter_name: str = "default",
         output_dir: str | None = None,
         save_scores: bool = False,
+        sweep_alphas: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.alpha = check_alpha(alpha, "alpha")
+        self.sweep_alphas = _check_sweep(sweep_alphas)
         check_choice("target", target, TARGET_KINDS)
         check_choice("scope", scope, SCOPES)
         self.target = target
@@ -112,10 +118,16 @@ class BasePruneCallback(Callback):
 
     def compute_masks(
         self, trainer: L.Trainer, pl_module: L.LightningModule, targets
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """Row-layout boolean masks (True = remove) and the scores behind them (or ``None``)."""
+    ) -> tuple[dict[float, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
+        """Row-layout boolean masks (True = remove) for every alpha of :attr:`mask_alphas`, from one
+        scoring, and the scores behind them (or ``None``)."""
         scores = self.compute_scores(trainer, pl_module, targets)
-        return masks_for_alphas(scores, [self.alpha], self.scope)[self.alpha], scores
+        return masks_for_alphas(scores, self.mask_alphas, self.scope), scores
+
+    @property
+    def mask_alphas(self) -> list[float]:
+        """The alphas whose masks are computed: the callback's own and its ``sweep_alphas``."""
+        return sorted({self.alpha, *(self.sweep_alphas or [])})
 
     def describe(self) -> dict[str, Any]:
         """Settings recorded in ``mask.json``."""
@@ -127,6 +139,7 @@ class BasePruneCallback(Callback):
             "scope": self.scope,
             "include": self.include,
             "adapter_name": self.adapter_name,
+            "sweep_alphas": self.sweep_alphas,
         }
 
     # ------------------------------------------------------------------ hooks
@@ -154,52 +167,59 @@ class BasePruneCallback(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.to(trainer.strategy.root_device)
-        model = pl_module.model
-        targets = find_targets(model, self.target, self.adapter_name, self.include)
+        targets = find_targets(pl_module.model, self.target, self.adapter_name, self.include)
         device = trainer.strategy.root_device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        masks, scores = self.compute_masks(trainer, pl_module, targets)
+        by_alpha, scores = self.compute_masks(trainer, pl_module, targets)
         seconds = time.perf_counter() - start
+        masks = by_alpha[self.alpha]
         param_masks = to_param_layout(masks, targets)
         # Fingerprints of the targets before and after: saved scores are only ever swept on the
         # adapter they were computed on, and a saved stage is checked against its own masks.
         scored = targets_fingerprint({n: t.param for n, t in targets.items()})
         apply_target_masks_(targets, param_masks)
-        pruned = targets_fingerprint({n: t.param for n, t in targets.items()})
-        fractions = realised_fractions(masks)
         self.report = {
             **self.describe(),
             "device": str(device),
             "world_size": trainer.world_size,
             "num_targets": len(targets),
             "removed_fraction": overall_fraction(masks),
-            "per_tensor_fraction": fractions,
+            "per_tensor_fraction": realised_fractions(masks),
             "scoring_seconds": seconds,
             "peak_memory_bytes": _peak_memory(device),
             "scored_fingerprint": scored,
-            "pruned_fingerprint": pruned,
+            "pruned_fingerprint": targets_fingerprint({n: t.param for n, t in targets.items()}),
             **self.extra_report(trainer),
         }
+        sweep = None
+        if self.sweep_alphas:
+            sweep = {a: to_param_layout(m, targets) for a, m in by_alpha.items()}
+            fractions = {alpha_key(a): overall_fraction(m) for a, m in by_alpha.items()}
+            self.report["sweep_removed_fraction"] = fractions
+        param_scores = to_param_layout(scores, targets) if scores is not None and self.save_scores else None
+        self._hand_over(pl_module, param_masks, param_scores, sweep)
+        say(
+            f"{type(self).__name__}: removed {self.report['removed_fraction']:.4f} of {len(targets)} "
+            f"target tensors in {seconds:.2f}s"
+        )
+
+    def _hand_over(self, pl_module, param_masks, param_scores, sweep) -> None:
+        """Gives the report and the artefact writer to the module, which alone saves the stage."""
         # Weights outside the adapter changed (a masked update merged into the base, or base
         # linears pruned): an adapter-only save would drop them, so the merged model is saved.
         merge = self.target != "lora" and getattr(pl_module, "is_peft", False)
         self.report["merged_adapter"] = merge
-        param_scores = to_param_layout(scores, targets) if scores is not None and self.save_scores else None
         # Masks are saved under the names of the model as saved (merged names for a merged save);
-        # scores keep the adapter's names, which is where sweeps apply them.
+        # scores and sweep masks keep the pruned model's names, which is where sweeps apply them.
         saved_masks = {merged_param_name(n): m for n, m in param_masks.items()} if merge else param_masks
         report = self.report
         pl_module.add_to_stage(
             metadata={"pruning": report},
-            files=lambda tmp: write_artifacts(tmp, saved_masks, param_scores, report),
+            files=lambda tmp: write_artifacts(tmp, saved_masks, param_scores, report, sweep),
             output_dir=self.output_dir,
             merge_adapter=merge,
-        )
-        say(
-            f"{type(self).__name__}: removed {report['removed_fraction']:.4f} of {len(targets)} target "
-            f"tensors in {seconds:.2f}s"
         )
 
     def extra_report(self, trainer: L.Trainer) -> dict[str, Any]:
@@ -214,10 +234,15 @@ class WandaPruneCallback(BasePruneCallback):
         calibration: ``realignment`` (harmful samples, Antidote) or ``task`` (benign task data, the
             paper's "no harmful dataset" ablation).
         statistic: ``sample_mean`` (official), ``token_mean`` or ``sample_token_mean``.
-        token_mask: ``attention`` (every real token, official) or ``response`` (response tokens only).
+        token_mask: ``attention`` (every real token, official), ``response`` (response tokens only)
+            or ``decisive`` (the prompt and the first ``decisive_tokens`` response tokens).
         batch_size: Calibration batch size (default: the DataModule's).
         protect_fraction: Never remove weights in the top fraction of a second Wanda score computed on
             the task calibration set ("harm minus utility" variant); 0 disables.
+        contrast_lambda: Subtractive contrast: rank by ``S_calibration − λ·S_task``, the second a
+            Wanda score of the same targets on the task calibration set; 0 disables.
+        decisive_tokens: With ``token_mask: decisive``, the response tokens per sample counted
+            besides the prompt (where a refusal or a compliance is decided).
         **kwargs: See :class:`BasePruneCallback`.
     """
 
@@ -237,8 +262,11 @@ class WandaPruneCallback(BasePruneCallback):
         token_mask: str = "attention",
         batch_size: int | None = None,
         protect_fraction: float = 0.0,
+        sweep_alphas: list[float] | None = None,
+        contrast_lambda: float = 0.0,
+        decisive_tokens: int = DEFAULT_DECISIVE_TOKENS,
     ) -> None:
-        super().__init__(alpha, target, scope, include, adapter_name, output_dir, save_scores)
+        super().__init__(alpha, target, scope, include, adapter_name, output_dir, save_scores, sweep_alphas)
         check_choice("calibration", calibration, CALIBRATION_SETS)
         check_choice("statistic", statistic, STATISTICS)
         check_choice("token_mask", token_mask, TOKEN_MASKS)
@@ -246,11 +274,15 @@ class WandaPruneCallback(BasePruneCallback):
             raise bad_value("batch_size", batch_size, "a positive integer or null")
         if not 0.0 <= protect_fraction < 1.0:
             raise bad_value("protect_fraction", protect_fraction, "a number in [0, 1)")
+        check_number("contrast_lambda", contrast_lambda, low=0.0)
+        check_int("decisive_tokens", decisive_tokens, 0)
         self.calibration = calibration
         self.statistic = statistic
         self.token_mask = token_mask
         self.batch_size = batch_size
         self.protect_fraction = protect_fraction
+        self.contrast_lambda = float(contrast_lambda)
+        self.decisive_tokens = decisive_tokens
         self._calibration_counts: dict[str, int] = {}
 
     def describe(self) -> dict[str, Any]:
@@ -260,13 +292,15 @@ class WandaPruneCallback(BasePruneCallback):
             "statistic": self.statistic,
             "token_mask": self.token_mask,
             "protect_fraction": self.protect_fraction,
+            "contrast_lambda": self.contrast_lambda,
+            "decisive_tokens": self.decisive_tokens if self.token_mask == "decisive" else None,
         }
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        sets = [self.calibration] + (["task"] if self.protect_fraction > 0 else [])
+        sets = [self.calibration] + (["task"] if self._needs_task_scores else [])
         for name in sets:
             records = _calibration_records(trainer, name)
             if not records:
@@ -280,12 +314,22 @@ class WandaPruneCallback(BasePruneCallback):
         shard = (b for i, b in enumerate(loader) if i % world == rank)
         with collect(model, targets, device=trainer.strategy.root_device) as stats:
             run_calibration(
-                model, shard, stats, token_mask=self.token_mask, device=trainer.strategy.root_device
+                model,
+                shard,
+                stats,
+                token_mask=self.token_mask,
+                device=trainer.strategy.root_device,
+                decisive_tokens=self.decisive_tokens,
             )
         if world > 1 and dist.is_available() and dist.is_initialized():
             stats.all_reduce_()
         self._calibration_counts[which] = int(max(stats.n_samples.values(), default=0))
         return stats
+
+    @property
+    def _needs_task_scores(self) -> bool:
+        """Whether a second Wanda score on the task calibration set is needed."""
+        return self.protect_fraction > 0 or self.contrast_lambda > 0
 
     def compute_masks(self, trainer, pl_module, targets):
         model = pl_module.model
@@ -293,13 +337,13 @@ class WandaPruneCallback(BasePruneCallback):
         scores = wanda_scores(
             weights, self._statistics(trainer, model, targets, self.calibration), self.statistic
         )
-        protect = None
-        if self.protect_fraction > 0:
-            protect = wanda_scores(weights, self._statistics(trainer, model, targets, "task"), self.statistic)
-        masks = masks_for_alphas(
-            scores, [self.alpha], self.scope, protect_scores=protect, protect_fraction=self.protect_fraction
-        )[self.alpha]
-        return masks, scores
+        benign = None
+        if self._needs_task_scores:
+            benign = wanda_scores(weights, self._statistics(trainer, model, targets, "task"), self.statistic)
+        if self.contrast_lambda > 0:
+            scores = contrastive_scores(scores, benign, self.contrast_lambda)
+        protect = {"protect_scores": benign, "protect_fraction": self.protect_fraction}
+        return masks_for_alphas(scores, self.mask_alphas, self.scope, **protect), scores
 
     def extra_report(self, trainer: L.Trainer) -> dict[str, Any]:
         records = _calibration_records(trainer, self.calibration)
@@ -341,8 +385,9 @@ class RandomPruneCallback(BasePruneCallback):
         save_scores: bool = False,
         seed: int = 0,
         random_scope: str = "row",
+        sweep_alphas: list[float] | None = None,
     ) -> None:
-        super().__init__(alpha, target, "row", include, adapter_name, output_dir, save_scores)
+        super().__init__(alpha, target, "row", include, adapter_name, output_dir, save_scores, sweep_alphas)
         check_choice("random_scope", random_scope, RANDOM_SCOPES)
         self.seed = seed
         self.random_scope = random_scope
@@ -353,17 +398,26 @@ class RandomPruneCallback(BasePruneCallback):
     def compute_masks(self, trainer, pl_module, targets):
         weights = target_weights(targets)
         if self.random_scope == "tensor":
-            return random_masks(weights, self.alpha, "tensor", self.seed), None
+            return {a: random_masks(weights, a, "tensor", self.seed) for a in self.mask_alphas}, None
         # Per-row random removal is top-k of seeded random scores, so the scores can be saved and
         # swept over alphas like any other score (same masks as random_masks(..., "row")).
         scores = random_scores(weights, self.seed)
-        return masks_for_alphas(scores, [self.alpha], "row")[self.alpha], scores
+        return masks_for_alphas(scores, self.mask_alphas, "row"), scores
 
 
 class NoPruneCallback(Callback):
     """Ablation: no pruning. Present so that swapping the callback slot to "none" is explicit."""
 
     method = "none"
+
+
+def _check_sweep(sweep_alphas: list[float] | None) -> list[float] | None:
+    """Validates ``sweep_alphas`` (null, or a non-empty list of fractions); returns them sorted."""
+    if sweep_alphas is None:
+        return None
+    if not isinstance(sweep_alphas, list | tuple) or not sweep_alphas:
+        raise bad_value("sweep_alphas", sweep_alphas, "null or a non-empty list of fractions in (0, 1)")
+    return sorted({check_alpha(a, f"sweep_alphas[{i}]") for i, a in enumerate(sweep_alphas)})
 
 
 def _calibration_records(trainer: L.Trainer, which: str) -> list:

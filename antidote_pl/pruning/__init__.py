@@ -11,6 +11,12 @@ Typical flow (the Lightning callback is thin glue over it)::
     masks = to_param_layout(by_alpha[0.1], targets)  # keyed like model.named_parameters()
     save_tensors(out_dir / "masks.safetensors", masks)
     apply_target_masks_(targets, masks)  # apply one alpha per model copy
+
+A prune callback with ``sweep_alphas`` saves the masks of every alpha beside the pruned stage;
+:class:`RepairArtifacts` reads them back, checked::
+
+    art = RepairArtifacts.read(stage_dir)
+    apply_masks_(dict(model.named_parameters()), art.masks(0.05))
 """
 
 from antidote_pl.pruning.apply import (
@@ -23,10 +29,12 @@ from antidote_pl.pruning.apply import (
     realised_fractions,
     save_tensors,
 )
-from antidote_pl.pruning.scores import magnitude_scores, random_scores, wanda_scores
+from antidote_pl.pruning.artifacts import RepairArtifacts
+from antidote_pl.pruning.scores import contrastive_scores, magnitude_scores, random_scores, wanda_scores
 from antidote_pl.pruning.select import (
     SCOPES,
     keep_count,
+    layer_of,
     masks_for_alphas,
     random_masks,
     removed_count,
@@ -54,15 +62,18 @@ __all__ = [
     "STATISTICS",
     "TARGET_KINDS",
     "ActivationStats",
+    "RepairArtifacts",
     "TargetInfo",
     "apply_masks_",
     "apply_target_masks_",
     "batch_token_mask",
     "check_mask_shapes",
     "collect",
+    "contrastive_scores",
     "default_lora_target_modules",
     "find_targets",
     "keep_count",
+    "layer_of",
     "load_tensors",
     "lora_delta_weight",
     "magnitude_scores",

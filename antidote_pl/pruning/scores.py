@@ -11,11 +11,18 @@ from collections.abc import Mapping
 
 import torch
 
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_number
 from antidote_pl.pruning.stats import ActivationStats
 from antidote_pl.pruning.targets import lora_delta_weight
 
-__all__ = ["lora_delta_weight", "magnitude_scores", "name_generator", "random_scores", "wanda_scores"]
+__all__ = [
+    "contrastive_scores",
+    "lora_delta_weight",
+    "magnitude_scores",
+    "name_generator",
+    "random_scores",
+    "wanda_scores",
+]
 
 
 def wanda_scores(
@@ -46,6 +53,36 @@ def wanda_scores(
             )
         scores[name] = w.detach().float().abs() * stat.to(w.device, torch.float32).sqrt().unsqueeze(0)
     return scores
+
+
+def contrastive_scores(
+    harm: Mapping[str, torch.Tensor], benign: Mapping[str, torch.Tensor], weight: float
+) -> dict[str, torch.Tensor]:
+    """Harm-minus-utility scores ``S = S_harm − λ·S_benign`` (subtractive contrast).
+
+    Both are Wanda scores of the same targets, one calibrated on the harmful realignment set, one on
+    benign task data; weights important for the task are pushed down the ranking, so the removed set
+    is more specific to the harmful behaviour. Scores may turn negative; ranking is unaffected.
+
+    Args:
+        harm: Scores on the harmful calibration set (larger = removed first).
+        benign: Scores on benign data, same keys and shapes.
+        weight: ``λ >= 0``; 0 returns the harm scores (as fp32 copies).
+
+    Raises:
+        ConfigError: A negative or non-finite ``λ``, or a benign score missing or of another shape.
+    """
+    check_number("contrast_lambda", weight, low=0.0)
+    out = {}
+    for name, h in harm.items():
+        b = benign.get(name)
+        if b is None or b.shape != h.shape:
+            got = None if b is None else tuple(b.shape)
+            raise ConfigError(
+                f"benign scores[{name}]: shape {got} does not match harm scores {tuple(h.shape)}."
+            )
+        out[name] = h.float() - float(weight) * b.to(h.device, torch.float32)
+    return out
 
 
 def magnitude_scores(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

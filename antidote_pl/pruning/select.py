@@ -15,6 +15,7 @@ of the §B.4 table; they differ only when ``n·(1−α)`` is an exact integer th
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,9 +25,11 @@ import torch
 from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.pruning.scores import name_generator, random_scores
 
-SCOPES = ("row", "matrix", "global")
+SCOPES = ("row", "matrix", "layer", "global")
 RANDOM_SCOPES = ("row", "tensor")
 PROTECT_MODES = ("replace", "subtract")
+# The first dotted integer component of a parameter name is its transformer layer (".layers.3.").
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
 def _exact(alpha: float) -> Fraction:
@@ -46,6 +49,17 @@ def removed_count(n: int, alpha: float) -> int:
     256 columns remove 3/6/13/26/52/64 (reference §B.4).
     """
     return n - keep_count(n, alpha)
+
+
+def layer_of(name: str) -> str:
+    """The transformer layer a parameter belongs to: its name up to the first integer component.
+
+    ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight`` belongs to
+    ``base_model.model.model.layers.3``; a name without an integer component (e.g. ``lm_head.weight``)
+    is a layer of its own.
+    """
+    match = _LAYER.match(name)
+    return match.group(1) if match else name
 
 
 def check_alpha(alpha: float, field: str = "alpha") -> float:
@@ -78,9 +92,10 @@ def masks_for_alphas(
     Args:
         scores: Row-layout scores ``[out, in]`` per target (larger = removed first).
         alphas: Fractions removed, each in (0, 1).
-        scope: ``"row"`` (official: per output row), ``"matrix"`` (top fraction of each tensor) or
-            ``"global"`` (top fraction over all targets together; sorts every score at once, so
-            memory grows with the total number of entries).
+        scope: ``"row"`` (official: per output row), ``"matrix"`` (top fraction of each tensor),
+            ``"layer"`` (top fraction over the targets of each transformer layer together, see
+            :func:`layer_of`) or ``"global"`` (top fraction over all targets together; sorts every
+            score at once, so memory grows with the total number of entries).
         protect_scores: Second score (e.g. Wanda calibrated on benign task data), same keys/shapes.
         protect_fraction: Entries in the top ``protect_fraction`` of ``protect_scores`` (selected with
             the same ``scope``) are never removed. 0 disables protection.
@@ -189,13 +204,23 @@ def _protected(
     return select_masks(subset, protect_fraction, scope)
 
 
+def _joint_group(scores: Mapping[str, torch.Tensor]) -> _Group:
+    """One group ranking every entry of several tensors together (concatenated in key order)."""
+    device = next(iter(scores.values())).device
+    flat = torch.cat([s.detach().float().reshape(-1).to(device) for s in scores.values()])
+    shapes = [s.shape for s in scores.values()]
+    devices = [s.device for s in scores.values()]
+    return _Group(list(scores), shapes, devices, _stable_order(flat.view(1, -1)))
+
+
 def _rank(scores: Mapping[str, torch.Tensor], scope: str) -> list[_Group]:
     if scope == "global":
-        device = next(iter(scores.values())).device
-        flat = torch.cat([s.detach().float().reshape(-1).to(device) for s in scores.values()])
-        shapes = [s.shape for s in scores.values()]
-        devices = [s.device for s in scores.values()]
-        return [_Group(list(scores), shapes, devices, _stable_order(flat.view(1, -1)))]
+        return [_joint_group(scores)]
+    if scope == "layer":
+        layers: dict[str, dict[str, torch.Tensor]] = {}
+        for name, s in scores.items():
+            layers.setdefault(layer_of(name), {})[name] = s
+        return [_joint_group(group) for group in layers.values()]
     groups = []
     for name, s in scores.items():
         view = s.detach().float()

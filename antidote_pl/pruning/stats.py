@@ -4,6 +4,11 @@ The official code collects them with a per-sample, layer-by-layer loop that keep
 memory (reference §B.3). Because no mask is applied during calibration, one ordinary batched forward
 pass with hooks on every target is exactly equivalent; here it needs O(in_features) memory per target
 plus one batch, and padding is excluded through a per-batch token mask (reference §G.3, §G.5).
+
+The pass also stops early: once every hooked target has received its input for the batch, the rest
+of the forward (later layers, the final norm and the LM head, a large share of a forward with a big
+vocabulary) cannot change the statistics, so :func:`run_calibration` ends it there (see
+:class:`_ForwardStop`). The statistics are bit-identical to a full forward's.
 """
 
 from __future__ import annotations
@@ -11,17 +16,69 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from antidote_pl.errors import ConfigError, bad_value, check_choice
+from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int
 from antidote_pl.pruning.targets import TargetInfo
 
 STATISTICS = ("sample_mean", "token_mean", "sample_token_mean")
-TOKEN_MASKS = ("attention", "response")
+TOKEN_MASKS = ("attention", "response", "decisive")
 IGNORE_INDEX = -100
+DEFAULT_DECISIVE_TOKENS = 8
+# Tokens of the probe forward that counts each target's calls per forward (see _ForwardStop).
+_PROBE_TOKENS = 4
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a calibration forward whose remaining layers feed no target."""
+
+
+class _ForwardStop:
+    """Counts target calls in a forward and ends it once every target had all of its calls.
+
+    How often each target runs per forward is measured once by a short probe forward (a module may
+    run several times, e.g. a shared layer); a forward is then stopped at the call that completes the
+    count. If the probe misses a target (e.g. an expert a routed model did not use), stopping stays
+    off and every forward runs to the end, so a late call can never be lost. Call counts must not
+    depend on the input otherwise (true of dense decoder LMs: each target runs a fixed number of
+    times per forward, whatever the tokens).
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = list(names)
+        self.expected: dict[str, int] | None = None
+        self.probed = False
+        self.probing = False
+        self.armed = False
+        self.calls = dict.fromkeys(self.names, 0)
+        self.remaining = 0
+
+    def start_batch(self) -> None:
+        """Resets the per-forward counts (before each forward)."""
+        self.calls = dict.fromkeys(self.names, 0)
+        self.remaining = sum(self.expected.values()) if self.expected else 0
+
+    def finish_probe(self) -> None:
+        """Turns the probe's counts into the expected calls per forward."""
+        self.probing, self.probed = False, True
+        self.expected = dict(self.calls) if all(self.calls.values()) else None
+
+    def seen(self, name: str) -> None:
+        """Counts one call of target ``name``; raises :class:`_StopForward` after the last one."""
+        if self.probing:
+            self.calls[name] += 1
+            return
+        if not self.armed or self.expected is None:
+            return  # a forward outside run_calibration, or stopping is off
+        count = self.calls[name] = self.calls[name] + 1
+        if count <= self.expected[name]:
+            self.remaining -= 1
+            if self.remaining == 0:
+                raise _StopForward
 
 
 class ActivationStats:
@@ -64,6 +121,7 @@ class ActivationStats:
         self._drop: torch.Tensor | None = None
         self._weights: torch.Tensor | None = None
         self._recent: list[tuple[tuple, torch.Tensor, tuple[torch.Tensor, int, int]]] = []
+        self._stop: _ForwardStop | None = None  # set by collect() while its hooks are on
 
     @classmethod
     def for_targets(
@@ -263,11 +321,15 @@ def _input_key(x: torch.Tensor) -> tuple | None:
     return (x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride(), version)
 
 
-def _hook(stats: ActivationStats, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _hook(
+    stats: ActivationStats, stop: _ForwardStop, name: str, module: nn.Module, args: tuple, kwargs: dict
+) -> None:
     x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
     if x is None:
         raise ConfigError(f"target {name}: forward was called without a tensor input.")
-    stats.update(name, x)
+    if not stop.probing:
+        stats.update(name, x)
+    stop.seen(name)
 
 
 @contextlib.contextmanager
@@ -300,36 +362,53 @@ def collect(
     missing = [n for n in targets if n not in stats.sum_sq]
     if missing:
         raise bad_value("stats", missing[:3], "accumulators for every target")
+    stop = _ForwardStop(targets)
     handles = [
-        t.hook_module.register_forward_pre_hook(partial(_hook, stats, name), with_kwargs=True)
+        t.hook_module.register_forward_pre_hook(partial(_hook, stats, stop, name), with_kwargs=True)
         for name, t in targets.items()
     ]
+    stats._stop = stop
     try:
         yield stats
     finally:
         for h in handles:
             h.remove()
+        stats._stop = None
         stats.set_token_mask(None)
 
 
-def batch_token_mask(batch: Mapping[str, torch.Tensor], token_mask: str = "attention") -> torch.Tensor:
-    """Positions that count for the statistic: real tokens, optionally only response tokens.
+def batch_token_mask(
+    batch: Mapping[str, torch.Tensor],
+    token_mask: str = "attention",
+    decisive_tokens: int = DEFAULT_DECISIVE_TOKENS,
+) -> torch.Tensor:
+    """Positions that count for the statistic: real tokens, optionally only some of them.
 
     Args:
-        batch: Dict with ``input_ids``, ``attention_mask`` and (for ``"response"``) ``labels``.
+        batch: Dict with ``input_ids``, ``attention_mask`` and (for ``"response"`` and
+            ``"decisive"``) ``labels``, unshifted as in HF batches, ``-100`` on the prompt.
         token_mask: ``"attention"``: every non-padding token (official parity); ``"response"``:
-            non-padding tokens whose label is not -100 (labels are unshifted, as in HF batches).
+            non-padding tokens whose label is not -100; ``"decisive"``: the prompt (real tokens
+            labelled -100) and the first ``decisive_tokens`` response tokens of each sample, where a
+            refusal or a compliance is decided.
+        decisive_tokens: ``k`` of ``"decisive"``: response tokens counted per sample (0 = prompt only).
     """
     check_choice("token_mask", token_mask, TOKEN_MASKS)
     if "attention_mask" in batch:
         mask = batch["attention_mask"].bool()
     else:
         mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    if token_mask == "attention":
+        return mask
+    if "labels" not in batch:
+        raise bad_value("token_mask", token_mask, "batches with `labels` (or token_mask='attention')")
+    response = mask & (batch["labels"] != IGNORE_INDEX)
     if token_mask == "response":
-        if "labels" not in batch:
-            raise bad_value("token_mask", token_mask, "batches with `labels` (or token_mask='attention')")
-        mask = mask & (batch["labels"] != IGNORE_INDEX)
-    return mask
+        return response
+    check_int("decisive_tokens", decisive_tokens, 0)
+    # 1-based rank of each response token within its sample.
+    rank = response.long().cumsum(dim=1)
+    return (mask & ~response) | (response & (rank <= decisive_tokens))
 
 
 def run_calibration(
@@ -338,37 +417,77 @@ def run_calibration(
     stats: ActivationStats,
     token_mask: str = "attention",
     device: torch.device | str | None = None,
+    decisive_tokens: int = DEFAULT_DECISIVE_TOKENS,
 ) -> int:
     """Runs the no-grad forward passes that feed hooked statistics (inside :func:`collect`).
 
     The model is put in eval mode (LoRA dropout off, as in the official run) and its previous mode is
-    restored afterwards. Labels are not passed to the model, so no loss is computed.
+    restored afterwards. Labels are not passed to the model, so no loss is computed. Each forward
+    ends as soon as every hooked target has received its input (layers after the last target and
+    the LM head never run); a short probe forward first counts each target's calls per forward.
 
     Args:
         model: The hooked model.
         batches: Dicts with ``input_ids``, ``attention_mask`` and optionally ``labels``.
         stats: The statistics returned by :func:`collect`.
-        token_mask: ``"attention"`` or ``"response"`` (see :func:`batch_token_mask`).
+        token_mask: ``"attention"``, ``"response"`` or ``"decisive"`` (see :func:`batch_token_mask`).
         device: Where inputs go (default: the device of the model's first parameter).
+        decisive_tokens: Response tokens per sample counted by ``token_mask="decisive"``.
 
     Returns:
         Number of batches run.
     """
     check_choice("token_mask", token_mask, TOKEN_MASKS)
+    if token_mask == "decisive":
+        check_int("decisive_tokens", decisive_tokens, 0)
     if device is None:
         device = next(model.parameters()).device
+    stop = stats._stop
     was_training = model.training
     model.eval()
     n = 0
     try:
         with torch.no_grad():
             for batch in batches:
-                mask = batch_token_mask(batch, token_mask)
-                stats.set_token_mask(mask.to(device))
+                mask = batch_token_mask(batch, token_mask, decisive_tokens)
                 inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
-                model(**inputs, use_cache=False)
+                if stop is not None and not stop.probed:
+                    _probe(model, inputs, stop)
+                stats.set_token_mask(mask.to(device))
+                _forward(model, inputs, stop)
                 n += 1
     finally:
         stats.set_token_mask(None)
+        if stop is not None:
+            stop.armed = False
         model.train(was_training)
     return n
+
+
+def _probe(model: nn.Module, inputs: Mapping[str, torch.Tensor], stop: _ForwardStop) -> None:
+    """One forward on the first few tokens of one sample, counting (not accumulating) target calls."""
+    probe = {k: v[:1, :_PROBE_TOKENS] for k, v in inputs.items()}
+    if "attention_mask" in probe:
+        # Real tokens only, so a left-padded first sample still runs like real data.
+        probe["attention_mask"] = torch.ones_like(probe["attention_mask"])
+    stop.probing = True
+    stop.start_batch()
+    try:
+        model(**probe, use_cache=False)
+    finally:
+        stop.finish_probe()
+
+
+def _forward(model: nn.Module, inputs: Mapping[str, Any], stop: _ForwardStop | None) -> None:
+    """One calibration forward, ended by the hooks once every target has its input."""
+    if stop is None:
+        model(**inputs, use_cache=False)
+        return
+    stop.start_batch()
+    stop.armed = True
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        stop.armed = False

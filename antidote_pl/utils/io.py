@@ -168,16 +168,27 @@ def check_output_dir(
     final = real_path(path)
     check_apart_from_inputs(path, field, inputs)
     _check_parent(final, path, field)
-    if not final.exists():
+    if _is_new_or_empty(final, path, field):
         return final
+    _check_earlier_output(final, path, field, overwrite=overwrite, flag=flag, marker=marker, replace=replace)
+    return final
+
+
+def _is_new_or_empty(final: Path, path: PathLike, field: str) -> bool:
+    if not final.exists():
+        return True
     if not final.is_dir():
         raise bad_value(field, os.fspath(path), "a directory, but it is an existing file")
     try:
-        empty = not any(final.iterdir())
+        return not any(final.iterdir())
     except OSError as err:
         raise bad_value(field, os.fspath(path), f"a readable directory ({err.strerror})") from err
-    if empty:
-        return final
+
+
+def _check_earlier_output(
+    final: Path, path: PathLike, field: str, *, overwrite: bool, flag: str, marker: str, replace: bool
+) -> None:
+    """Refuses a non-empty directory unless it is an earlier output of this kind and may be replaced."""
     if not (final / marker).is_file():
         raise bad_value(
             field,
@@ -196,7 +207,6 @@ def check_output_dir(
         raise bad_value(
             field, os.fspath(path), f"a directory without other outputs inside, but {nested} is one"
         )
-    return final
 
 
 # --------------------------------------------------------------------------- locks
