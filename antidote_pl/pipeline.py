@@ -72,16 +72,22 @@ class StageSpec:
 
     Args:
         name: Short name used in the report (e.g. ``align``).
-        config: Config file for ``python -m antidote_pl <command>``.
+        config: Config file for ``python -m antidote_pl <command>``, or a list of them composed in
+            order like repeated ``--config`` (e.g. a base config and a defense fragment).
         overrides: Extra command-line arguments for that run.
         command: ``fit`` (a model stage, writing ``model.init_args.output_dir``) or ``tokenizer``
             (trains a tokenizer, writing the config's ``output_dir``; see :mod:`antidote_pl.data.bpe`).
     """
 
     name: str
-    config: str
+    config: str | list[str]
     overrides: list[str] = field(default_factory=list)
     command: str = "fit"
+
+    @property
+    def configs(self) -> list[str]:
+        """The config files, in composition order (one for a single ``config`` string)."""
+        return [self.config] if isinstance(self.config, str) else list(self.config)
 
 
 @dataclass
@@ -158,14 +164,41 @@ def _override(overrides: list[str], flag: str) -> str | None:
     return None
 
 
+def _config_fields(spec: StageSpec, field: str) -> list[tuple[str, str]]:
+    """``(file, field)`` per config file of a stage; a list's items are named ``<field>.config[i]``."""
+    if isinstance(spec.config, str):
+        return [(spec.config, f"{field}.config")]
+    if not spec.config:
+        raise bad_value(f"{field}.config", spec.config, "a config file or a non-empty list of them")
+    return [(c, f"{field}.config[{i}]") for i, c in enumerate(spec.config)]
+
+
+def _composed_yaml(spec: StageSpec) -> dict[str, Any]:
+    """The stage's config files merged in order (later files win, key by key), as ``--config`` does."""
+    merged: dict[str, Any] = {}
+    for config in spec.configs:
+        _deep_update(merged, yaml.safe_load(Path(config).read_text()) or {})
+    return merged
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
 def _stage_text(spec: StageSpec, field: str) -> str:
     """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
-    so editing the pretraining data retrains the tokenizer too."""
-    text = _read(spec.config, f"{field}.config")
+    so editing the pretraining data retrains the tokenizer too.
+
+    Every file of a list is read (and must exist); a single file gives just its text, so the keys
+    of existing caches stay valid.
+    """
+    text = "\0".join(_read(c, f) for c, f in _config_fields(spec, field))
     if spec.command == "tokenizer":
-        corpus = _override(spec.overrides, "--corpus_config") or (yaml.safe_load(text) or {}).get(
-            "corpus_config"
-        )
+        corpus = _override(spec.overrides, "--corpus_config") or _composed_yaml(spec).get("corpus_config")
         if corpus:
             text += "\0" + _read(corpus, f"{field}.corpus_config")
     return text
@@ -181,7 +214,7 @@ def _stage_output_dir(spec: StageSpec, field: str) -> str:
     overridden = _override(spec.overrides, flag)
     if overridden is not None:
         return overridden
-    cfg = yaml.safe_load(Path(spec.config).read_text()) or {}
+    cfg = _composed_yaml(spec)
     if spec.command == "fit":
         out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
     else:
@@ -216,18 +249,22 @@ def _fit(configs: list[str], overrides: list[str]) -> None:
     AntidoteCLI(args=[*args, *overrides])
 
 
+def _config_args(spec: StageSpec) -> list[str]:
+    return [a for c in spec.configs for a in ("--config", c)]
+
+
 def _run_command(spec: StageSpec) -> None:
     if spec.command == "tokenizer":
-        tokenizer_main(["--config", spec.config, *spec.overrides, "--overwrite=true"])
+        tokenizer_main([*_config_args(spec), *spec.overrides, "--overwrite=true"])
     else:
-        _fit([spec.config], [*spec.overrides, OVERWRITE_STAGE])
+        _fit(spec.configs, [*spec.overrides, OVERWRITE_STAGE])
 
 
 def _validate_stage(spec: StageSpec) -> None:
     if spec.command == "tokenizer":
-        tokenizer_parser().parse_args(["--config", spec.config, *spec.overrides])
+        tokenizer_parser().parse_args([*_config_args(spec), *spec.overrides])
     else:
-        validate_config([spec.config], spec.overrides)
+        validate_config(spec.configs, spec.overrides)
 
 
 def _validate_configs(
@@ -355,11 +392,11 @@ def run_pipeline(
     _validate_configs(stages, repair, evaluation, baselines)
 
     inputs = {
-        "stages": [s.config for s in stages],
+        "stages": [c for s in stages for c in s.configs],
         "repair.config": repair.config,
         "repair.methods": list(repair.methods.values()),
         "evaluation": evaluation,
-        "baselines": [s.config for b in baselines for s in b.stages],
+        "baselines": [c for b in baselines for s in b.stages for c in s.configs],
     }
     for name, directory in stage_dirs.items():
         if overlap(output_dir, directory) in ("is", "lies inside"):
