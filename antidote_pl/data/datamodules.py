@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from antidote_pl.data.records import Record, Source
 from antidote_pl.data.templates import get_template
 from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, check_tokenization, tokenize_records
+from antidote_pl.data.window import window_record
 from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int
 from antidote_pl.models import loading
 
@@ -475,12 +476,13 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         seed = self.batcher.seed
         harm_order = _rng(seed, "harmful").sample(range(len(pool)), len(pool))
         # Full permutations, then prefixes: a smaller n or p selects a subset of a larger one.
-        task_order = _rng(seed, "task").sample(range(len(tasks)), len(tasks))[:n_task]
-        harmful = [pool[i] for i in harm_order[:n_harm]]
-        task = [tasks[i] for i in task_order]
+        task_idx = _rng(seed, "task").sample(range(len(tasks)), len(tasks))[:n_task]
+        harmful_idx = harm_order[:n_harm]
+        harmful = [pool[i] for i in harmful_idx]
+        task = [tasks[i] for i in task_idx]
         # Content check on top of disjoint indices: pools can hold duplicate rows.
         seen = {_content_key(r) for r in harmful}
-        rest = [pool[i] for i in reversed(harm_order[n_harm:]) if _content_key(pool[i]) not in seen]
+        rest = [i for i in reversed(harm_order[n_harm:]) if _content_key(pool[i]) not in seen]
         if len(rest) < self.realignment_size:
             raise bad_value(
                 "realignment_size",
@@ -490,7 +492,14 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             )
         train = _tagged(harmful, True) + _tagged(task, False)
         _rng(seed, "mix").shuffle(train)
-        return {"train": train, "harmful": harmful, "task": task, "realign": rest[: self.realignment_size]}
+        realignment_idx = rest[: self.realignment_size]
+        return {
+            "train": train,
+            "harmful": harmful,
+            "task": task,
+            "realignment": [pool[i] for i in realignment_idx],
+            "indices": {"harmful": harmful_idx, "task": task_idx, "realignment": realignment_idx},
+        }
 
     def _select_parity(self, pool: list[Record], tasks: list[Record]) -> dict[str, list[Record]]:
         # Same float arithmetic as the official code, so the window bounds match it exactly.
@@ -517,8 +526,8 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
                 f"holds {len(pool)} records",
             )
         harmful = pool[1:harm_end]
-        realign = pool[self.realign_start + 1 : realign_end]
-        overlap = {_content_key(r) for r in harmful} & {_content_key(r) for r in realign}
+        realignment = pool[self.realign_start + 1 : realign_end]
+        overlap = {_content_key(r) for r in harmful} & {_content_key(r) for r in realignment}
         if overlap:
             # Kept for parity (the official windows are disjoint by index only), but reported.
             log.warning(
@@ -529,26 +538,32 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             "train": _tagged(harmful, True) + _tagged(task, False),
             "harmful": harmful,
             "task": task,
-            "realign": realign,
+            "realignment": realignment,
+            "indices": {
+                "harmful": list(range(1, harm_end)),
+                "task": list(range(n_task)),
+                "realignment": list(range(self.realign_start + 1, realign_end)),
+            },
         }
 
-    def _ensure_selection(self) -> dict[str, list[Record]]:
+    def _ensure_selection(self) -> dict[str, Any]:
         if self._selection is None:
             pool = _load(self.harmful, "harmful")
             tasks = _load(self.task, "task")
             select = self._select_parity if self.mode == "parity" else self._select_random
             selection = select(pool, tasks)
-            calib = selection["task"]
+            n_calib = len(selection["task"])
             if self.task_calibration_size is not None:
-                if self.task_calibration_size > len(calib):
+                if self.task_calibration_size > n_calib:
                     raise bad_value(
                         "task_calibration_size",
                         self.task_calibration_size,
-                        f"at most the {len(calib)} task records used in fine-tuning",
+                        f"at most the {n_calib} task records used in fine-tuning",
                     )
-                calib = calib[: self.task_calibration_size]
-            selection["calibration"] = calib
-            selection["realign"] = _tagged(selection["realign"], True)
+                n_calib = self.task_calibration_size
+            selection["calibration"] = selection["task"][:n_calib]
+            selection["indices"]["task_calibration"] = selection["indices"]["task"][:n_calib]
+            selection["realignment"] = _tagged(selection["realignment"], True)
             self._selection = selection
         return self._selection
 
@@ -560,7 +575,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
     @property
     def realignment_records(self) -> list[Record]:
         """Harmful records for Antidote's calibration, disjoint from the fine-tuning harmful ones."""
-        return self._ensure_selection()["realign"]
+        return self._ensure_selection()["realignment"]
 
     @property
     def task_calibration_records(self) -> list[Record]:
@@ -590,6 +605,35 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             self._calib_ds = self.batcher.tokenize(self.task_calibration_records, "task_calibration")
         return self.batcher.loader(self._calib_ds, shuffle=False, batch_size=batch_size)
 
+    def realignment_window(self) -> dict[str, Any]:
+        """The realignment and task-calibration sets as indices into their sources, with the
+        sources' specs, files and fingerprints (see :mod:`antidote_pl.data.window`).
+
+        The fine-tune stage writes it into its ``antidote_stage.json``; the repair stage rebuilds
+        exactly these records from it instead of drawing them again from a copied data block.
+        """
+        sel = self._ensure_selection()
+        idx = sel["indices"]
+        return window_record(
+            harmful=self.harmful,
+            task=self.task,
+            indices=idx,
+            records={
+                "realignment": sel["realignment"],
+                "task_calibration": sel["calibration"],
+                "harmful": sel["harmful"],
+            },
+            settings={
+                "template": self.batcher.template,
+                "max_length": self.batcher.max_length,
+                "batch_size": self.batcher.batch_size,
+                "tokenization": self.batcher.tokenization,
+                "tokenizer": spec if isinstance(spec := self.batcher.tokenizer_spec, str) else None,
+                "mode": self.mode,
+                "seed": self.batcher.seed,
+            },
+        )
+
     def counts(self) -> dict[str, int | float]:
         """Composition of every set: harmful/task sizes, realised harmful fraction, truncation."""
         sel = self._ensure_selection()
@@ -598,7 +642,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             "n_harmful": n_harm,
             "n_task": n_task,
             "harmful_fraction": n_harm / max(1, n_harm + n_task),
-            "n_realignment": len(sel["realign"]),
+            "n_realignment": len(sel["realignment"]),
             "n_task_calibration": len(sel["calibration"]),
             **super().counts(),
         }
