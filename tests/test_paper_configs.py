@@ -59,7 +59,7 @@ HARMFUL_POOL = {
 PARITY = {
     "data.init_args.mode": "parity",
     "data.init_args.realignment_size": 2000,
-    "data.init_args.realign_start": 5000,
+    "data.init_args.realignment_start": 5000,
     "data.init_args.template": "alpaca",
 }
 ALIGN = {

@@ -123,7 +123,7 @@ def test_parity_window_indices_are_the_official_ones():
         num_samples=20,
         harmful_ratio=0.25,
         mode="parity",
-        realign_start=10,
+        realignment_start=10,
         realignment_size=6,
     )
     window = dm.realignment_window()
