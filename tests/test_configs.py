@@ -122,6 +122,16 @@ def test_fragment_composes_over_its_base(base, fragment):
     assert not restated, f"{rel(fragment)} repeats {rel(base)}: {restated}"
 
 
+REPAIRS = sorted(CONFIGS_DIR.glob("*/repair.yaml"))
+
+
+@pytest.mark.parametrize("callback", CALLBACK_FRAGMENTS, ids=rel)
+def test_callback_fragments_compose_over_every_repair_config(callback):
+    expected = yaml.safe_load(callback.read_text())["pruner"]["class_path"]
+    for repair in REPAIRS:
+        assert resolve(repair, callback)["pruner"]["class_path"] == expected, rel(repair)
+
+
 @pytest.mark.parametrize("stage", ["align", "finetune", "repair"])
 def test_paper_model_and_task_fragments_combine_in_either_order(stage):
     paper = CONFIGS_DIR / "paper"
