@@ -134,10 +134,11 @@ def test_parity_window_indices_are_the_official_ones():
 def test_source_specs_rebuild_nested_sources(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"q": "a", "r": "b", "label": 1}\n{"q": "c", "r": "d", "label": 0}\n')
-    local = LocalSource(path=str(path), fields={"instruction": "q", "output": "r"}, filters={"label": 1})
+    local = LocalSource(path=path, fields={"instruction": "q", "output": "r"}, filters={"label": 1})
     nested = ConcatSource([local, TinyWorldSource("sentiment", limit=3)], dedupe=False)
     rebuilt = source_from_spec(json.loads(json.dumps(nested.spec())), "spec")
     assert rebuilt.load() == nested.load()
+    assert nested.spec()["init_args"]["sources"][0]["init_args"]["path"] == str(path)
     with pytest.raises(ConfigError, match="cannot import source class"):
         source_from_spec({"class_path": "antidote_pl.nowhere.Source", "init_args": {}}, "spec")
 

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -85,6 +86,8 @@ def _plain(value: Any) -> Any:
         return _NOT_PLAIN if spec is None else spec
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, list | tuple):
         items = [_plain(v) for v in value]
         return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
