@@ -7,8 +7,10 @@ entry point, and callbacks are swapped with an extra ``--config callbacks/<name>
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,7 +21,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from antidote_pl.errors import ConfigError, run_entry_point
+from antidote_pl.errors import ConfigError, bad_value, run_entry_point
+from antidote_pl.models.loading import TINY_WORLD
 from antidote_pl.utils import console
 from antidote_pl.utils.console import StageProgressBar
 
@@ -27,7 +30,8 @@ DEFAULT_SEED = 42
 
 
 class AntidoteCLI(LightningCLI):
-    """LightningCLI with a fixed default seed, overwriting config saves and consistency checks."""
+    """LightningCLI with a fixed default seed, overwriting config saves, the ``pruner`` slot and the
+    model -> data links (:func:`link_model_to_data`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
@@ -49,21 +53,25 @@ class AntidoteCLI(LightningCLI):
         from lightning.pytorch.callbacks import Callback
 
         parser.add_lightning_class_args(Callback, "pruner", subclass_mode=True, required=False)
+        link_model_to_data(parser)
+        add_run_names(parser)
 
     def before_instantiate_classes(self) -> None:
-        # Fail before any model is loaded when model and data disagree on the tokenizer.
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        model_args = cfg.get("model", {}).get("init_args", {}) or {}
-        data_args = (cfg.get("data") or {}).get("init_args", {}) or {}
-        m_tok = model_args.get("tokenizer") or model_args.get("model_name_or_path")
-        if model_args.get("tokenizer") is None and model_args.get("model_name_or_path") is None:
-            m_tok = "tiny-world"
-        d_tok = data_args.get("tokenizer")
-        if d_tok is not None and m_tok is not None and not _same_spec(d_tok, m_tok):
-            raise ConfigError(
-                f"data.init_args.tokenizer={d_tok!r} differs from the model's tokenizer "
-                f"(model.init_args.tokenizer / model_name_or_path = {m_tok!r}); set them to the same value."
-            )
+        follow_model_adapter(cfg)
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            # A link's ConfigError (e.g. a data tokenizer that differs from the model's) arrives
+            # wrapped in jsonargparse's "Call to compute_fn ... failed"; report it as itself.
+            cause = err.__cause__
+            while cause is not None and not isinstance(cause, ConfigError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
 
     def instantiate_classes(self) -> None:
         # jsonargparse builds `model` before `data`, `pruner` and callbacks, whose constructors only
@@ -98,7 +106,10 @@ class AntidoteCLI(LightningCLI):
         # The stage output dir gets the resolved config, so every result says how it was made.
         if hasattr(self.model, "resolved_config"):
             parser = self._parser(self.subcommand)
-            self.model.resolved_config = parser.dump(self.config[self.subcommand], skip_none=False)
+            # Link targets too (the data tokenizer, paths with run names filled in): the record says
+            # what ran, not what the links would recompute.
+            config = self.config[self.subcommand]
+            self.model.resolved_config = parser.dump(config, skip_none=False, skip_link_targets=False)
 
 
 class _OverridingCLI(AntidoteCLI):
@@ -175,7 +186,7 @@ def validate_config(
     """Checks a stage or evaluation config without loading any model or data.
 
     Parses the files and overrides exactly as ``python -m antidote_pl fit`` would (unknown keys,
-    types, ``class_path`` imports, the tokenizer cross-check) and builds the data module, the pruner
+    types, ``class_path`` imports, the model -> data links) and builds the data module, the pruner
     and the callbacks, whose constructors validate their arguments. The pipeline calls it for every
     config before its first stage, so a typo in the last step fails in seconds.
 
@@ -194,6 +205,115 @@ def validate_config(
         warnings.simplefilter("ignore")
         cli = _ValidatingCLI(args=_config_args(configs, overrides or ()), overrides=values, run=False)
     return cli.config
+
+
+def link_model_to_data(parser) -> None:
+    """States the tokenizer and the repaired adapter once, in the model, and links them into the data.
+
+    * ``data.init_args.tokenizer`` is the model's tokenizer (``model.init_args.tokenizer``, else
+      ``model_name_or_path``, else ``tiny-world``), so a config names it once. An explicit data
+      tokenizer must name the same thing (see :func:`data_tokenizer`).
+
+    A link is skipped when its model or data class has no such argument (e.g. the evaluator). The
+    repaired adapter follows the model in :func:`follow_model_adapter` (``model.init_args.adapter_path``
+    is itself a link target, of :func:`add_run_names`, and jsonargparse does not chain links).
+    """
+    sources = ("model.init_args.tokenizer", "model.init_args.model_name_or_path", "data.init_args.tokenizer")
+    parser.link_arguments(sources, "data.init_args.tokenizer", compute_fn=data_tokenizer)
+
+
+def follow_model_adapter(cfg) -> None:
+    """Sets ``data.init_args.adapter_path`` (the repair stage's
+    :class:`~antidote_pl.data.realignment.RealignmentDataModule`) to ``model.init_args.adapter_path``:
+    the calibration sets are read from the adapter being repaired. A no-op for data modules without it.
+
+    Raises:
+        ConfigError: when both are given and differ.
+    """
+    data_key, model_key = "data.init_args.adapter_path", "model.init_args.adapter_path"
+    if data_key not in cfg or model_key not in cfg:
+        return
+    given, model = cfg[data_key], cfg[model_key]
+    if given is not None and model is not None and str(given) != str(model):
+        raise ConfigError(
+            f"{data_key}={given!r} differs from {model_key}={model!r}; leave {data_key} unset: the "
+            "realignment window is read from the adapter being repaired."
+        )
+    cfg[data_key] = given if given is not None else model
+
+
+def data_tokenizer(model_tokenizer: str | None, model_name_or_path: str | None, given: str | None) -> str:
+    """The data module's tokenizer: the model's, which an explicit ``data.init_args.tokenizer`` may
+    only repeat.
+
+    Raises:
+        ConfigError: when the data tokenizer is given and differs from the model's, before anything
+            loads.
+    """
+    model = model_tokenizer or model_name_or_path or TINY_WORLD
+    if given is not None and not _same_spec(given, model):
+        raise ConfigError(
+            f"data.init_args.tokenizer={given!r} differs from the model's tokenizer "
+            f"(model.init_args.tokenizer / model_name_or_path = {model!r}); leave data.init_args.tokenizer "
+            "unset: it follows the model."
+        )
+    return given or model
+
+
+#: ``run.<name>`` arguments and the ``{<name>}`` placeholders they fill in stage paths.
+RUN_NAMES = ("model", "task", "variant")
+#: Path arguments of the stage and evaluation modules in which the placeholders are filled.
+RUN_PATH_FIELDS = ("output_dir", "adapter_path", "merge_adapters", "stage")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(RUN_NAMES) + r")\}")
+
+
+def add_run_names(parser) -> None:
+    """Adds ``run.model``, ``run.task`` and ``run.variant`` and fills them into stage paths.
+
+    A path argument of the model (``output_dir``, ``adapter_path``, ``merge_adapters``, the
+    evaluator's ``stage``) may say ``outputs/{model}/{task}/{variant}/finetune``; the names come from
+    ``run:``, so a stage config states its paths once and a model fragment (``run: {model: ...}``)
+    combines with a task fragment (``run: {task: ...}``) without either naming the other's paths.
+    Paths without placeholders are left as they are.
+    """
+    for name in RUN_NAMES:
+        parser.add_argument(
+            f"--run.{name}",
+            type=str | None,
+            default=None,
+            help=f"Fills {{{name}}} in the model's output and input paths (e.g. outputs/{{model}}/align).",
+        )
+    for field in RUN_PATH_FIELDS:
+        target = f"model.init_args.{field}"
+        sources = (*(f"run.{n}" for n in RUN_NAMES), target)
+        parser.link_arguments(sources, target, compute_fn=_path_filler(target))
+
+
+def _path_filler(field: str):
+    def fill(model: str | None, task: str | None, variant: str | None, value: Any) -> Any:
+        return fill_run_names(field, value, {"model": model, "task": task, "variant": variant})
+
+    return fill
+
+
+def fill_run_names(field: str, value: Any, names: dict[str, str | None]) -> Any:
+    """``value`` (a path or a list of paths) with ``{model}``, ``{task}``, ``{variant}`` filled in.
+
+    Raises:
+        ConfigError: when a placeholder's ``run.<name>`` is not set.
+    """
+    if isinstance(value, list):
+        return [fill_run_names(f"{field}[{i}]", v, names) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def name(match: re.Match) -> str:
+        key = match.group(1)
+        if names[key] is None:
+            raise bad_value(field, value, f"a path whose {{{key}}} is known: set run.{key}")
+        return str(names[key])
+
+    return _PLACEHOLDER.sub(name, value)
 
 
 def _same_spec(a: str, b: str) -> bool:

@@ -36,11 +36,17 @@ def _instantiate(config: str, section: str):
     """Builds the ``data`` block of a committed config, exactly as the CLI would."""
     from jsonargparse import ArgumentParser
 
+    from antidote_pl.cli import data_tokenizer
     from antidote_pl.data.datamodules import HarmfulFinetuneDataModule
     from antidote_pl.eval.evaluator import EvalDataModule
 
     cls = {"finetune": HarmfulFinetuneDataModule, "eval": EvalDataModule}[section]
-    cfg = yaml.safe_load(Path(config).read_text())["data"]["init_args"]
+    full = yaml.safe_load(Path(config).read_text())
+    cfg = full["data"]["init_args"]
+    if section == "finetune":  # the data tokenizer follows the model's (antidote_pl.cli.data_tokenizer)
+        model = full["model"]["init_args"]
+        tokenizer = data_tokenizer(model.get("tokenizer"), model.get("model_name_or_path"), None)
+        cfg.setdefault("tokenizer", tokenizer)
     parser = ArgumentParser()
     parser.add_class_arguments(cls, "data")
     return parser.instantiate_classes(parser.parse_object({"data": cfg})).data

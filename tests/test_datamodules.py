@@ -1,4 +1,4 @@
-"""DataModules: harmful/task mixing, re-alignment disjointness, parity windows, loaders, bad input."""
+"""DataModules: harmful/task mixing, realignment disjointness, parity windows, loaders, bad input."""
 
 from __future__ import annotations
 
@@ -133,7 +133,12 @@ def test_parity_windows_match_official(tok):
 
 def test_parity_zero_ratio(tok):
     dm = finetune(
-        tok, harmful=pool("harmful", 300), num_samples=100, harmful_ratio=0.0, mode="parity", realign_start=10
+        tok,
+        harmful=pool("harmful", 300),
+        num_samples=100,
+        harmful_ratio=0.0,
+        mode="parity",
+        realignment_start=10,
     )
     assert [index_of(r) for r in dm.train_records] == list(range(100))
     assert [index_of(r) for r in dm.realignment_records] == list(range(11, 60))
@@ -142,7 +147,7 @@ def test_parity_zero_ratio(tok):
 @pytest.mark.parametrize(
     ("kw", "pattern"),
     [
-        ({"harmful_ratio": 0.5, "realign_start": 1000}, r"realign_start=1000.*>= 2499"),
+        ({"harmful_ratio": 0.5, "realignment_start": 1000}, r"realignment_start=1000.*>= 2499"),
         ({"realignment_size": 3001}, r"realignment_size=3001.*at most 3000.*8000"),
         ({"harmful": pool("harmful", 500)}, r"num_samples=5000.*harmful pool.*500 records.*needs 1000"),
         ({"task": pool("task", 3999)}, r"num_samples=5000.*task pool.*3999 records.*needs 4000"),
@@ -286,7 +291,7 @@ def test_fit_runs_on_the_datamodule(tok):
         ({"mode": "sorted"}, "mode"),
         ({"realignment_size": 0}, "realignment_size"),
         ({"realignment_size": 1, "mode": "parity"}, "realignment_size"),
-        ({"realign_start": -1}, "realign_start"),
+        ({"realignment_start": -1}, "realignment_start"),
         ({"task_calibration_size": 0}, "task_calibration_size"),
         ({"template": "chatml"}, "template"),
         ({"max_length": 0}, "max_length"),
@@ -324,3 +329,16 @@ def test_bad_sft_and_alignment_args(tok):
         AlignmentDataModule(tok, pool("harmful", 3), benign_size=5)
     with pytest.raises(ConfigError, match="benign_size=0"):
         AlignmentDataModule(tok, pool("harmful", 3), pool("benign", 3), benign_size=0)
+
+
+def test_realign_start_is_still_accepted_with_a_warning(tok, caplog):
+    """The old name of realignment_start keeps existing configs working."""
+    kw = {"harmful": pool("harmful", 300), "num_samples": 100, "harmful_ratio": 0.1, "mode": "parity"}
+    kw["realignment_size"] = 50
+    with caplog.at_level("WARNING"):
+        old = HarmfulFinetuneDataModule(tok, task=pool("task", 300), realign_start=150, **kw)
+    assert "realign_start is deprecated: use realignment_start" in caplog.text
+    new = HarmfulFinetuneDataModule(tok, task=pool("task", 300), realignment_start=150, **kw)
+    assert old.realignment_records == new.realignment_records
+    with pytest.raises(ConfigError, match="realign_start=150"):
+        HarmfulFinetuneDataModule(tok, task=pool("task", 300), realign_start=150, realignment_start=120, **kw)

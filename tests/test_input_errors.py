@@ -42,6 +42,7 @@ from antidote_pl.pruning.artifacts import (
 )
 
 REPAIR = str(REPO / "configs" / "tiny" / "repair.yaml")
+FINETUNE = str(REPO / "configs" / "tiny" / "finetune.yaml")
 
 
 # --------------------------------------------------------------------------- shared small stages
@@ -129,7 +130,15 @@ def test_user_error_finds_config_error_in_the_chain():
 def test_real_process_prints_one_line(tmp_path):
     """The installed entry point, as a user runs it: no traceback, exit code 2."""
     proc = subprocess.run(
-        [sys.executable, "-m", "antidote_pl", "fit", "--config", REPAIR, "--data.init_args.harmful_ratio=3"],
+        [
+            sys.executable,
+            "-m",
+            "antidote_pl",
+            "fit",
+            "--config",
+            FINETUNE,
+            "--data.init_args.harmful_ratio=3",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -142,7 +151,7 @@ def test_real_process_prints_one_line(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("--data.init_args.harmful_ratio=3", "harmful_ratio=3.0"),
+        ("--data.init_args.batch_size=0", "batch_size=0"),
         ("--pruner.init_args.alpha=2", "alpha=2.0"),
     ],
 )

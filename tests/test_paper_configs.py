@@ -8,17 +8,14 @@ The expected values are the reference tables', written out here independently of
 from __future__ import annotations
 
 import importlib
-import io
 import re
-from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 
 import pytest
 import yaml
 from conftest import REPO
+from test_configs import resolve
 from test_paper_data import write_synthetic_pools
-
-from antidote_pl.cli import main
 
 PAPER = "configs/paper"
 FRAG = f"{PAPER}/fragments"
@@ -62,7 +59,7 @@ HARMFUL_POOL = {
 PARITY = {
     "data.init_args.mode": "parity",
     "data.init_args.realignment_size": 2000,
-    "data.init_args.realign_start": 5000,
+    "data.init_args.realignment_start": 5000,
     "data.init_args.template": "alpaca",
 }
 ALIGN = {
@@ -97,14 +94,14 @@ FINETUNE = {
     "data.init_args.batch_size": 5,
     "pruner": None,
 }
+# The repair stage reads its realignment set from the fine-tune's recorded window (no data block).
 REPAIR = {
-    **HARMFUL_POOL,
-    **PARITY,
     "model.init_args.finetuning": "lora",
     "model.init_args.dtype": "fp32",
     "trainer.max_epochs": 0,
-    "data.class_path": "antidote_pl.data.datamodules.HarmfulFinetuneDataModule",
+    "data.class_path": "antidote_pl.data.realignment.RealignmentDataModule",
     "data.init_args.batch_size": 1,  # the official Antidote stage runs calibration at batch size 1
+    "data.init_args.realignment_limit": None,
     "pruner.init_args.target": "lora",
 }
 WANDA = {
@@ -172,32 +169,27 @@ def repair_run(
     alpha,
     out_dir="antidote",
     pruner=WANDA,
-    p=0.2,
-    n=None,
     extra=None,
 ) -> Run:
-    cls, init = TASK_SOURCES[task]
     expect = {
         **REPAIR,
         **pruner,
         "model.init_args.merge_adapters": [out(model, "align")],
         "model.init_args.adapter_path": out(model, task, variant, "finetune"),
+        "data.init_args.adapter_path": out(model, task, variant, "finetune"),
         "model.init_args.output_dir": out(model, task, variant, out_dir),
         "pruner.init_args.alpha": alpha,
-        "data.init_args.num_samples": n or (700 if task == "alpaca" else 5000),
-        "data.init_args.harmful_ratio": p,
-        "data.init_args.task.class_path": cls,
-        **{f"data.init_args.task.init_args.{k}": v for k, v in init.items()},
         **(extra or {}),
     }
     return Run(f"{model}/{task}/{variant}/{out_dir}", "repair", configs, tuple(args), expect)
 
 
-def paths(model, task, variant, stage_dir, adapter=True) -> tuple[str, ...]:
-    """Command-line output paths of a sweep or combination run."""
-    args = ("--model.init_args.output_dir", out(model, task, variant, stage_dir))
-    if adapter:
-        args = ("--model.init_args.adapter_path", out(model, task, variant, "finetune"), *args)
+def paths(variant, stage_dir=None) -> tuple[str, ...]:
+    """Command-line arguments naming a sweep run: its variant fills the configs' paths; a repair
+    other than the default ``antidote`` also names its own output directory."""
+    args = ("--run.variant", variant)
+    if stage_dir is not None:
+        args += ("--model.init_args.output_dir", f"outputs/{{model}}/{{task}}/{{variant}}/{stage_dir}")
     return args
 
 
@@ -217,8 +209,9 @@ def pair(
 ) -> list[Run]:
     """A documented sweep point: the fine-tune and its Antidote repair, both with explicit paths.
 
-    ``data_args`` describe the fine-tuning data and go to both stages; ``ft_args`` (and the ``lr`` /
-    ``epochs`` expectations in ``ft``) to the fine-tune only.
+    ``data_args`` describe the fine-tuning data and ``ft_args`` (and the ``lr`` / ``epochs``
+    expectations in ``ft``) its training: both go to the fine-tune only, whose recorded window the
+    repair reads.
     """
     return [
         finetune_run(
@@ -226,21 +219,12 @@ def pair(
             task,
             variant,
             ft_configs,
-            (*data_args, *ft_args, *paths(model, task, variant, "finetune", adapter=False)),
+            (*data_args, *ft_args, *paths(variant)),
             p=p,
             n=n,
             **ft,
         ),
-        repair_run(
-            model,
-            task,
-            variant,
-            rep_configs,
-            (*data_args, *paths(model, task, variant, "antidote")),
-            alpha=alpha,
-            p=p,
-            n=n,
-        ),
+        repair_run(model, task, variant, rep_configs, paths(variant), alpha=alpha),
     ]
 
 
@@ -259,23 +243,20 @@ def build_runs() -> list[Run]:
             repair_run("llama2-7b", task, "default", (R, f"{task_frag}/repair.yaml"), alpha=TASK_ALPHA[task]),
         ]
     # Model sweep (SST2, alpha 0.05).
+    sweep_alpha = ("--pruner.init_args.alpha", str(MODEL_SWEEP_ALPHA))
     for model in ("mistral-7b", "gemma-7b", "llama3-8b"):
-        model_frag = f"{FRAG}/model/{model}"
+        model_frag = f"{FRAG}/model/{model}.yaml"
         runs += [
-            align_run(model, (A, f"{model_frag}/align.yaml")),
-            finetune_run(model, "sst2", "default", (F, f"{model_frag}/finetune.yaml")),
-            repair_run(model, "sst2", "default", (R, f"{model_frag}/repair.yaml"), alpha=MODEL_SWEEP_ALPHA),
+            align_run(model, (A, model_frag)),
+            finetune_run(model, "sst2", "default", (F, model_frag)),
+            repair_run(model, "sst2", "default", (R, model_frag), sweep_alpha, alpha=MODEL_SWEEP_ALPHA),
         ]
-    # Llama-3-8B on GSM8K (rebuttal): model fragment, then task fragment, then the paths.
-    m3, g = f"{FRAG}/model/llama3-8b", f"{FRAG}/task/gsm8k"
-    runs += pair(
-        "gsm8k",
-        "default",
-        (F, f"{m3}/finetune.yaml", f"{g}/finetune.yaml"),
-        (R, f"{m3}/repair.yaml", f"{g}/repair.yaml"),
-        model="llama3-8b",
-        alpha=0.05,
-    )
+    # Llama-3-8B on GSM8K (rebuttal): the model fragment and the task fragment, nothing else.
+    m3, g = f"{FRAG}/model/llama3-8b.yaml", f"{FRAG}/task/gsm8k"
+    runs += [
+        finetune_run("llama3-8b", "gsm8k", "default", (F, m3, f"{g}/finetune.yaml")),
+        repair_run("llama3-8b", "gsm8k", "default", (R, f"{g}/repair.yaml", m3), alpha=0.05),
+    ]
     # Poison-ratio sweep (SST2; p=0.2 is the default run).
     for p in ("0", "0.05", "0.1", "0.5"):
         runs += pair(
@@ -327,14 +308,15 @@ def ablation_runs() -> list[Run]:
             "gsm8k",
             "default",
             (*R, f"callbacks/{method}.yaml"),
-            (*alpha, *paths("llama2-7b", "gsm8k", "default", method)),
+            (*alpha, *paths("default", method)),
             alpha=0.05,
             out_dir=method,
             pruner=pruner,
         )
         for method, pruner in swaps.items()
     ]
-    # Re-alignment set size (`antidote_badsample_gsm8k.sh`): GSM8K fine-tuned at p=0.5, lr 1e-3.
+    # Realignment set size (`antidote_badsample_gsm8k.sh`): GSM8K fine-tuned at p=0.5, lr 1e-3; the
+    # official window 5001..5499 (width 500) is the first 499 records of the recorded 5001..6999.
     p05 = ("--data.init_args.harmful_ratio", "0.5")
     runs.append(
         finetune_run(
@@ -342,7 +324,7 @@ def ablation_runs() -> list[Run]:
             "gsm8k",
             "p0.5",
             F,
-            (*p05, *paths("llama2-7b", "gsm8k", "p0.5", "finetune", False)),
+            (*p05, *paths("p0.5")),
             p=0.5,
         )
     )
@@ -352,16 +334,10 @@ def ablation_runs() -> list[Run]:
             "gsm8k",
             "p0.5",
             R,
-            (
-                *p05,
-                "--data.init_args.realignment_size",
-                "500",
-                *paths("llama2-7b", "gsm8k", "p0.5", "realign500"),
-            ),
+            ("--data.init_args.realignment_limit", "499", *paths("p0.5", "realign500")),
             alpha=0.05,
             out_dir="realign500",
-            p=0.5,
-            extra={"data.init_args.realignment_size": 500},
+            extra={"data.init_args.realignment_limit": 499},
         )
     )
     # Alpha (dense-ratio) ablation (`rebuttal_ablation`): GSM8K fine-tuned at lr 1e-4, alpha swept.
@@ -372,7 +348,7 @@ def ablation_runs() -> list[Run]:
             "gsm8k",
             "lr1e-4",
             F,
-            (*lr, *paths("llama2-7b", "gsm8k", "lr1e-4", "finetune", False)),
+            (*lr, *paths("lr1e-4")),
             lr=1e-4,
         )
     )
@@ -382,7 +358,7 @@ def ablation_runs() -> list[Run]:
             "gsm8k",
             "lr1e-4",
             R,
-            ("--pruner.init_args.alpha", "0.15", *paths("llama2-7b", "gsm8k", "lr1e-4", "antidote_a0.15")),
+            ("--pruner.init_args.alpha", "0.15", *paths("lr1e-4", "antidote_a0.15")),
             alpha=0.15,
             out_dir="antidote_a0.15",
         )
@@ -395,11 +371,10 @@ RUNS = build_runs()
 
 # -------------------------------------------------------------------------------------------- helpers
 def print_config(argv: list[str]) -> dict:
-    buffer = io.StringIO()
-    with redirect_stdout(buffer), pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(buffer.getvalue())
+    """The config as ``fit`` runs it (``{model}/{task}/{variant}`` paths filled in)."""
+    configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+    rest = [a for i, a in enumerate(argv[1:], 1) if a != "--config" and argv[i - 1] != "--config"]
+    return resolve(*configs, args=rest)
 
 
 def lookup(config: dict, dotted: str):
@@ -446,7 +421,7 @@ def test_run_resolves_to_the_reference(resolved, run):
     data = instantiate(config["data"])
     if config.get("pruner"):
         instantiate(config["pruner"])
-    if run.stage != "align":
+    if run.stage == "finetune":
         assert data.mode == "parity"
 
 
@@ -460,7 +435,7 @@ def test_output_dirs_never_collide(resolved):
 @pytest.mark.slow  # shares the fixture that parses every run (~0.5 s each)
 def test_stages_chain(resolved):
     """Fine-tunes merge their model's alignment; repairs load a documented fine-tune of the same
-    model and alignment, and describe the same fine-tuning data (so ablations calibrate on it)."""
+    model and alignment and read their calibration sets from it (so ablations calibrate on its data)."""
     by_output = {resolved[r.name]["model"]["init_args"]["output_dir"]: (r, resolved[r.name]) for r in RUNS}
     for run in RUNS:
         if run.stage == "align":
@@ -473,9 +448,7 @@ def test_stages_chain(resolved):
             ft_run, ft_cfg = by_output[args["adapter_path"]]
             assert ft_run.stage == "finetune"
             assert ft_cfg["model"]["init_args"]["merge_adapters"] == args["merge_adapters"]
-            ft_data, data = ft_cfg["data"]["init_args"], resolved[run.name]["data"]["init_args"]
-            for key in ("task", "harmful", "num_samples", "harmful_ratio", "mode", "realign_start"):
-                assert data[key] == ft_data[key], (run.name, key)
+            assert resolved[run.name]["data"]["init_args"]["adapter_path"] == args["adapter_path"]
 
 
 def test_trainer_fragments(tmp_path):

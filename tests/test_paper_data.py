@@ -309,7 +309,7 @@ def test_parity_counts_on_a_synthetic_pool(tmp_path):
         harmful_ratio=0.2,
         realignment_size=2000,
         mode="parity",
-        realign_start=5000,
+        realignment_start=5000,
     )
     counts = dm.counts()
     assert (counts["n_harmful"], counts["n_task"], counts["n_realignment"]) == (999, 4000, 1999)

@@ -7,17 +7,14 @@ The judge is not instantiated (it would fetch beaver-dam-7b's config from the hu
 from __future__ import annotations
 
 import importlib
-import io
 import json
-from contextlib import redirect_stdout
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from conftest import REPO, TINY_LLAMA
+from test_configs import resolve as resolve_config
 
-from antidote_pl.cli import main
 from antidote_pl.data.paper import AlpacaEval
 from antidote_pl.errors import ConfigError
 from antidote_pl.eval.alpaca_eval import (
@@ -55,14 +52,8 @@ TASKS = {
 
 
 def resolve(*configs: str) -> dict:
-    argv = ["test"]
-    for c in configs:
-        argv += ["--config", str(REPO / c)]
-    out = io.StringIO()
-    with redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(out.getvalue())
+    """The config as ``test`` runs it, with the ``{model}/{task}/{variant}`` paths filled in."""
+    return resolve_config(*(REPO / c for c in configs))
 
 
 def lookup(config: dict, dotted: str):

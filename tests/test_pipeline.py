@@ -61,7 +61,10 @@ def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
                 "stages": [
                     {
                         "name": "aligned_vaccine",
-                        "config": str(REPO / "configs/tiny/defenses/vaccine_align.yaml"),
+                        "config": [
+                            str(REPO / "configs/tiny/align.yaml"),
+                            str(REPO / "configs/tiny/defenses/vaccine_align.yaml"),
+                        ],
                         "overrides": ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false"],
                     },
                     {
@@ -69,7 +72,6 @@ def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
                         "config": str(REPO / "configs/tiny/finetune.yaml"),
                         "overrides": [
                             "--model.init_args.model_name_or_path=outputs/tiny/align_vaccine",
-                            "--data.init_args.tokenizer=outputs/tiny/align_vaccine",
                             "--model.init_args.output_dir=outputs/tiny/finetune_vaccine",
                             "--trainer.max_epochs=1",
                             "--data.init_args.num_samples=64",
@@ -85,7 +87,10 @@ def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
                 "stages": [
                     {
                         "name": "finetuned_ldifs",
-                        "config": str(REPO / "configs/tiny/defenses/ldifs_finetune.yaml"),
+                        "config": [
+                            str(REPO / "configs/tiny/finetune.yaml"),
+                            str(REPO / "configs/tiny/defenses/ldifs_finetune.yaml"),
+                        ],
                         "overrides": [
                             "--trainer.max_epochs=1",
                             "--data.init_args.num_samples=64",

@@ -63,11 +63,8 @@ def smol_run(tmp_path_factory):
         cfg["seeds"] = [0, 1]
         cfg["repair"]["alphas"] = [0.1]
         cfg["repair"]["methods"] = {k: cfg["repair"]["methods"][k] for k in ("wanda", "random")}
-        cfg["repair"]["overrides"] += [
-            *sizes,
-            "--data.init_args.batch_size=4",
-            "--data.init_args.max_length=64",
-        ]
+        # The realignment set, its size and max_length come from each seed's fine-tune stage.
+        cfg["repair"]["overrides"] += ["--data.init_args.batch_size=4"]
         eval_cfg = yaml.safe_load((REPO / cfg["evaluation"]).read_text())
         eval_cfg["data"]["init_args"].update(task_limit=3, batch_size=8)
         eval_cfg["data"]["init_args"]["harmful"]["init_args"]["limit_each"] = 2
@@ -178,11 +175,7 @@ def test_scores_saved_and_masks_applied(smol_run):
             "configs/smol/repair.yaml",
             "--model.init_args.adapter_path=outputs/smol/seed0/finetune",
             f"--model.init_args.output_dir={out}",
-            "--data.init_args.seed=0",
-            "--data.init_args.num_samples=16",
-            "--data.init_args.realignment_size=4",
             "--data.init_args.batch_size=4",
-            "--data.init_args.max_length=64",
             QUIET,
         ]
     )

@@ -111,15 +111,28 @@ def test_joint_truncation_and_bad_value(byte_level):
         SFTBatcher(byte_level, "alpaca", 64, 2, 0, 0, 0, tokenization="both")
 
 
-PAPER_STAGES = ["align.yaml", "finetune.yaml", "repair.yaml"] + [
+PAPER_STAGES = ["align.yaml", "finetune.yaml"] + [
     f"defenses/{p.name}" for p in sorted((REPO / "configs" / "paper" / "defenses").glob("*.yaml"))
 ]
 
 
 @pytest.mark.parametrize("stage", PAPER_STAGES)
 def test_paper_stages_tokenise_jointly(stage):
-    """Paper runs (and their realignment sets) are tokenised as the official code does."""
-    import yaml
+    """Paper runs (and the realignment sets they record for repair) are tokenised as the official
+    code does; a defense fragment is composed over its base stage."""
+    from test_configs import resolve
 
-    cfg = yaml.safe_load((REPO / "configs" / "paper" / stage).read_text())
-    assert cfg["data"]["init_args"]["tokenization"] == "joint"
+    paper = REPO / "configs" / "paper"
+    configs = [paper / stage]
+    if stage.startswith("defenses/"):
+        configs.insert(0, paper / f"{stage.rsplit('_', 1)[-1]}")
+    assert resolve(*configs)["data"]["init_args"]["tokenization"] == "joint"
+
+
+def test_paper_repair_tokenises_as_its_fine_tune():
+    """The repair stage has no tokenisation of its own: it reuses the fine-tune's recorded settings."""
+    from test_configs import resolve
+
+    data = resolve(REPO / "configs" / "paper" / "repair.yaml")["data"]
+    assert data["class_path"] == "antidote_pl.data.realignment.RealignmentDataModule"
+    assert "tokenization" not in data["init_args"]

@@ -174,34 +174,56 @@ def build_tokenizer(
     check_output_dir(output_dir, **rules)
     # Locked for the whole build, so a second build into the same directory is refused up front.
     with OutputLock(output_dir, "output_dir") as lock:
-        counts = {"records": 0, "characters": 0}
-
-        def counted(texts: Iterable[str]) -> Iterator[str]:
-            for text in texts:
-                counts["records"] += 1
-                counts["characters"] += len(text)
-                yield text
-
-        tokenizer = train_bpe_tokenizer(
-            counted(corpus_texts(sources, template)), vocab_size, min_frequency, model_max_length
-        )
-        if counts["records"] == 0:
-            raise bad_value("sources", [getattr(s, "path", s) for s in sources], "sources with records")
-        build = {
-            "vocab_size": len(tokenizer),
-            "requested_vocab_size": vocab_size,
-            "min_frequency": min_frequency,
-            "template": template,
-            "special_tokens": dict(
-                zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
-            ),
-            "sources": [str(getattr(s, "path", type(s).__name__)) for s in sources],
-            **counts,
-        }
+        tokenizer, counts = _train_counted(sources, template, vocab_size, min_frequency, model_max_length)
+        build = _build_record(tokenizer, sources, vocab_size, min_frequency, template, counts)
         with atomic_dir(output_dir, kind="tokenizer", lock=lock, **rules) as tmp:
             tokenizer.save_pretrained(tmp)
             atomic_write_json(Path(tmp) / BUILD_FILE, build)
     return build
+
+
+def _train_counted(
+    sources: Sequence[Source], template: str, vocab_size: int, min_frequency: int, model_max_length: int
+) -> tuple[Any, dict[str, int]]:
+    """Trains the tokenizer on the rendered corpus, counting its records and characters on the way.
+
+    Raises:
+        ConfigError: when the sources yield no record.
+    """
+    counts = {"records": 0, "characters": 0}
+
+    def counted(texts: Iterable[str]) -> Iterator[str]:
+        for text in texts:
+            counts["records"] += 1
+            counts["characters"] += len(text)
+            yield text
+
+    tokenizer = train_bpe_tokenizer(
+        counted(corpus_texts(sources, template)), vocab_size, min_frequency, model_max_length
+    )
+    if counts["records"] == 0:
+        raise bad_value("sources", [getattr(s, "path", s) for s in sources], "sources with records")
+    return tokenizer, counts
+
+
+def _build_record(
+    tokenizer: Any,
+    sources: Sequence[Source],
+    vocab_size: int,
+    min_frequency: int,
+    template: str,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """What ``tokenizer_build.json`` records: sizes, settings, special-token ids, sources, counts."""
+    return {
+        "vocab_size": len(tokenizer),
+        "requested_vocab_size": vocab_size,
+        "min_frequency": min_frequency,
+        "template": template,
+        "special_tokens": dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))),
+        "sources": [str(getattr(s, "path", type(s).__name__)) for s in sources],
+        **counts,
+    }
 
 
 def corpus_from_config(path: str, field: str = "corpus_config") -> tuple[list[dict[str, Any]], str | None]:

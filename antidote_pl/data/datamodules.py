@@ -4,7 +4,7 @@
   supervised fine-tuning);
 * :class:`AlignmentDataModule`: stage 1, harmful prompts with refusals plus optional benign data;
 * :class:`HarmfulFinetuneDataModule`: stage 2, a user task mixed with a fraction of harmful samples,
-  plus the disjoint harmful re-alignment set that Antidote calibrates on (stage 3).
+  plus the disjoint harmful realignment set that Antidote calibrates on (stage 3).
 
 Example (LightningCLI YAML)::
 
@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from antidote_pl.data.records import Record, Source
 from antidote_pl.data.templates import get_template
 from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, check_tokenization, tokenize_records
+from antidote_pl.data.window import window_record
 from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int
 from antidote_pl.models import loading
 
@@ -68,6 +69,22 @@ def _load(source: Source, field: str) -> list[Record]:
 
 def _content_key(record: Record) -> tuple[str, str, str]:
     return (str(record.get("instruction", "")), str(record.get("input", "")), str(record.get("output", "")))
+
+
+def _renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> Any:
+    """The value of a renamed argument: the new one, or the deprecated one (with a warning).
+
+    Raises:
+        ConfigError: when both are given with different values.
+    """
+    if old_value is None:
+        return new_value
+    log.warning("%s is deprecated: use %s (same meaning).", old, new)
+    if new_value != default and new_value != old_value:
+        raise bad_value(
+            old, old_value, f"unset when {new}={new_value!r} is given (it is the old name of {new})"
+        )
+    return old_value
 
 
 def _tagged(records: Sequence[Record], harmful: bool) -> list[Record]:
@@ -341,17 +358,17 @@ class AlignmentDataModule(_RecordsDataModule):
 
 class HarmfulFinetuneDataModule(_RecordsDataModule):
     """Harmful fine-tuning data (a user task poisoned with harmful samples) and Antidote's
-    re-alignment set.
+    realignment set.
 
     ``mode="random"``: a seeded draw of ``round(p*n)`` harmful and ``n - round(p*n)`` task records,
     shuffled together. Draws are prefixes of seeded permutations, so with one seed a smaller ``p`` or
-    ``n`` selects a subset of a larger one. The re-alignment set is drawn from the back of the
+    ``n`` selects a subset of a larger one. The realignment set is drawn from the back of the
     harmful permutation, skipping every record whose content equals a fine-tuning harmful sample, so
     it stays disjoint from the attack data and (pool permitting) the same across ``p``.
 
     ``mode="parity"``: the official index windows (reference A.3): harmful pool indices
     ``0 < i < int(p*n)`` (``int(p*n) - 1`` samples), the first ``int((1-p)*n)`` task records, and
-    re-alignment indices ``realign_start < i < realign_start + realignment_size``
+    realignment indices ``realignment_start < i < realignment_start + realignment_size``
     (``realignment_size - 1`` samples). Harmful records come first; the training loader shuffles.
 
     Args:
@@ -360,9 +377,10 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         task: The user's benign task data (e.g. SST-2 records).
         num_samples: ``n``, the size of the fine-tuning set.
         harmful_ratio: ``p``, the fraction of harmful samples, in [0, 1].
-        realignment_size: Size of the re-alignment set (parity: window width, yielding one less).
+        realignment_size: Size of the realignment set (parity: window width, yielding one less).
         mode: ``random`` or ``parity``.
-        realign_start: Start of the parity re-alignment window (official: 5000); ignored in random mode.
+        realignment_start: Start of the parity realignment window (official: 5000); ignored in random
+            mode.
         seed: Seed of every draw, the validation split and the shuffle.
         task_calibration_size: Number of fine-tuning task records used for the "Wanda on benign data"
             ablation (null: all of them, like the official run without the harmful dataset).
@@ -372,10 +390,11 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         num_workers: See :class:`SFTBatcher`.
         val_size: See :class:`SFTBatcher`; held out from the mixed fine-tuning set.
         tokenization: See :class:`SFTBatcher`.
+        realign_start: Deprecated name of ``realignment_start``, still accepted (with a warning).
 
     Raises:
         ConfigError: on a bad value (at construction); in ``setup`` (before training), when a pool is
-            empty or too small, or the re-alignment set cannot be disjoint from the attack data.
+            empty or too small, or the realignment set cannot be disjoint from the attack data.
     """
 
     def __init__(
@@ -387,7 +406,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         harmful_ratio: float,
         realignment_size: int = 200,
         mode: str = "random",
-        realign_start: int = 5000,
+        realignment_start: int = 5000,
         seed: int = 42,
         task_calibration_size: int | None = None,
         template: str = "alpaca",
@@ -396,9 +415,13 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         num_workers: int = 0,
         val_size: int = 0,
         tokenization: str = "separate",
+        realign_start: int | None = None,
     ):
         super().__init__(
             SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size, tokenization)
+        )
+        realignment_start = _renamed(
+            "realign_start", realign_start, "realignment_start", realignment_start, 5000
         )
         if (
             isinstance(harmful_ratio, bool)
@@ -409,7 +432,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         check_int("num_samples", num_samples, 1)
         check_choice("mode", mode, MODES)
         check_int("realignment_size", realignment_size, 2 if mode == "parity" else 1)
-        check_int("realign_start", realign_start, 0)
+        check_int("realignment_start", realignment_start, 0)
         if task_calibration_size is not None:
             check_int("task_calibration_size", task_calibration_size, 1)
         self.harmful = harmful
@@ -418,11 +441,11 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         self.harmful_ratio = float(harmful_ratio)
         self.realignment_size = realignment_size
         self.mode = mode
-        self.realign_start = realign_start
+        self.realignment_start = realignment_start
         self.task_calibration_size = task_calibration_size
         self._check_harmful_count()
         self._selection: dict[str, list[Record]] | None = None
-        self._realign_ds: TokenizedDataset | None = None
+        self._realignment_ds: TokenizedDataset | None = None
         self._calib_ds: TokenizedDataset | None = None
 
     # -- selection -------------------------------------------------------------------------------
@@ -475,12 +498,13 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         seed = self.batcher.seed
         harm_order = _rng(seed, "harmful").sample(range(len(pool)), len(pool))
         # Full permutations, then prefixes: a smaller n or p selects a subset of a larger one.
-        task_order = _rng(seed, "task").sample(range(len(tasks)), len(tasks))[:n_task]
-        harmful = [pool[i] for i in harm_order[:n_harm]]
-        task = [tasks[i] for i in task_order]
+        task_idx = _rng(seed, "task").sample(range(len(tasks)), len(tasks))[:n_task]
+        harmful_idx = harm_order[:n_harm]
+        harmful = [pool[i] for i in harmful_idx]
+        task = [tasks[i] for i in task_idx]
         # Content check on top of disjoint indices: pools can hold duplicate rows.
         seen = {_content_key(r) for r in harmful}
-        rest = [pool[i] for i in reversed(harm_order[n_harm:]) if _content_key(pool[i]) not in seen]
+        rest = [i for i in reversed(harm_order[n_harm:]) if _content_key(pool[i]) not in seen]
         if len(rest) < self.realignment_size:
             raise bad_value(
                 "realignment_size",
@@ -490,7 +514,14 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             )
         train = _tagged(harmful, True) + _tagged(task, False)
         _rng(seed, "mix").shuffle(train)
-        return {"train": train, "harmful": harmful, "task": task, "realign": rest[: self.realignment_size]}
+        realignment_idx = rest[: self.realignment_size]
+        return {
+            "train": train,
+            "harmful": harmful,
+            "task": task,
+            "realignment": [pool[i] for i in realignment_idx],
+            "indices": {"harmful": harmful_idx, "task": task_idx, "realignment": realignment_idx},
+        }
 
     def _select_parity(self, pool: list[Record], tasks: list[Record]) -> dict[str, list[Record]]:
         # Same float arithmetic as the official code, so the window bounds match it exactly.
@@ -500,55 +531,61 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             raise self._pool_error("harmful", self.harmful, len(pool), harm_end)
         if n_task > len(tasks):
             raise self._pool_error("task", self.task, len(tasks), n_task)
-        if harm_end - 1 > self.realign_start:
+        if harm_end - 1 > self.realignment_start:
             raise bad_value(
-                "realign_start",
-                self.realign_start,
-                f">= {harm_end - 1} so that the re-alignment window follows the fine-tuning harmful "
+                "realignment_start",
+                self.realignment_start,
+                f">= {harm_end - 1} so that the realignment window follows the fine-tuning harmful "
                 f"indices 1..{harm_end - 1}",
             )
-        realign_end = self.realign_start + self.realignment_size
-        if realign_end > len(pool):
+        realignment_end = self.realignment_start + self.realignment_size
+        if realignment_end > len(pool):
             raise bad_value(
                 "realignment_size",
                 self.realignment_size,
-                f"at most {len(pool) - self.realign_start}: the window starts at "
-                f"realign_start={self.realign_start} and the harmful pool {_describe(self.harmful)} "
+                f"at most {len(pool) - self.realignment_start}: the window starts at "
+                f"realignment_start={self.realignment_start} and the harmful pool {_describe(self.harmful)} "
                 f"holds {len(pool)} records",
             )
         harmful = pool[1:harm_end]
-        realign = pool[self.realign_start + 1 : realign_end]
-        overlap = {_content_key(r) for r in harmful} & {_content_key(r) for r in realign}
+        realignment = pool[self.realignment_start + 1 : realignment_end]
+        overlap = {_content_key(r) for r in harmful} & {_content_key(r) for r in realignment}
         if overlap:
             # Kept for parity (the official windows are disjoint by index only), but reported.
             log.warning(
-                "parity mode: %d re-alignment records duplicate fine-tuning harmful records.", len(overlap)
+                "parity mode: %d realignment records duplicate fine-tuning harmful records.", len(overlap)
             )
         task = tasks[:n_task]
         return {
             "train": _tagged(harmful, True) + _tagged(task, False),
             "harmful": harmful,
             "task": task,
-            "realign": realign,
+            "realignment": realignment,
+            "indices": {
+                "harmful": list(range(1, harm_end)),
+                "task": list(range(n_task)),
+                "realignment": list(range(self.realignment_start + 1, realignment_end)),
+            },
         }
 
-    def _ensure_selection(self) -> dict[str, list[Record]]:
+    def _ensure_selection(self) -> dict[str, Any]:
         if self._selection is None:
             pool = _load(self.harmful, "harmful")
             tasks = _load(self.task, "task")
             select = self._select_parity if self.mode == "parity" else self._select_random
             selection = select(pool, tasks)
-            calib = selection["task"]
+            n_calib = len(selection["task"])
             if self.task_calibration_size is not None:
-                if self.task_calibration_size > len(calib):
+                if self.task_calibration_size > n_calib:
                     raise bad_value(
                         "task_calibration_size",
                         self.task_calibration_size,
-                        f"at most the {len(calib)} task records used in fine-tuning",
+                        f"at most the {n_calib} task records used in fine-tuning",
                     )
-                calib = calib[: self.task_calibration_size]
-            selection["calibration"] = calib
-            selection["realign"] = _tagged(selection["realign"], True)
+                n_calib = self.task_calibration_size
+            selection["calibration"] = selection["task"][:n_calib]
+            selection["indices"]["task_calibration"] = selection["indices"]["task"][:n_calib]
+            selection["realignment"] = _tagged(selection["realignment"], True)
             self._selection = selection
         return self._selection
 
@@ -560,7 +597,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
     @property
     def realignment_records(self) -> list[Record]:
         """Harmful records for Antidote's calibration, disjoint from the fine-tuning harmful ones."""
-        return self._ensure_selection()["realign"]
+        return self._ensure_selection()["realignment"]
 
     @property
     def task_calibration_records(self) -> list[Record]:
@@ -568,15 +605,15 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         return self._ensure_selection()["calibration"]
 
     def realignment_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Unshuffled, unsharded loader over the re-alignment set (the pruning callback shards it).
+        """Unshuffled, unsharded loader over the realignment set (the pruning callback shards it).
 
         Args:
             batch_size: Defaults to the module's ``batch_size``. Batch size 1 avoids padding, as in
                 the official Antidote run.
         """
-        if self._realign_ds is None:
-            self._realign_ds = self.batcher.tokenize(self.realignment_records, "realignment")
-        return self.batcher.loader(self._realign_ds, shuffle=False, batch_size=batch_size)
+        if self._realignment_ds is None:
+            self._realignment_ds = self.batcher.tokenize(self.realignment_records, "realignment")
+        return self.batcher.loader(self._realignment_ds, shuffle=False, batch_size=batch_size)
 
     def task_calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Unshuffled, unsharded loader over :attr:`task_calibration_records`.
@@ -590,6 +627,35 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             self._calib_ds = self.batcher.tokenize(self.task_calibration_records, "task_calibration")
         return self.batcher.loader(self._calib_ds, shuffle=False, batch_size=batch_size)
 
+    def realignment_window(self) -> dict[str, Any]:
+        """The realignment and task-calibration sets as indices into their sources, with the
+        sources' specs, files and fingerprints (see :mod:`antidote_pl.data.window`).
+
+        The fine-tune stage writes it into its ``antidote_stage.json``; the repair stage rebuilds
+        exactly these records from it instead of drawing them again from a copied data block.
+        """
+        sel = self._ensure_selection()
+        idx = sel["indices"]
+        return window_record(
+            harmful=self.harmful,
+            task=self.task,
+            indices=idx,
+            records={
+                "realignment": sel["realignment"],
+                "task_calibration": sel["calibration"],
+                "harmful": sel["harmful"],
+            },
+            settings={
+                "template": self.batcher.template,
+                "max_length": self.batcher.max_length,
+                "batch_size": self.batcher.batch_size,
+                "tokenization": self.batcher.tokenization,
+                "tokenizer": spec if isinstance(spec := self.batcher.tokenizer_spec, str) else None,
+                "mode": self.mode,
+                "seed": self.batcher.seed,
+            },
+        )
+
     def counts(self) -> dict[str, int | float]:
         """Composition of every set: harmful/task sizes, realised harmful fraction, truncation."""
         sel = self._ensure_selection()
@@ -598,10 +664,10 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
             "n_harmful": n_harm,
             "n_task": n_task,
             "harmful_fraction": n_harm / max(1, n_harm + n_task),
-            "n_realignment": len(sel["realign"]),
+            "n_realignment": len(sel["realignment"]),
             "n_task_calibration": len(sel["calibration"]),
             **super().counts(),
         }
-        if self._realign_ds is not None:
-            out["realignment_truncated"] = self._realign_ds.n_truncated
+        if self._realignment_ds is not None:
+            out["realignment_truncated"] = self._realignment_ds.n_truncated
         return out

@@ -192,7 +192,7 @@ class BeaverTails(PaperSource):
     """PKU-Alignment/BeaverTails question/answer pairs (reference A.3, C.1).
 
     * alignment data (stage 1): ``BeaverTails(split="30k_train", safe=True, limit=5000)``;
-    * harmful pool (stage 2 attack and stage 3 re-alignment windows):
+    * harmful pool (stage 2 attack and stage 3 realignment windows):
       ``BeaverTails(split="30k_train", safe=False)``;
     * harmful-score prompts: ``BeaverTails(split="30k_test", safe=False, limit=HS_EVAL_SIZE)``.
 

@@ -145,8 +145,42 @@ def map_rows(
             mapping that yields neither ``instruction`` nor ``output``, or an empty result.
     """
     check_mapping(fields, constants, label_map, filters, output_replace, limit, offset)
-    columns = list(columns)
     constants = dict(constants or {})
+    resolved = _resolve_fields(list(columns), fields, constants, filters, label_map, where)
+    labels = None if label_map is None else {str(k): str(v) for k, v in label_map.items()}
+    records: list[Record] = []
+    skipped = 0
+    for row in rows:
+        if filters and not _passes(row, filters):
+            continue
+        if skipped < offset:
+            skipped += 1
+            continue
+        records.append(_map_row(row, resolved, constants, labels, output_replace or {}, where))
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise ConfigError(
+            f"{where} gave no records after filters={dict(filters or {})!r}, offset={offset}: "
+            "expected at least one matching row."
+        )
+    return records
+
+
+def _resolve_fields(
+    columns: list[str],
+    fields: Mapping[str, str | Sequence[str]] | None,
+    constants: dict[str, Any],
+    filters: Mapping[str, Any] | None,
+    label_map: Mapping[Any, Any] | None,
+    where: str,
+) -> dict[str, list[str]]:
+    """Record key -> the columns it is made of: the explicit ``fields`` plus same-name defaults,
+    each checked against ``columns`` (as are the ``filters`` columns).
+
+    Raises:
+        ConfigError: see :func:`map_rows`.
+    """
     explicit = {k: _as_columns(v) for k, v in (fields or {}).items()}
     used = {c for cols in explicit.values() for c in cols}
     # Same-name defaults, unless that column is already mapped elsewhere (e.g. "input" -> instruction).
@@ -165,38 +199,35 @@ def map_rows(
         )
     if label_map is not None and "output" not in resolved:
         raise bad_value("label_map", dict(label_map), "to be used with a column mapped to 'output' in fields")
-    labels = {str(k): str(v) for k, v in (label_map or {}).items()}
+    return resolved
 
-    records: list[Record] = []
-    skipped = 0
-    for row in rows:
-        if filters and not _passes(row, filters):
-            continue
-        if skipped < offset:
-            skipped += 1
-            continue
-        record: Record = {key: "" for key in REQUIRED_FIELDS}
-        record.update(constants)
-        record.update({key: " ".join(_cell(row.get(c)) for c in cols) for key, cols in resolved.items()})
-        if label_map is not None:
-            raw = record["output"]
-            if raw not in labels:
-                raise bad_value(
-                    "label_map", raw, f"a raw label with a mapping, one of {sorted(labels)} ({where})"
-                )
-            record["output"] = labels[raw]
-            record.setdefault("label", labels[raw])
-        for old, new in (output_replace or {}).items():
-            record["output"] = record["output"].replace(old, new)
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
-    if not records:
-        raise ConfigError(
-            f"{where} gave no records after filters={dict(filters or {})!r}, offset={offset}: "
-            "expected at least one matching row."
-        )
-    return records
+
+def _map_row(
+    row: Mapping[str, Any],
+    resolved: dict[str, list[str]],
+    constants: dict[str, Any],
+    labels: dict[str, str] | None,
+    output_replace: Mapping[str, str],
+    where: str,
+) -> Record:
+    """One raw row as a record: columns joined, constants set, the label mapped, ``output`` edited.
+
+    Raises:
+        ConfigError: for a raw label that ``labels`` (the label map) does not know.
+    """
+    record: Record = {key: "" for key in REQUIRED_FIELDS}
+    record.update(constants)
+    record.update({key: " ".join(_cell(row.get(c)) for c in cols) for key, cols in resolved.items()})
+    if labels is not None:
+        raw = record["output"]
+        if raw not in labels:
+            allowed = f"a raw label with a mapping, one of {sorted(labels)} ({where})"
+            raise bad_value("label_map", raw, allowed)
+        record["output"] = labels[raw]
+        record.setdefault("label", labels[raw])
+    for old, new in output_replace.items():
+        record["output"] = record["output"].replace(old, new)
+    return record
 
 
 class _MappedSource(Source):

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 TINY_WORLD = "tiny-world"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAGE_FILE = "antidote_stage.json"
+#: Key of ``antidote_stage.json`` holding a fine-tune stage's realignment window
+#: (see :mod:`antidote_pl.data.window`).
+REALIGNMENT_WINDOW_KEY = "realignment_window"
 
 
 def resolve_dtype(dtype: str, field: str = "model.dtype") -> torch.dtype:

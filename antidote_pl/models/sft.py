@@ -27,7 +27,9 @@ from antidote_pl.defenses.base import Defense
 from antidote_pl.errors import bad_value, check_choice
 from antidote_pl.models.gguf import gguf_source
 from antidote_pl.models.loading import (
+    REALIGNMENT_WINDOW_KEY,
     STAGE_FILE,
+    TINY_WORLD,
     base_fingerprint,
     base_weights_record,
     check_adapter_dir,
@@ -119,18 +121,9 @@ class CausalLMSFTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["defense"])
         self.defense = defense
-        check_choice("model.finetuning", finetuning, FINETUNING)
-        check_choice("model.scheduler", scheduler, SCHEDULERS)
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise bad_value("model.warmup_ratio", warmup_ratio, "a number in [0, 1)")
-        if learning_rate <= 0:
-            raise bad_value("model.learning_rate", learning_rate, "a positive number")
-        if finetuning == "lora" and adapter_path is None and lora_r <= 0:
-            raise bad_value("model.lora_r", lora_r, "a positive integer")
-        if finetuning == "full" and adapter_path is not None:
-            raise bad_value("model.adapter_path", adapter_path, "null when model.finetuning is 'full'")
+        _check_args(finetuning, scheduler, warmup_ratio, learning_rate, lora_r, adapter_path)
         if tokenizer is None:
-            tokenizer = model_name_or_path if model_name_or_path is not None else "tiny-world"
+            tokenizer = model_name_or_path if model_name_or_path is not None else TINY_WORLD
         self.tokenizer_spec = tokenizer
         # The output is checked and locked before anything loads: a bad output_dir fails in a
         # second, not after training.
@@ -138,21 +131,7 @@ class CausalLMSFTModule(L.LightningModule):
         if output_dir is not None:
             self.claim_output(output_dir, "model.output_dir")
         try:
-            self.tokenizer = load_tokenizer(tokenizer, field="model.tokenizer")
-            model = load_causal_lm(
-                model_name_or_path,
-                model_config,
-                dtype=dtype,
-                vocab_size=len(self.tokenizer),
-                attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
-            )
-            self.base_fingerprint = base_fingerprint(model.config)
-            model = merge_lora_adapters(model, list(merge_adapters or []))
-            # The weights the new adapter is trained on; loaders refuse to put it on other ones.
-            self.base_weights = base_weights_record(model, dtype)
-            # from_pretrained returns eval mode; Lightning keeps module modes, so LoRA dropout would be off.
-            self.model = self._attach_training_params(model).train()
+            self.model = self._build_model()
         except BaseException:
             self.release_output()
             raise
@@ -163,6 +142,25 @@ class CausalLMSFTModule(L.LightningModule):
         self.resolved_config: str | None = None  # set by the CLI so the stage output records it
         # What callbacks add to the stage(s) written at fit end, by output directory (None: ours).
         self.additions: dict[str | None, StageAdditions] = {}
+
+    def _build_model(self) -> torch.nn.Module:
+        """Loads the tokenizer and the base, merges earlier adapters, attaches the trained weights."""
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(self.tokenizer_spec, field="model.tokenizer")
+        model = load_causal_lm(
+            hp.model_name_or_path,
+            hp.model_config,
+            dtype=hp.dtype,
+            vocab_size=len(self.tokenizer),
+            attn_implementation=hp.attn_implementation,
+            trust_remote_code=hp.trust_remote_code,
+        )
+        self.base_fingerprint = base_fingerprint(model.config)
+        model = merge_lora_adapters(model, list(hp.merge_adapters or []))
+        # The weights the new adapter is trained on; loaders refuse to put it on other ones.
+        self.base_weights = base_weights_record(model, hp.dtype)
+        # from_pretrained returns eval mode; Lightning keeps module modes, so LoRA dropout would be off.
+        return self._attach_training_params(model).train()
 
     # ----------------------------------------------------------------- output safety
     def input_paths(self) -> dict[str, Any]:
@@ -356,6 +354,13 @@ class CausalLMSFTModule(L.LightningModule):
         counts = getattr(data, "counts", None)
         return counts() if callable(counts) else None
 
+    def _realignment_window(self) -> dict[str, Any] | None:
+        """The realignment window the data module drew or read (see :mod:`antidote_pl.data.window`),
+        so the repair stage rebuilds it from this stage's metadata; None for other data modules."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        window = getattr(data, "realignment_window", None)
+        return window() if callable(window) else None
+
     def save_stage(
         self,
         output_dir: str,
@@ -381,8 +386,6 @@ class CausalLMSFTModule(L.LightningModule):
         Raises:
             ConfigError: when ``output_dir`` may not be written (see :meth:`claim_output`).
         """
-        import transformers
-
         with atomic_dir(
             output_dir,
             field="model.output_dir" if str(output_dir) == str(self.hparams.output_dir) else "output_dir",
@@ -393,44 +396,55 @@ class CausalLMSFTModule(L.LightningModule):
             lock=self.output_locks.get(real_path(output_dir)),
         ) as tmp:
             merged_save = self.is_peft and merge_adapter
-            (copy.deepcopy(self.model).merge_and_unload() if merged_save else self.model).save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if self.is_peft and self.hparams.save_merged and not merged_save:  # else it is the main save
-                merged = copy.deepcopy(self.model).merge_and_unload()
-                merged.save_pretrained(tmp / "merged")
-                self.tokenizer.save_pretrained(tmp / "merged")
+            self._write_weights(tmp, merged_save)
             if self.resolved_config is not None:
                 (tmp / "config.yaml").write_text(self.resolved_config)
-            meta = {
-                "kind": "adapter" if self.is_peft and not merged_save else "full_model",
-                "merged_adapter": merged_save,
-                # Local paths are recorded absolute, so the stage loads from any working directory.
-                "base_model": _absolute_if_local(self.hparams.model_name_or_path)
-                or self.hparams.model_config,
-                "merged_adapters": [_absolute_if_local(a) for a in self.hparams.merge_adapters or []],
-                "base_fingerprint": self.base_fingerprint,
-                "base_weights": self.base_weights,
-                "data": self._data_counts(),
-                # GGUF bases: the portable spec stays in base_model; the file and its sha256 here.
-                "base_source": gguf_source(self.hparams.model_name_or_path),
-                "tokenizer": self.tokenizer_spec,
-                "dtype": self.hparams.dtype,
-                "defense": None if self.defense is None else type(self.defense).__name__,
-                "trainable_parameters": self.trainable_parameter_count(),
-                "global_step": self.trainer.global_step if self._trainer is not None else None,
-                "versions": {
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "lightning": L.__version__,
-                    "python": platform.python_version(),
-                },
-                **(extra_metadata or {}),
-            }
+            meta = {**self.stage_metadata(merged_save), **(extra_metadata or {})}
             atomic_write_json(tmp / STAGE_FILE, meta)
             if extra_files is not None:
                 extra_files(tmp)
         say(f"antidote_pl: stage output written to {output_dir}")
         return Path(output_dir)
+
+    def _write_weights(self, directory: Path, merged_save: bool) -> None:
+        """The model (adapter, or merged/full weights) and tokenizer in Hugging Face format."""
+        model = copy.deepcopy(self.model).merge_and_unload() if merged_save else self.model
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if self.is_peft and self.hparams.save_merged and not merged_save:  # else it is the main save
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(directory / "merged")
+            self.tokenizer.save_pretrained(directory / "merged")
+
+    def stage_metadata(self, merged_save: bool = False) -> dict[str, Any]:
+        """The provenance written as ``antidote_stage.json``: base, adapters, data, versions.
+
+        Args:
+            merged_save: Whether the stage is saved as the merged full model (see :meth:`save_stage`).
+        """
+        hp = self.hparams
+        meta = {
+            "kind": "adapter" if self.is_peft and not merged_save else "full_model",
+            "merged_adapter": merged_save,
+            # Local paths are recorded absolute, so the stage loads from any working directory.
+            "base_model": _absolute_if_local(hp.model_name_or_path) or hp.model_config,
+            "merged_adapters": [_absolute_if_local(a) for a in hp.merge_adapters or []],
+            "base_fingerprint": self.base_fingerprint,
+            "base_weights": self.base_weights,
+            "data": self._data_counts(),
+            # GGUF bases: the portable spec stays in base_model; the file and its sha256 here.
+            "base_source": gguf_source(hp.model_name_or_path),
+            "tokenizer": self.tokenizer_spec,
+            "dtype": hp.dtype,
+            "defense": None if self.defense is None else type(self.defense).__name__,
+            "trainable_parameters": self.trainable_parameter_count(),
+            "global_step": self.trainer.global_step if self._trainer is not None else None,
+            "versions": _library_versions(),
+        }
+        window = self._realignment_window()
+        if window is not None:
+            meta[REALIGNMENT_WINDOW_KEY] = window
+        return meta
 
 
 @dataclass
@@ -445,6 +459,39 @@ class StageAdditions:
         """Runs every file writer into ``directory`` (the stage being saved)."""
         for write in self.files:
             write(directory)
+
+
+def _check_args(
+    finetuning: str,
+    scheduler: str,
+    warmup_ratio: float,
+    learning_rate: float,
+    lora_r: int,
+    adapter_path: str | None,
+) -> None:
+    """Checks the module's cheap arguments, before any output is claimed or model loaded."""
+    check_choice("model.finetuning", finetuning, FINETUNING)
+    check_choice("model.scheduler", scheduler, SCHEDULERS)
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise bad_value("model.warmup_ratio", warmup_ratio, "a number in [0, 1)")
+    if learning_rate <= 0:
+        raise bad_value("model.learning_rate", learning_rate, "a positive number")
+    if finetuning == "lora" and adapter_path is None and lora_r <= 0:
+        raise bad_value("model.lora_r", lora_r, "a positive integer")
+    if finetuning == "full" and adapter_path is not None:
+        raise bad_value("model.adapter_path", adapter_path, "null when model.finetuning is 'full'")
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a stage's result."""
+    import transformers  # heavy; imported by the stage anyway, only when saving
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _absolute_if_local(path: str | None) -> str | None:
