@@ -11,6 +11,7 @@ from antidote_pl.analysis.masks import (
     jaccard,
     jaccard_matrix,
     layer_module_markdown,
+    mask_analytics_markdown,
     overlap_markdown,
     removed_by_layer_module,
     write_heatmap,
@@ -135,3 +136,16 @@ def test_heatmap_png_is_written_atomically(tmp_path):
     write_heatmap(masks, out, title="wanda alpha 0.1")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["heatmap.png"]  # no temporary leftovers
+
+
+def test_analytics_section_writes_linked_heatmaps(tmp_path):
+    sets = {
+        "wanda a0.1": {_name(0, "q_proj", "A"): _mask(8, [0, 1])},
+        "magnitude a0.1": {_name(0, "q_proj", "A"): _mask(8, [1, 2])},
+    }
+    text = mask_analytics_markdown(sets, tmp_path, heatmaps=["wanda a0.1"])
+    assert "| wanda a0.1 | 25.0 | 1.000 | 0.333 (0.143) |" in text
+    assert "![wanda a0.1](mask_heatmap_wanda_a0.1.png)" in text and "| 0 | 25.0 |" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["mask_heatmap_wanda_a0.1.png"]
+    with pytest.raises(ConfigError, match="heatmaps"):
+        mask_analytics_markdown(sets, tmp_path, heatmaps=["nope"])

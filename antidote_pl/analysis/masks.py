@@ -272,3 +272,40 @@ def write_heatmap(masks: Masks, path: str | Path, title: str | None = None) -> N
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def _file_stem(name: str) -> str:
+    """A file-name-safe version of a mask set's name (``wanda a0.1`` -> ``wanda_a0.1``)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "mask"
+
+
+def mask_analytics_markdown(
+    masks: Mapping[str, Masks], out_dir: str | Path, heatmaps: Sequence[str] | None = None
+) -> str:
+    """The report's mask-analytics section: overlap table, heat maps (written), per-layer tables.
+
+    Args:
+        masks: Name -> masks, e.g. ``{"wanda a0.1": ..., "magnitude a0.1": ..., "wanda s1 a0.1": ...}``
+            (every pair is compared, so pass the sets whose overlap matters: across alphas, seeds,
+            calibration sets, methods).
+        out_dir: Where the heat maps go (``mask_heatmap_<name>.png``, linked relatively).
+        heatmaps: Names to draw a heat map and a per-layer table for (default: all).
+
+    Returns:
+        A markdown section.
+    """
+    chosen = list(masks) if heatmaps is None else list(heatmaps)
+    unknown = [n for n in chosen if n not in masks]
+    if unknown:
+        raise bad_value("heatmaps", unknown, f"names among {list(masks)}")
+    parts = [
+        "## Mask analytics\n\n",
+        "Jaccard overlap of the removed sets (in brackets: the overlap of two random masks of the same "
+        "removed fractions).\n\n",
+        overlap_markdown(masks),
+    ]
+    for name in chosen:
+        file = f"mask_heatmap_{_file_stem(name)}.png"
+        write_heatmap(masks[name], Path(out_dir) / file, title=f"removed % per layer and module: {name}")
+        parts += [f"\n### {name}\n\n![{name}]({file})\n\n", layer_module_markdown(masks[name])]
+    return "".join(parts)
