@@ -235,6 +235,10 @@ class EvalDataModule(L.LightningDataModule):
 class StageEvaluator(L.LightningModule):
     """Generates answers with a stage's model, judges them and reports HS, FA and per-category rates.
 
+    With a validation split (``EvalDataModule.fa_validation_size``), the results also hold
+    ``finetune_accuracy_val`` and ``n_finetune_accuracy_val`` (rows of ``kind == "task_val"`` in
+    ``generations.jsonl``); ``finetune_accuracy`` stays the test questions' alone.
+
     Args:
         stage: A stage output directory (full model or adapter on its recorded base).
         judge: Harmfulness judge (``class_path``); default: the keyword refusal judge. Its verdicts
