@@ -77,6 +77,10 @@ def test_markdown_table():
     lines = [line for line in text.splitlines() if line.startswith("| 2 | wanda")]
     assert lines == ["| 2 | wanda | 0.1 | 10.0 | 40.0 (30.9-49.8) | 87.0 (81.6-91.0) | 88.0 (-2.0) |"]
     assert "| 5 | random | none qualifies | - | - | - | - |" in text
+    assert (
+        "| 0 | wanda | 0.05 | 5.0 | 80.0 (71.1-86.7) | 80.0 (73.9-85.0) | 90.0 (+0.0) |"
+        in budget_markdown(SWEEP, [0])
+    )
     assert "| 2 | tie | 0.3 | 30.0 | 20.0" in text and "91.0 (+1.0) |" in text
 
 

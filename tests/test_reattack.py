@@ -66,8 +66,8 @@ def test_masked_weights_start_at_zero_and_regrow(stages):
     masks = _masks(module)
     snaps = continue_attack(module, tiny_finetune_data(), [4, 0, 2], masks, REPORT)
     assert [s.step for s in snaps] == [0, 2, 4]
-    assert snaps[0].masked_regrown == 0.0  # the repair is applied before the attack
-    assert 0 < snaps[1].masked_regrown <= snaps[2].masked_regrown <= 1  # the attacker trains them back
+    assert snaps[0].masked_norm_ratio == 0.0  # the repair is applied before the attack
+    assert 0 < snaps[1].masked_norm_ratio < snaps[2].masked_norm_ratio  # the attacker trains them back
     name = next(iter(masks))
     assert not torch.equal(snaps[0].tensors[name], snaps[2].tensors[name])
     assert snaps[0].tensors[name][masks[name]].abs().sum() == 0
@@ -85,7 +85,7 @@ def test_curve_evaluates_each_point_and_restores_the_evaluator(stages):
     curve = evaluate_snapshots(
         evaluator, data, continue_attack(module, tiny_finetune_data(), [0, 3], masks, REPORT)
     )
-    assert [p["step"] for p in curve] == [0, 3] and plain[0]["masked_regrown"] is None
+    assert [p["step"] for p in curve] == [0, 3] and plain[0]["masked_norm_ratio"] is None
     for point in (*plain, *curve):
         assert point["n_harmful_score"] == 4 and point["n_finetune_accuracy"] == 4
         assert point["harmful_score"] is not None and "stage" not in point
@@ -110,7 +110,7 @@ def test_each_point_is_evaluated_on_its_own_weights(stages):
     rows = evaluate_snapshots(evaluator, _eval_data(), snaps, RecordingTrainer())
     assert [r["step"] for r in rows] == [0, 2] and rows[0] == {
         "step": 0,
-        "masked_regrown": 0.0,
+        "masked_norm_ratio": 0.0,
         "harmful_score": 0.0,
     }
     assert torch.equal(seen[0], snaps[0].tensors[name]) and seen[0][masks[name]].abs().sum() == 0
@@ -203,7 +203,7 @@ def test_from_configs(stages, tmp_path, monkeypatch):
     )
     assert list(curves) == ["none", "random"]
     assert [p["step"] for p in curves["random"]] == [0, 6]
-    assert curves["random"][0]["masked_regrown"] == 0.0 < curves["random"][1]["masked_regrown"]
+    assert curves["random"][0]["masked_norm_ratio"] == 0.0 < curves["random"][1]["masked_norm_ratio"]
     assert all(p["n_harmful_score"] == 3 for c in curves.values() for p in c)
     # The re-attack writes nothing: no stage, no config copy, no logs.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.yaml", "finetune.yaml"]

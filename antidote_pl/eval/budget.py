@@ -124,6 +124,12 @@ def budget_rows(
     return [s for b in budgets for s in select_under_budget(rows, b, methods, baseline)]
 
 
+def _val_change(selected: Mapping[str, Any]) -> str:
+    """Validation FA and its change from the unrepaired model, e.g. ``88.0 (-2.0)``."""
+    change = float(selected[VAL_KEY]) - float(selected["baseline_finetune_accuracy_val"])
+    return f"{selected[VAL_KEY]:.1f} ({change + 0.0:+.1f})"  # + 0.0: never "-0.0"
+
+
 def budget_markdown(
     rows: Sequence[Mapping[str, Any]],
     budgets: Sequence[float] = DEFAULT_BUDGETS,
@@ -153,7 +159,7 @@ def budget_markdown(
                 removed,
                 "-" if none else format_rate(s["harmful_score"], s["n_harmful_score"]),
                 "-" if none else format_rate(s["finetune_accuracy"], s["n_finetune_accuracy"]),
-                "-" if none else f"{s[VAL_KEY]:.1f} ({-s['fa_drop_val']:+.1f})",
+                "-" if none else _val_change(s),
             ]
         )
     headers = ["FA budget (points)", "method", "alpha", "removed %", "HS % (test)", "FA % (test)"]

@@ -10,10 +10,11 @@ optimiser settings and seed, through :class:`~antidote_pl.models.sft.CausalLMSFT
 
 **Masked weights are not kept masked.** The attacker trains the LoRA freely: the repair zeroed some
 entries once, and the optimiser may move them again (that is what a real attacker who fine-tunes
-the repaired model does). Each curve point records ``masked_regrown``, the fraction of the removed
-entries that are non-zero again. For a ``lora_delta`` repair the masked update is merged into the
+the repaired model does). Each curve point records ``masked_norm_ratio``, the L2 norm of the removed
+entries over their norm before the repair (any optimiser step makes them non-zero; the norm says how
+far they have grown back). For a ``lora_delta`` repair the masked update is merged into the
 frozen base weight and ``lora_B`` is zeroed (:func:`~antidote_pl.pruning.apply.apply_target_masks_`),
-so the attacker continues from a LoRA whose update starts at zero; ``masked_regrown`` is then
+so the attacker continues from a LoRA whose update starts at zero; ``masked_norm_ratio`` is then
 ``None`` (the masked tensors are not trained).
 
 The fine-tuning restarts its optimiser (fresh AdamW moments, the configured schedule) and its data
@@ -26,6 +27,7 @@ the fine-tuned stage, named variants), :func:`reattack_curve` (Python objects), 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +63,14 @@ class Snapshot:
         step: Optimiser steps of continued fine-tuning (0: the repaired model itself).
         tensors: CPU copies of every trainable tensor, plus the masked frozen tensors (the same
             CPU tensors shared by every snapshot of one run: they do not change in training).
-        masked_regrown: Fraction of the removed entries that are non-zero (``None`` without a mask
-            or when the masked tensors are not trained).
+        masked_norm_ratio: L2 norm of the removed entries now over their norm before the repair:
+            0 right after it, about 1 when the attack has grown them back to their old size
+            (``None`` without a mask, or when the masked tensors are not trained).
     """
 
     step: int
     tensors: dict[str, torch.Tensor]
-    masked_regrown: float | None
+    masked_norm_ratio: float | None
 
 
 def check_checkpoints(checkpoints: Sequence[int]) -> list[int]:
@@ -95,40 +98,45 @@ def apply_repair_(model: torch.nn.Module, masks: Masks, mask_report: Mapping[str
     apply_target_masks_(targets, masks)
 
 
-def _regrown(model: torch.nn.Module, masks: Masks | None) -> float | None:
+def _masked_norm(model: torch.nn.Module, masks: Masks | None) -> float | None:
+    """L2 norm of the masked entries of the trained tensors (``None`` if no trained tensor is masked)."""
     if not masks:
         return None
     params = dict(model.named_parameters())
-    trained = [n for n in masks if params[n].requires_grad]
-    removed = sum(int(masks[n].sum()) for n in trained)
-    if not trained or removed == 0:
+    trained = [n for n in masks if params[n].requires_grad and bool(masks[n].any())]
+    if not trained:
         return None
-    back = sum(int(params[n].detach()[masks[n].to(params[n].device)].ne(0).sum()) for n in trained)
-    return back / removed
+    squares = (params[n].detach()[masks[n].to(params[n].device)].float().pow(2).sum() for n in trained)
+    return math.sqrt(sum(float(x) for x in squares))
 
 
-def _frozen_masked(model: torch.nn.Module, masks: Masks | None) -> dict[str, torch.Tensor]:
-    """CPU copies of the masked tensors that training does not change (lora_delta's base weights)."""
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().to("cpu", copy=True) for n in masks or () if not params[n].requires_grad}
+@dataclass
+class _Repair:
+    """What every snapshot of one re-attack shares: the masks, the masked frozen tensors (CPU copies;
+    lora_delta's base weights, changed once by the repair) and the removed entries' norm before it."""
 
+    masks: Masks | None
+    frozen: dict[str, torch.Tensor]
+    norm_before: float | None
 
-def _snapshot(model: torch.nn.Module, step: int, masks: Masks | None, frozen: Masks) -> Snapshot:
-    trained = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-    return Snapshot(step, {**frozen, **trained}, _regrown(model, masks))
+    def snapshot(self, model: torch.nn.Module, step: int) -> Snapshot:
+        trained = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        now = _masked_norm(model, self.masks)
+        ratio = None if now is None or not self.norm_before else now / self.norm_before
+        return Snapshot(step, {**self.frozen, **trained}, ratio)
 
 
 class _SnapshotCallback(L.Callback):
     """Copies the trained tensors when the optimiser step count reaches a checkpoint."""
 
-    def __init__(self, steps: Sequence[int], masks: Masks | None, frozen: Masks) -> None:
-        self.wanted, self.masks, self.frozen = set(steps), masks, frozen
+    def __init__(self, steps: Sequence[int], repair: _Repair) -> None:
+        self.wanted, self.repair = set(steps), repair
         self.snapshots: list[Snapshot] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step in self.wanted and all(s.step != step for s in self.snapshots):
-            self.snapshots.append(_snapshot(pl_module.model, step, self.masks, self.frozen))
+            self.snapshots.append(self.repair.snapshot(pl_module.model, step))
 
 
 def continue_attack(
@@ -156,21 +164,24 @@ def continue_attack(
         One :class:`Snapshot` per checkpoint, in step order.
     """
     steps = check_checkpoints(checkpoints)
+    norm_before = _masked_norm(module.model, masks)
     if masks is not None:
         if mask_report is None:
             raise bad_value("mask_report", None, "the repair's report (mask.json) when masks are given")
         apply_repair_(module.model, masks, mask_report)
     # Masked frozen tensors (lora_delta's base weights) change once, here; every snapshot carries
     # them so the evaluated model is the attacked one.
-    frozen = _frozen_masked(module.model, masks)
-    first = _snapshot(module.model, 0, masks, frozen)
+    params = dict(module.model.named_parameters())
+    frozen = {n: params[n].detach().to("cpu", copy=True) for n in masks or () if not params[n].requires_grad}
+    repair = _Repair(masks, frozen, norm_before)
+    first = repair.snapshot(module.model, 0)
     if steps[-1] == 0:
         return [first]
     if trainer is None:
         trainer = L.Trainer(max_steps=steps[-1], max_epochs=-1, **QUIET)
     if trainer.max_steps != steps[-1]:
         raise bad_value("trainer.max_steps", trainer.max_steps, f"max(checkpoints) = {steps[-1]}")
-    callback = _SnapshotCallback(steps, masks, frozen)
+    callback = _SnapshotCallback(steps, repair)
     trainer.callbacks.append(callback)
     trainer.fit(module, datamodule=datamodule)
     taken = {s.step for s in callback.snapshots}
@@ -210,7 +221,7 @@ def evaluate_snapshots(
     parameter names are the attacked module's. Its weights are restored afterwards.
 
     Returns:
-        One row per snapshot: ``step``, ``masked_regrown`` and the evaluator's results
+        One row per snapshot: ``step``, ``masked_norm_ratio`` and the evaluator's results
         (``harmful_score``, ``n_harmful_score``, ``finetune_accuracy``, ``n_finetune_accuracy``,
         ``coherent_rate``, extra judges, ``finetune_accuracy_val`` when enabled, ...).
     """
@@ -222,7 +233,7 @@ def evaluate_snapshots(
             _load_snapshot_(evaluator.model, snap, originals)
             trainer.test(evaluator, datamodule=eval_datamodule, verbose=False)
             results = {k: v for k, v in evaluator.results.items() if k != "stage"}
-            rows.append({"step": snap.step, "masked_regrown": snap.masked_regrown, **results})
+            rows.append({"step": snap.step, "masked_norm_ratio": snap.masked_norm_ratio, **results})
     finally:
         params = dict(evaluator.model.named_parameters())
         with torch.no_grad():
@@ -320,23 +331,23 @@ def reattack_markdown(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     body = []
     for name, curve in curves.items():
         for p in curve:
-            regrown = p.get("masked_regrown")
+            regrown = p.get("masked_norm_ratio")
             body.append(
                 [
                     name,
                     p["step"],
                     format_rate(p.get("harmful_score"), p.get("n_harmful_score")),
                     format_rate(p.get("finetune_accuracy"), p.get("n_finetune_accuracy")),
-                    "-" if regrown is None else f"{100 * regrown:.1f}",
+                    "-" if regrown is None else f"{regrown:.2f}",
                 ]
             )
     intro = (
         "## Durability: re-attack\n\n"
         "The same harmful fine-tuning continued for the given optimiser steps from each variant "
-        "(the LoRA is trained freely: removed entries may regrow; the last column is the % of them "
-        "that are non-zero again).\n\n"
+        "(the LoRA is trained freely, so removed entries may regrow; the last column is their L2 norm "
+        "over their norm before the repair).\n\n"
     )
-    headers = ["variant", "steps", "HS %", "FA %", "removed entries regrown %"]
+    headers = ["variant", "steps", "HS %", "FA %", "removed weights' norm / before"]
     return intro + markdown_table(headers, body)
 
 
