@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from antidote_pl.data.records import Record, Source, fingerprint_records
 from antidote_pl.data.templates import get_template, render_prompt
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.eval.generation import gather_objects, generate, write_generations_jsonl
 from antidote_pl.eval.judges import Judge, KeywordJudge
 from antidote_pl.eval.metrics import HarmfulScore, RateByCategory, TaskAccuracy
@@ -63,6 +63,13 @@ class EvalDataModule(L.LightningDataModule):
         harmful_limit: Use only the first N harmful prompts.
         task_limit: Use only the first N task records.
         batch_size: Prompts per generation batch.
+        fa_validation_size: Number of task questions held out as a *validation* split for choosing
+            alpha under an FA budget (:mod:`antidote_pl.eval.budget`), reported as
+            ``finetune_accuracy_val``. They are disjoint from the reported test questions: taken from
+            ``task_validation`` when given, else from the ``task`` records after the first
+            ``task_limit`` (which must then be set); a question whose text equals a test question is
+            skipped. 0 (default) adds nothing, so prompts, fingerprint and results are unchanged.
+        task_validation: Optional separate source of validation questions (see above).
     """
 
     def __init__(
@@ -74,6 +81,8 @@ class EvalDataModule(L.LightningDataModule):
         harmful_limit: int | None = None,
         task_limit: int | None = None,
         batch_size: int = 32,
+        fa_validation_size: int = 0,
+        task_validation: Source | None = None,
     ) -> None:
         super().__init__()
         if harmful is None and task is None:
@@ -91,6 +100,8 @@ class EvalDataModule(L.LightningDataModule):
         self.harmful, self.task, self.task_name = harmful, task, task_name
         self.template, self.batch_size = template, batch_size
         self.harmful_limit, self.task_limit = harmful_limit, task_limit
+        self._check_validation(fa_validation_size, task_validation)
+        self.fa_validation_size, self.task_validation = fa_validation_size, task_validation
         self.items: list[dict[str, Any]] | None = None
         self._tokenizer: Any = None
 
@@ -123,9 +134,53 @@ class EvalDataModule(L.LightningDataModule):
                     "data.task", f"{len(missing)} records without `label`", "a gold answer per record"
                 )
             items += [self._item(r, "task") for r in records]
+            items += [self._item(r, "task_val") for r in self._validation_records(records)]
         for i, item in enumerate(items):
             item["index"] = i
         self.items = items
+
+    def _check_validation(self, size: int, source: Source | None) -> None:
+        """Checks the validation options before anything loads."""
+        check_int("data.fa_validation_size", size, 0)
+        if size == 0:
+            if source is not None:
+                raise bad_value(
+                    "data.task_validation", source.describe(), "null when fa_validation_size is 0"
+                )
+            return
+        if self.task is None:
+            raise bad_value("data.fa_validation_size", size, "0 when there is no task source")
+        if source is None and self.task_limit is None:
+            raise bad_value(
+                "data.fa_validation_size",
+                size,
+                "0, or set data.task_limit (validation questions follow the test ones) "
+                "or data.task_validation",
+            )
+
+    def _validation_records(self, test: list[Record]) -> list[Record]:
+        """The validation questions: disjoint from ``test`` by position and by question text."""
+        if self.fa_validation_size == 0:
+            return []
+        if self.task_validation is not None:
+            pool, where = self.task_validation.load(), self.task_validation.describe()
+        else:
+            pool, where = self.task.load()[len(test) :], f"{self.task.describe()} after the test questions"
+        seen = {question_key(r) for r in test}
+        fresh = [r for r in pool if question_key(r) not in seen]
+        if len(fresh) < self.fa_validation_size:
+            raise bad_value(
+                "data.fa_validation_size",
+                self.fa_validation_size,
+                f"at most the {len(fresh)} questions of {where} that are not test questions",
+            )
+        chosen = fresh[: self.fa_validation_size]
+        missing = sum(r.get("label") in (None, "") for r in chosen)
+        if missing:
+            raise bad_value(
+                "data.task_validation", f"{missing} records without `label`", "a gold answer per record"
+            )
+        return chosen
 
     def _item(self, record: Record, kind: str) -> dict[str, Any]:
         return {
@@ -140,7 +195,7 @@ class EvalDataModule(L.LightningDataModule):
             ),
             "label": record.get("label"),
             "category": record.get("category"),
-            "task": self.task_name if kind == "task" else None,
+            "task": self.task_name if kind in ("task", "task_val") else None,
         }
 
     @property
@@ -179,6 +234,10 @@ class EvalDataModule(L.LightningDataModule):
 
 class StageEvaluator(L.LightningModule):
     """Generates answers with a stage's model, judges them and reports HS, FA and per-category rates.
+
+    With a validation split (``EvalDataModule.fa_validation_size``), the results also hold
+    ``finetune_accuracy_val`` and ``n_finetune_accuracy_val`` (rows of ``kind == "task_val"`` in
+    ``generations.jsonl``); ``finetune_accuracy`` stays the test questions' alone.
 
     Args:
         stage: A stage output directory (full model or adapter on its recorded base).
@@ -246,6 +305,8 @@ class StageEvaluator(L.LightningModule):
         self.harmful_score = HarmfulScore()
         self.coherent_rate = TaskAccuracy()
         self.finetune_accuracy = TaskAccuracy()
+        # Validation questions (EvalDataModule.fa_validation_size), for choosing alpha under an FA budget.
+        self.finetune_accuracy_val = TaskAccuracy()
         self.by_category: RateByCategory | None = None
         self.rows: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
@@ -275,7 +336,13 @@ class StageEvaluator(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.rows = []
-        for metric in (self.harmful_score, self.coherent_rate, self.finetune_accuracy, self.by_category):
+        for metric in (
+            self.harmful_score,
+            self.coherent_rate,
+            self.finetune_accuracy,
+            self.finetune_accuracy_val,
+            self.by_category,
+        ):
             if metric is not None:
                 metric.reset()
         for metric in self.extra_scores.values():
@@ -289,7 +356,6 @@ class StageEvaluator(L.LightningModule):
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         harmful = [i for i in batch if i["kind"] == "harmful"]
-        task = [i for i in batch if i["kind"] == "task"]
         if harmful:
             responses = self._answer(harmful, self.harmful_max_new_tokens)
             verdicts = self.judge.judge([i["instruction"] for i in harmful], responses)
@@ -307,20 +373,27 @@ class StageEvaluator(L.LightningModule):
                 self.rows.append(
                     _row(item, response, verdict=verdict.to_dict(), prompt=item["prompt"], **more)
                 )
-        if task:
+        for kind, metric in (("task", self.finetune_accuracy), ("task_val", self.finetune_accuracy_val)):
+            task = [i for i in batch if i["kind"] == kind]
+            if not task:
+                continue
             responses = self._answer(task, self.task_max_new_tokens)
             correct = [is_correct(i["task"], r, i["label"]) for i, r in zip(task, responses)]
-            self.finetune_accuracy.update(torch.tensor(correct))
+            metric.update(torch.tensor(correct))
             for item, response, ok in zip(task, responses, correct):
                 self.rows.append(_row(item, response, correct=ok, prompt=item["prompt"]))
 
     def on_test_epoch_end(self) -> None:
         results: dict[str, Any] = {"stage": self.stage}
-        for name, metric in (
+        metrics = [
             ("harmful_score", self.harmful_score),
             ("coherent_rate", self.coherent_rate),
             ("finetune_accuracy", self.finetune_accuracy),
-        ):
+        ]
+        # Reported only when enabled, so results without a validation split keep their exact keys.
+        if getattr(self.trainer.datamodule, "fa_validation_size", 0):
+            metrics.append(("finetune_accuracy_val", self.finetune_accuracy_val))
+        for name, metric in metrics:
             counts = metric.counts()
             value = metric.compute()
             results[name] = None if math.isnan(float(value)) else float(value)
@@ -353,6 +426,11 @@ class StageEvaluator(L.LightningModule):
                 write_generations_jsonl(out / "generations.jsonl", rows)
                 atomic_write_json(out / "metrics.json", results)
             self.release_output()
+
+
+def question_key(record: Record) -> tuple[str, str]:
+    """What makes two task questions the same question (instruction and input text)."""
+    return (str(record.get("instruction", "")), str(record.get("input", "")))
 
 
 def _row(item: dict[str, Any], response: str, **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,27 @@
+"""Small formatting helpers shared by the analysis tables (markdown, rates with intervals)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from antidote_pl.eval.intervals import rate_interval
+
+
+def format_rate(value: float | None, n: int | None = None) -> str:
+    """A rate in percent with its Wilson 95% interval when the count ``n`` behind it is known.
+
+    Args:
+        value: The rate in percent, or ``None`` (shown as ``n/a``).
+        n: Number of items behind the rate; ``None`` or 0 shows the value alone.
+    """
+    if value is None:
+        return "n/a"
+    ci = rate_interval(value, n)
+    return f"{value:.1f}" if ci is None else f"{value:.1f} ({ci[0]:.1f}-{ci[1]:.1f})"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; cells are converted with ``str``. Ends with a newline."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

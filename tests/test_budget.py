@@ -1,0 +1,100 @@
+"""Alpha under an FA budget, on hand-made sweeps: ties, no qualifying alpha, non-monotone FA."""
+
+from __future__ import annotations
+
+import pytest
+
+from antidote_pl.errors import ConfigError
+from antidote_pl.eval.budget import budget_markdown, budget_rows, select_under_budget
+
+
+def _row(method, alpha, val, hs=50.0, fa=80.0, **kw):
+    return {
+        "method": method,
+        "alpha": alpha,
+        "removed_fraction": alpha,
+        "harmful_score": hs,
+        "n_harmful_score": 100,
+        "finetune_accuracy": fa,
+        "n_finetune_accuracy": 200,
+        "finetune_accuracy_val": val,
+        "n_finetune_accuracy_val": 50,
+        **kw,
+    }
+
+
+SWEEP = [
+    {"method": "aligned", "alpha": None, "reference": True, "finetune_accuracy_val": 10.0},
+    _row("none", 0.0, 90.0, hs=100.0, fa=91.0),
+    # Monotone: drops 0, 2 (exactly the budget), 6.
+    _row("wanda", 0.05, 90.0, hs=80.0),
+    _row("wanda", 0.1, 88.0, hs=40.0, fa=87.0),
+    _row("wanda", 0.2, 84.0, hs=5.0),
+    # Non-monotone: 0.1 drops 10 but 0.2 only 1, so 0.2 is chosen for a budget of 2.
+    _row("magnitude", 0.05, 89.5, hs=90.0),
+    _row("magnitude", 0.1, 80.0, hs=60.0),
+    _row("magnitude", 0.2, 89.0, hs=30.0, fa=85.0),
+    # Every alpha costs more than 5 points.
+    _row("random", 0.1, 70.0),
+    _row("random", 0.2, 60.0),
+    # Ties in FA: the largest alpha wins; an FA gain qualifies.
+    _row("tie", 0.1, 91.0, hs=70.0),
+    _row("tie", 0.3, 91.0, hs=20.0, fa=90.0),
+]
+
+
+def _by_method(selected):
+    return {s["method"]: s for s in selected}
+
+
+def test_largest_alpha_within_budget_with_test_figures():
+    got = _by_method(select_under_budget(SWEEP, 2))
+    assert list(got) == ["wanda", "magnitude", "random", "tie"]
+    assert got["wanda"]["alpha"] == 0.1  # a drop equal to the budget qualifies
+    assert (got["wanda"]["harmful_score"], got["wanda"]["finetune_accuracy"]) == (40.0, 87.0)
+    assert got["wanda"]["fa_drop_val"] == 2.0 and got["wanda"]["baseline_finetune_accuracy_val"] == 90.0
+    assert got["magnitude"]["alpha"] == 0.2 and got["magnitude"]["harmful_score"] == 30.0
+    assert got["random"]["alpha"] is None and got["random"]["harmful_score"] is None
+    assert got["tie"]["alpha"] == 0.3 and got["tie"]["fa_drop_val"] == -1.0
+
+
+def test_budget_zero_and_larger_budgets():
+    assert _by_method(select_under_budget(SWEEP, 0))["wanda"]["alpha"] == 0.05
+    assert _by_method(select_under_budget(SWEEP, 6))["wanda"]["alpha"] == 0.2
+    assert _by_method(select_under_budget(SWEEP, 30))["random"]["alpha"] == 0.2
+    rows = budget_rows(SWEEP, budgets=[2, 5], methods=["wanda"])
+    assert [(r["fa_budget"], r["alpha"]) for r in rows] == [(2, 0.1), (5, 0.1)]
+
+
+def test_float_noise_at_the_boundary_qualifies():
+    rows = [_row("none", 0.0, 100 * 2 / 3), _row("m", 0.1, 100 * 2 / 3 - 2.0000000000001)]
+    assert select_under_budget(rows, 2)[0]["alpha"] == 0.1
+
+
+def test_markdown_table():
+    text = budget_markdown(SWEEP, budgets=[2, 5])
+    assert "## HS at FA budget" in text
+    lines = [line for line in text.splitlines() if line.startswith("| 2 | wanda")]
+    assert lines == ["| 2 | wanda | 0.1 | 10.0 | 40.0 (30.9-49.8) | 87.0 (81.6-91.0) | 88.0 (-2.0) |"]
+    assert "| 5 | random | none qualifies | - | - | - | - |" in text
+    assert (
+        "| 0 | wanda | 0.05 | 5.0 | 80.0 (71.1-86.7) | 80.0 (73.9-85.0) | 90.0 (+0.0) |"
+        in budget_markdown(SWEEP, [0])
+    )
+    assert "| 2 | tie | 0.3 | 30.0 | 20.0" in text and "91.0 (+1.0) |" in text
+
+
+@pytest.mark.parametrize(
+    ("rows", "kw", "message"),
+    [
+        (SWEEP, {"fa_budget": -1}, "fa_budget"),
+        (SWEEP[2:], {"fa_budget": 2}, "exactly one unrepaired row"),
+        ([_row("none", 0.0, None), *SWEEP[2:]], {"fa_budget": 2}, "fa_validation_size"),
+        ([*SWEEP, _row("wanda", 0.1, 90.0)], {"fa_budget": 2}, "each alpha at most once"),
+        ([*SWEEP, _row("x", 0.1, None)], {"fa_budget": 2}, "validation FA"),
+        (SWEEP, {"fa_budget": 2, "methods": ["nope"]}, "nope"),
+    ],
+)
+def test_bad_input(rows, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        select_under_budget(rows, **kw)

@@ -1,0 +1,88 @@
+"""Judge agreement on hand-made verdicts: agreement %, Cohen's kappa, coherence beside HS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from antidote_pl.errors import ConfigError
+from antidote_pl.eval.agreement import (
+    agreement_markdown,
+    cohen_kappa,
+    judge_summary,
+    judge_verdicts,
+    pairwise_agreement,
+    read_generations,
+)
+
+
+def _v(harmful: bool, coherent: bool | None = None) -> dict:
+    return {"harmful": harmful, "category": None, "score": None, "coherent": coherent}
+
+
+# Primary (keyword, with coherence) and two extra judges over 6 harmful prompts, plus a task row.
+KW = [_v(True, True), _v(True, True), _v(False, False), _v(False, True), _v(False, False), _v(True, True)]
+OFF = [_v(True), _v(False), _v(True), _v(False), _v(False), _v(True)]
+GT = [_v(True), _v(True), _v(False), _v(False), _v(False), None]
+ROWS = [
+    {
+        "index": i,
+        "kind": "harmful",
+        "verdict": KW[i],
+        "verdicts": {"Offline": OFF[i], **({"Truth": GT[i]} if GT[i] else {})},
+    }
+    for i in range(6)
+] + [{"index": 6, "kind": "task", "correct": True}]
+
+
+def test_cohen_kappa_known_values():
+    # Observed 0.75; marginals 0.5 and 0.75 -> expected 0.5; kappa 0.5.
+    assert cohen_kappa([1, 1, 0, 0], [1, 1, 0, 1]) == pytest.approx(0.5)
+    assert cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    assert cohen_kappa([1, 1, 0], [1, 1, 0]) == pytest.approx(1.0)
+    assert cohen_kappa([1, 1], [1, 1]) is None  # both constant and equal: chance explains all
+    assert cohen_kappa([], []) is None
+    with pytest.raises(ConfigError):
+        cohen_kappa([1], [1, 0])
+
+
+def test_pairwise_agreement_on_shared_prompts():
+    verdicts = judge_verdicts(ROWS, primary="Keyword")
+    assert list(verdicts) == ["Keyword", "Offline", "Truth"]
+    got = {(p["judge_a"], p["judge_b"]): p for p in pairwise_agreement(verdicts)}
+    kw_off = got[("Keyword", "Offline")]
+    # Keyword TTFFFT vs Offline TFTFFT: agree on 4 of 6; both rate 0.5 -> kappa (4/6 - .5)/.5 = 1/3.
+    assert kw_off["n"] == 6 and kw_off["agreement"] == pytest.approx(400 / 6)
+    assert kw_off["kappa"] == pytest.approx(1 / 3)
+    # Truth judged only the first 5 prompts: Keyword TTFFF == Truth TTFFF.
+    kw_truth = got[("Keyword", "Truth")]
+    assert (kw_truth["n"], kw_truth["agreement"], kw_truth["kappa"]) == (5, 100.0, pytest.approx(1.0))
+
+
+def test_summary_puts_coherence_beside_hs():
+    summary = {s["judge"]: s for s in judge_summary(judge_verdicts(ROWS, primary="Keyword"))}
+    kw = summary["Keyword"]
+    # 3 of 6 harmful; 4 coherent (2 and 4 are broken), all 3 harmful answers are coherent.
+    assert (kw["n"], kw["harmful_score"], kw["coherent_rate"]) == (6, 50.0, pytest.approx(400 / 6))
+    assert kw["harmful_score_coherent"] == 75.0
+    # Offline calls the broken answer 2 harmful: 3 of 6, but only 2 of its 4 coherent ones.
+    assert summary["Offline"]["harmful_score_coherent"] == 50.0
+    assert summary["Truth"]["n"] == 5 and summary["Truth"]["coherent_rate"] == 60.0
+
+
+def test_markdown_and_jsonl_round_trip(tmp_path):
+    path = tmp_path / "generations.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    text = agreement_markdown(read_generations(path), primary="KeywordJudge")
+    assert "| KeywordJudge | 6 | 50.0 (18.8-81.2) | 66.7 (30.0-90.3) | 75.0 (30.1-95.4) |" in text
+    assert "| KeywordJudge | Offline | 6 | 66.7 | 0.33 |" in text
+    single = agreement_markdown([{"kind": "harmful", "verdict": _v(True)}])
+    assert "One judge only" in single
+
+
+def test_bad_input():
+    with pytest.raises(ConfigError, match="missing"):
+        read_generations("/nonexistent/generations.jsonl")
+    with pytest.raises(ConfigError, match="primary"):
+        judge_verdicts(ROWS, primary="Offline")
