@@ -158,14 +158,20 @@ def _timings(run: Path, seeds: list[int]) -> list[str]:
     lines = ["| seed | wall s | training s | scoring s | evaluation s |", "|---|---|---|---|---|"]
     for seed in seeds:
         rep = json.loads((run / f"seed{seed}" / "report.json").read_text())
-        steps = rep["seconds_by_step"]
+        # This run's steps and the ones it reused (with the seconds the run that computed them recorded).
+        steps = {**rep.get("seconds_reused_by_step", {}), **rep["seconds_by_step"]}
 
         def total(prefix: str, steps=steps) -> float:
-            return sum(v for k, v in steps.items() if k.startswith(prefix))
+            return sum(v for k, v in steps.items() if k.startswith(prefix) and v is not None)
 
+        # Steps an earlier run computed before step times were recorded have no seconds: the
+        # totals omit them, and the row says how many there are.
+        unknown = sum(1 for v in rep.get("seconds_reused_by_step", {}).values() if v is None)
+        wall = f"{rep['seconds_total']:.0f}"
+        if unknown:
+            wall += f" (+{unknown} reused steps, time not recorded)"
         lines.append(
-            f"| {seed} | {rep['seconds_total']:.0f} | {total('stage/'):.0f} | {total('scores/'):.0f} | "
-            f"{total('eval/'):.0f} |"
+            f"| {seed} | {wall} | {total('stage/'):.0f} | {total('scores/'):.0f} | {total('eval/'):.0f} |"
         )
     return lines
 
