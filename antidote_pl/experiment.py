@@ -18,7 +18,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from antidote_pl import pipeline
-from antidote_pl.pipeline import BaselineSpec, RepairSpec, StageSpec, run_pipeline
+from antidote_pl.pipeline import BaselineSpec, DurabilitySpec, RepairSpec, StageSpec, run_pipeline
 from antidote_pl.seeds import check_no_placeholder, run_seeds
 
 
@@ -32,6 +32,12 @@ def build_parser():
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--references", type=list[str] | None, default=None)
     parser.add_argument("--baselines", type=list[BaselineSpec] | None, default=None)
+    parser.add_argument(
+        "--durability",
+        type=DurabilitySpec | None,
+        default=None,
+        help="re-attack the unrepaired model and some repairs (checkpoints, alpha, methods)",
+    )
     parser.add_argument("--force", type=bool, default=False)
     parser.add_argument(
         "--seeds",
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "references": init.references,
         "force": init.force,
         "baselines": init.baselines,
+        "durability": init.durability,
     }
     if init.seeds is not None:
         return run_seeds(init.seeds, **run)

@@ -239,9 +239,14 @@ class _DataOnlyCLI(AntidoteCLI):
         self.datamodule = self.config_init.get("data")
 
 
-def datamodule_from_config(config: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
-    """The data module of a stage or evaluation config (with overrides), without loading the model."""
-    cli = _DataOnlyCLI(args=["--config", str(config), *overrides], run=False, save_config_callback=None)
+def datamodule_from_config(
+    config: str | os.PathLike | Sequence[str | os.PathLike], overrides: Sequence[str] = ()
+) -> Any:
+    """The data module of a stage or evaluation config (one file, or several composed in order, with
+    overrides), without loading the model."""
+    files = [config] if isinstance(config, str | os.PathLike) else list(config)
+    args = [a for f in files for a in ("--config", str(f))]
+    cli = _DataOnlyCLI(args=[*args, *overrides], run=False, save_config_callback=None)
     if cli.datamodule is None:
         raise bad_value("manifest.configs", str(config), "a config with a `data:` section")
     return cli.datamodule

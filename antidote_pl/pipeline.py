@@ -42,6 +42,15 @@ from antidote_pl.cli import build_cli, run_fit, validate_config
 from antidote_pl.data.bpe import build_parser as tokenizer_parser
 from antidote_pl.data.bpe import main as tokenizer_main
 from antidote_pl.errors import ConfigError, bad_value, check_choice
+from antidote_pl.eval.reattack import check_checkpoints, reattack_from_configs
+from antidote_pl.manifest import build_manifest, datamodule_from_config, write_manifest
+from antidote_pl.pipeline_analysis import (
+    agreement_section,
+    budget_section,
+    durability_section,
+    mask_section,
+    variant_name,
+)
 from antidote_pl.pipeline_cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
 from antidote_pl.pipeline_report import extra_judge_names, report_markdown, write_report
 from antidote_pl.pruning import apply_target_masks_, find_targets, overall_fraction
@@ -144,6 +153,21 @@ class BaselineSpec:
 
 
 # --------------------------------------------------------------------------- spec helpers
+@dataclass
+class DurabilitySpec:
+    """The re-attack: the same harmful fine-tuning continued from repaired and unrepaired models.
+
+    Args:
+        checkpoints: Optimiser steps at which HS/FA are measured, e.g. ``[0, 10, 20]``.
+        alpha: The repair's alpha (one of ``repair.alphas``).
+        methods: Repair methods re-attacked at that alpha (the unrepaired model always is).
+    """
+
+    checkpoints: list[int]
+    alpha: float = 0.1
+    methods: list[str] = field(default_factory=lambda: ["wanda", "random"])
+
+
 def _read(path: str, field: str) -> str:
     p = Path(path)
     if not p.is_file():
@@ -333,8 +357,10 @@ class Pipeline:
         references: list[str] | None = None,
         force: bool = False,
         baselines: list[BaselineSpec] | None = None,
+        durability: DurabilitySpec | None = None,
     ) -> None:
         self.stages, self.repair, self.evaluation = stages, repair, evaluation
+        self.durability = durability
         self.output_dir, self.out, self.force = output_dir, Path(output_dir), force
         self.references = references
         self.baselines = list(baselines or [])
@@ -344,6 +370,9 @@ class Pipeline:
         self.upstream = ""  # the key of the last main stage, once trained
         self.score_keys: dict[str, str] = {}
         self.finetuned_files = ""  # fingerprint of the fine-tuned stage's files, once evaluated
+        self.masks: dict[tuple[str, float], dict[str, torch.Tensor]] = {}  # (method, alpha) -> masks
+        self.primary_judge = "primary"  # the evaluator's judge class, once built
+        self.curves: dict[str, Any] = {}  # re-attack curves, when configured
 
     def run(self) -> dict[str, Any]:
         """Runs every step and writes the report; see the module docstring.
@@ -370,6 +399,7 @@ class Pipeline:
             self.score()
             self.sweep_and_evaluate()
             self.run_baselines()
+            self.reattack()
             return self.write_report()
         finally:
             lock.release()
@@ -385,6 +415,7 @@ class Pipeline:
             base.name: self._read_baseline(b, base) for b, base in enumerate(self.baselines)
         }
         self._parse_configs()
+        self._check_durability()
         for name, directory in self.stage_dirs.items():
             if overlap(self.output_dir, directory) in ("is", "lies inside"):
                 raise bad_value(
@@ -442,6 +473,17 @@ class Pipeline:
             if base.repair_fragment is not None:
                 validate_config([*self.repair.configs, base.repair_fragment])
         validate_config([self.evaluation])
+
+    def _check_durability(self) -> None:
+        d = self.durability
+        if d is None:
+            return
+        check_checkpoints(d.checkpoints)
+        if d.alpha not in self.alphas:
+            raise bad_value("durability.alpha", d.alpha, f"one of repair.alphas {self.alphas}")
+        unknown = [m for m in d.methods if m not in self.repair.methods]
+        if unknown:
+            raise bad_value("durability.methods", unknown, f"repair methods from {list(self.repair.methods)}")
 
     def inputs(self) -> dict[str, Any]:
         """The run's config files, which ``output_dir`` must stay apart from."""
@@ -525,6 +567,7 @@ class Pipeline:
             row = self._stage_row(name, directory, StageOutput(Path(directory)).done_key)
             self.rows.append({**row, "reference": True})
         sweep = AdapterSweep(self.evaluation, self.finetuned)
+        self.primary_judge = type(sweep.evaluator.judge).__name__
         # Keys of results computed on the fine-tuned weights also cover those files.
         self.finetuned_files = stage_fingerprint(self.finetuned)
         key = _key(self.upstream, self.eval_text, "none", self.finetuned_files)
@@ -543,6 +586,7 @@ class Pipeline:
             result = self.results.get(
                 f"{method}_a{alpha:g}", key, lambda d, m=masks: sweep.evaluate_masked(targets, m, d)
             )
+            self.masks[(method, alpha)] = masks
             row = {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks)}
             self.rows.append({**row, **result})
 
@@ -601,6 +645,7 @@ class Pipeline:
         return {
             "model.init_args.model_name_or_path": base_model,
             "model.init_args.adapter_path": final,
+            # Set with the model: a value linked from the config's own model would disagree.
             "data.init_args.tokenizer": base_model,
             "pruner.init_args.alpha": base.repair_alpha,
             "model.init_args.output_dir": str(directory),
@@ -608,17 +653,80 @@ class Pipeline:
             **QUIET,
         }
 
-    # ------------------------------------------------------------------ 6. report
+    # ------------------------------------------------------------------ 6. durability
+    def reattack(self) -> None:
+        """Re-attacks the unrepaired model and each chosen repair (cached like any result)."""
+        d = self.durability
+        if d is None:
+            return
+        steps = [str(c) for c in check_checkpoints(d.checkpoints)]
+        scored = [self.score_keys[m] for m in d.methods]
+        key = _key(self.upstream, self.eval_text, self.finetuned_files, str(d.alpha), *steps, *scored)
+        who = ", ".join(["none", *d.methods])
+        self.console.print(f"[bold]re-attack {who} (alpha {d.alpha:g}) to step {steps[-1]}")
+        self.curves = self.results.get("reattack", key, lambda _dir: self._reattack_curves(d))
+
+    def _reattack_curves(self, d: DurabilitySpec) -> dict[str, Any]:
+        variants: dict[str, Any] = {"none": (None, None)}
+        for method in d.methods:
+            report = RepairArtifacts.read(self.out / "scores" / method).report
+            variants[variant_name(method, d.alpha)] = (self.masks[(method, d.alpha)], report)
+        stage = self.stages[-1]
+        return reattack_from_configs(
+            stage.configs, self.evaluation, self.finetuned, variants, d.checkpoints, overrides=stage.overrides
+        )
+
+    # ------------------------------------------------------------------ 7. report
+    def analyse(self) -> tuple[dict[str, Any], list[str]]:
+        """The report's analysis (JSON) and sections (markdown): FA budget, judges, masks, durability."""
+        methods = list(self.repair.methods)
+        budget, budget_md = budget_section(self.rows, methods)
+        swept = [f"{m}_a{a:g}" for m in methods for a in self.alphas]
+        names = [*(f"ref_{r}" for r in self.references), "none", *swept]
+        pairs, agreement_md = agreement_section(self.out / "results", names, self.primary_judge)
+        masks, masks_md = mask_section(self.masks, methods, self.alphas, self.out)
+        analysis = {"fa_budget": budget, "judge_agreement": pairs, "masks": masks, "reattack": self.curves}
+        sections = [budget_md, agreement_md, masks_md, durability_section(self.curves, self.out)]
+        return analysis, [s for s in sections if s]
+
+    def manifest(self) -> dict[str, Any]:
+        """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git."""
+        configs: dict[str, Any] = {"evaluation": self.evaluation}
+        seeds: dict[str, Any] = {}
+        for spec in [*self.stages, *(s for b in self.baselines for s in b.stages)]:
+            for i, config in enumerate(spec.configs):
+                configs[f"stages.{spec.name}[{i}]"] = (config, spec.overrides)
+            if spec.command == "fit":
+                cfg = validate_config(spec.configs, spec.overrides)
+                seeds[spec.name] = {
+                    "seed_everything": cfg.get("seed_everything"),
+                    "data": cfg.get("data.init_args.seed"),
+                }
+        for i, config in enumerate(self.repair.configs):
+            configs[f"repair[{i}]"] = (config, self.repair.overrides)
+        for method, fragment in self.repair.methods.items():
+            configs[f"repair.methods.{method}"] = (fragment, self.repair.args(method))
+        stage = self.stages[-1]
+        datamodules = {
+            stage.name: datamodule_from_config(stage.configs, stage.overrides),
+            "evaluation": datamodule_from_config(self.evaluation),
+        }
+        extra = {"alphas": self.alphas, "methods": list(self.repair.methods), "output_dir": self.output_dir}
+        return build_manifest(configs, datamodules, self.stage_dirs, seeds, extra)
+
     def write_report(self) -> dict[str, Any]:
-        """Writes ``report.{json,md,png}`` under ``output_dir`` and returns the report."""
+        """Writes ``report.{json,md,png}`` and ``manifest.json`` under ``output_dir``; returns the report."""
+        analysis, sections = self.analyse()
         report = {
             "rows": self.rows,
             "alphas": self.alphas,
             "methods": list(self.repair.methods),
             "stages": self.stage_dirs,
+            "analysis": analysis,
             **self.times.summary(),
         }
-        write_report(report, self.out)
+        write_manifest(self.manifest(), self.out)
+        write_report(report, self.out, sections)
         self.console.print(
             f"[green]report written to {self.out / 'report.md'} ({report['seconds_total']:.0f} s)"
         )
@@ -633,14 +741,16 @@ def run_pipeline(
     references: list[str] | None = None,
     force: bool = False,
     baselines: list[BaselineSpec] | None = None,
+    durability: DurabilitySpec | None = None,
 ) -> dict[str, Any]:
     """Runs the whole experiment and writes the report: ``Pipeline(...).run()``; see :class:`Pipeline`."""
-    return Pipeline(stages, repair, evaluation, output_dir, references, force, baselines).run()
+    return Pipeline(stages, repair, evaluation, output_dir, references, force, baselines, durability).run()
 
 
 __all__ = [
     "AdapterSweep",
     "BaselineSpec",
+    "DurabilitySpec",
     "Pipeline",
     "RepairSpec",
     "StageSpec",

@@ -6,19 +6,13 @@ Written by :class:`antidote_pl.pipeline.Pipeline`; :mod:`antidote_pl.seeds` aggr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from antidote_pl.analysis.tables import format_rate
 from antidote_pl.eval.intervals import rate_interval
 from antidote_pl.utils.io import atomic_file, atomic_write_json, atomic_write_text
-
-
-def _fmt(value: float | None, n: int | None = None) -> str:
-    """A rate in percent, with its Wilson 95% interval when the count ``n`` behind it is known."""
-    if value is None:
-        return "n/a"
-    ci = rate_interval(value, n)
-    return f"{value:.1f}" if ci is None else f"{value:.1f} ({ci[0]:.1f}-{ci[1]:.1f})"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -36,9 +30,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         removed = "-" if r.get("removed_fraction") is None else f"{100 * r['removed_fraction']:.1f}"
         n_hs, n_fa = r.get("n_harmful_score", 0), r.get("n_finetune_accuracy", 0)
         lines.append(
-            f"| {r['method']} | {alpha} | {removed} | {_fmt(r.get('harmful_score'), n_hs)} | "
-            + "".join(f"{_fmt(r.get(f'harmful_score/{name}'), n_hs)} | " for name in extra)
-            + f"{_fmt(r.get('finetune_accuracy'), n_fa)} | {_fmt(r.get('coherent_rate'), n_hs)} | "
+            f"| {r['method']} | {alpha} | {removed} | {format_rate(r.get('harmful_score'), n_hs)} | "
+            + "".join(f"{format_rate(r.get(f'harmful_score/{name}'), n_hs)} | " for name in extra)
+            + f"{format_rate(r.get('finetune_accuracy'), n_fa)} | "
+            + f"{format_rate(r.get('coherent_rate'), n_hs)} | "
             f"{n_hs} | {n_fa} |"
         )
     return "\n".join(lines) + "\n"
@@ -73,11 +68,12 @@ HEADER = (
 )
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    """Writes ``report.json``, ``report.md`` and ``report.png`` atomically."""
+def write_report(report: dict[str, Any], out: Path, sections: Sequence[str] = ()) -> None:
+    """Writes ``report.json``, ``report.md`` (the table, then ``sections``) and ``report.png`` atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", HEADER + report_markdown(report))
+    body = report_markdown(report) + "".join(f"\n{section}" for section in sections)
+    atomic_write_text(out / "report.md", HEADER + body)
     plot_report(report, out / "report.png")
 
 

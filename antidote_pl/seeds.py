@@ -115,6 +115,7 @@ def run_seeds(
     references: list[str] | None = None,
     force: bool = False,
     baselines=None,
+    durability=None,
 ) -> dict[str, Any]:
     """Runs the pipeline once per seed (``<output_dir>/seed<N>``) and writes the aggregate report.
 
@@ -127,6 +128,7 @@ def run_seeds(
         references: Likewise.
         force: Likewise (applies to every seed).
         baselines: Likewise.
+        durability: Likewise (the same re-attack for every seed).
 
     Returns:
         The aggregate report (also in ``<output_dir>/report.json``).
@@ -152,7 +154,14 @@ def run_seeds(
                 _reuse_shared_results(out / f"seed{seeds[0]}", out / f"seed{seed}", shared)
             s_stages, s_repair, s_baselines = seeded_specs(seed, stages, repair, baselines)
             reports[seed] = run_pipeline(
-                s_stages, s_repair, evaluation, str(out / f"seed{seed}"), references, force, s_baselines
+                s_stages,
+                s_repair,
+                evaluation,
+                str(out / f"seed{seed}"),
+                references,
+                force,
+                s_baselines,
+                durability,
             )
             # Rewritten after every seed: an interrupted run still leaves the seeds it finished.
             write_aggregate_report(aggregate(reports, shared_stages=shared), out)

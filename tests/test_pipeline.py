@@ -10,6 +10,7 @@ import yaml
 from conftest import REPO
 
 from antidote_pl.errors import ConfigError
+from antidote_pl.manifest import read_manifest
 from antidote_pl.pipeline import StageSpec, run_pipeline
 from antidote_pl.pruning.artifacts import RepairArtifacts, alpha_key
 
@@ -21,6 +22,9 @@ def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
     eval_cfg = yaml.safe_load((REPO / "configs/tiny/eval.yaml").read_text())
     eval_cfg["data"]["init_args"]["harmful"]["init_args"]["limit"] = 60
     eval_cfg["data"]["init_args"]["task"]["init_args"]["limit"] = 60
+    # 40 test questions, then 20 validation questions (the FA budget's alpha choice).
+    eval_cfg["data"]["init_args"]["task_limit"] = 40
+    eval_cfg["data"]["init_args"]["fa_validation_size"] = 20
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
     cfg = {
         "output_dir": "outputs/tiny/pipeline",
@@ -55,6 +59,7 @@ def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
             },
         },
         "evaluation": str(tmp_path / "eval.yaml"),
+        "durability": {"checkpoints": [0, 2], "alpha": 0.2, "methods": ["random"]},
         "baselines": [
             {
                 "name": "vaccine",
@@ -106,6 +111,32 @@ def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
     return str(path)
 
 
+def check_analysis(report, markdown, out) -> None:
+    """The report's analysis sections: FA budget, judge agreement, masks, re-attack, manifest."""
+    analysis = report["analysis"]
+    budget = {(b["method"], b["fa_budget"]) for b in analysis["fa_budget"]}
+    assert budget == {(m, f) for m in ("wanda", "random") for f in (2.0, 5.0)}
+    # The tiny world's judge and the keyword judge (extra_judges) both judged every prompt.
+    assert len(analysis["judge_agreement"]) == 1 and analysis["judge_agreement"][0]["n"] > 0
+    assert analysis["masks"]["alpha"] == 0.2
+    # Every method at the focus alpha, and the first method across the sweep.
+    first = report["methods"][0]
+    assert set(analysis["masks"]["jaccard"]) == {"wanda a0.2", "random a0.2", f"{first} a0.05"}
+    assert (out / "mask_heatmap_wanda_a0.2.png").stat().st_size > 0
+    curves = analysis["reattack"]
+    assert list(curves) == ["none", "random a0.2"]
+    assert [p["step"] for p in curves["random a0.2"]] == [0, 2]
+    # At step 0 the re-attacked repair is the repair itself: the sweep's figure.
+    swept = next(r for r in report["rows"] if r["method"] == "random" and r["alpha"] == 0.2)
+    assert curves["random a0.2"][0]["harmful_score"] == swept["harmful_score"]
+    assert (out / "reattack.png").stat().st_size > 0
+    for heading in ("HS at FA budget", "Judge agreement", "Mask analytics", "re-attack"):
+        assert heading in markdown
+    manifest = read_manifest(out)
+    assert manifest["configs"]["evaluation"]["sha256"] and manifest["seeds"]["finetuned"]
+    assert set(manifest["data"]) == {"finetuned", "evaluation"}
+
+
 @pytest.fixture
 def in_tmp(tmp_path):
     cwd = os.getcwd()
@@ -130,9 +161,12 @@ def test_pipeline_report_reuse_and_force(in_tmp):
     combined = json.loads((in_tmp / "outputs/tiny/pipeline/combined/vaccine+wanda/mask.json").read_text())
     assert combined["alpha"] == 0.1 and combined["method"] == "wanda"
     for r in report["rows"]:
-        assert r["n_harmful_score"] == 60 and r["n_finetune_accuracy"] == 60
+        assert r["n_harmful_score"] == 60 and r["n_finetune_accuracy"] == 40
+        assert r["n_finetune_accuracy_val"] == 20
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
-    assert "| wanda | 0.2 |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| wanda | 0.2 |" in markdown
+    check_analysis(report, markdown, out)
     gens = (out / "results" / "wanda_a0.2" / "generations.jsonl").read_text().splitlines()
     assert len(gens) == 120 and {"response", "verdict"} <= set(json.loads(gens[0]))
     # Removing more weights removes at least as many: realised fractions grow with alpha.

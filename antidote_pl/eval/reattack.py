@@ -258,15 +258,18 @@ def reattack_curve(
     return evaluate_snapshots(evaluator, eval_datamodule, snapshots, eval_trainer)
 
 
-def _from_config(config: str, overrides: Sequence[str]):
-    """Model, data and trainer of a config, built through the CLI without running it."""
+def _from_config(config: str | Sequence[str], overrides: Sequence[str]):
+    """Model, data and trainer of a config (one file or several composed in order), built through
+    the CLI without running it."""
+    files = [config] if isinstance(config, str | Path) else list(config)
+    args = [a for f in files for a in ("--config", str(f))]
     # No SaveConfigCallback: a run that writes no stage must not drop a config.yaml into the cwd.
-    cli = AntidoteCLI(args=["--config", str(config), *overrides], run=False, save_config_callback=None)
+    cli = AntidoteCLI(args=[*args, *overrides], run=False, save_config_callback=None)
     return cli.model, cli.datamodule, cli.trainer
 
 
 def reattack_from_configs(
-    finetune_config: str,
+    finetune_config: str | Sequence[str],
     evaluation_config: str,
     stage: str,
     variants: Mapping[str, tuple[Masks | None, Mapping[str, Any] | None]],
@@ -281,7 +284,8 @@ def reattack_from_configs(
     ``max(checkpoints)`` steps, writing nothing (``output_dir`` null, no logger or checkpoints).
 
     Args:
-        finetune_config: The harmful fine-tuning stage's config (e.g. ``configs/tiny/finetune.yaml``).
+        finetune_config: The harmful fine-tuning stage's config (e.g. ``configs/tiny/finetune.yaml``),
+            or its config files in composition order.
         evaluation_config: The evaluation config (``StageEvaluator`` + ``EvalDataModule``).
         stage: The fine-tuned stage directory (the adapter the repair was computed on).
         variants: Name -> ``(masks, mask_report)``; ``(None, None)`` is the unrepaired model, e.g.
@@ -304,7 +308,10 @@ def reattack_from_configs(
             *eval_overrides,
         ],
     )
+    # The stage's own overrides come first: the re-attack's settings (above all output_dir null,
+    # so the fine-tuned stage is never overwritten) must win over them.
     train_args = [
+        *overrides,
         f"--model.init_args.adapter_path={stage}",
         "--model.init_args.output_dir=null",
         f"--trainer.max_steps={steps[-1]}",
@@ -312,7 +319,6 @@ def reattack_from_configs(
         "--trainer.logger=false",
         "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
-        *overrides,
     ]
     curves = {}
     for name, (masks, report) in variants.items():

@@ -1,0 +1,98 @@
+"""The pipeline report's analysis sections, computed from what the sweep already produced.
+
+Each function takes the run's rows, masks or result directories and returns the structured data
+for ``report.json`` and a markdown section for ``report.md``; nothing is retrained or re-scored:
+
+* :func:`budget_section`: HS at an FA budget of 2 and 5 points, alpha chosen on the validation
+  split of the task questions (:mod:`antidote_pl.eval.budget`), when the evaluation has one;
+* :func:`agreement_section`: pairwise agreement of every judge over all evaluated variants, with
+  the coherent rate beside each HS (:mod:`antidote_pl.eval.agreement`);
+* :func:`mask_section`: overlap of the removed sets across methods and alphas, and a heat map per
+  method (:mod:`antidote_pl.analysis.masks`);
+* :func:`durability_section`: the re-attack curves (:mod:`antidote_pl.eval.reattack`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from antidote_pl.analysis.masks import jaccard_matrix, mask_analytics_markdown
+from antidote_pl.eval.agreement import (
+    agreement_markdown,
+    judge_verdicts,
+    pairwise_agreement,
+    read_generations,
+)
+from antidote_pl.eval.budget import DEFAULT_BUDGETS, budget_markdown, budget_rows
+from antidote_pl.eval.reattack import reattack_markdown, write_reattack_plot
+
+Masks = Mapping[str, torch.Tensor]
+#: The report's heat maps and cross-method overlaps use this alpha when the sweep has it.
+PREFERRED_ALPHA = 0.1
+
+
+def focus_alpha(alphas: Sequence[float]) -> float:
+    """The alpha the report compares methods at: 0.1 when swept (the paper's default), else the
+    middle of the sweep."""
+    ordered = sorted(alphas)
+    return PREFERRED_ALPHA if PREFERRED_ALPHA in ordered else ordered[len(ordered) // 2]
+
+
+def variant_name(method: str, alpha: float) -> str:
+    """How a (method, alpha) is named in the analysis tables (also ``results/<method>_a<alpha>``)."""
+    return f"{method} a{alpha:g}"
+
+
+def budget_section(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> tuple[list | None, str]:
+    """HS at an FA budget per method, or ``(None, "")`` when the rows carry no validation FA."""
+    if not any(r.get("finetune_accuracy_val") is not None for r in rows if r.get("method") == "none"):
+        return None, ""
+    return budget_rows(rows, DEFAULT_BUDGETS, methods), budget_markdown(rows, DEFAULT_BUDGETS, methods)
+
+
+def agreement_section(results_dir: Path, names: Sequence[str], primary: str) -> tuple[list, str]:
+    """Judge agreement pooled over the generations of the variants ``names`` (``results/<name>``).
+
+    Variants without a ``generations.jsonl`` (an evaluation that wrote none) are skipped.
+    """
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        path = results_dir / name / "generations.jsonl"
+        if path.is_file():
+            rows += read_generations(path)
+    if not rows:
+        return [], ""
+    pairs = pairwise_agreement(judge_verdicts(rows, primary))
+    return pairs, agreement_markdown(rows, primary)
+
+
+def mask_section(
+    masks: Mapping[tuple[str, float], Masks], methods: Sequence[str], alphas: Sequence[float], out: Path
+) -> tuple[dict[str, Any], str]:
+    """Overlaps of every method at the focus alpha and of the first method across alphas.
+
+    Heat maps (one PNG per method at the focus alpha) are written into ``out``.
+    """
+    alpha = focus_alpha(alphas)
+    chosen = {variant_name(m, alpha): masks[(m, alpha)] for m in methods if (m, alpha) in masks}
+    heatmaps = list(chosen)
+    first = methods[0]
+    for a in sorted(alphas):
+        if (first, a) in masks:
+            chosen.setdefault(variant_name(first, a), masks[(first, a)])
+    if not chosen:
+        return {}, ""
+    markdown = mask_analytics_markdown(chosen, out, heatmaps=heatmaps)
+    return {"alpha": alpha, "jaccard": jaccard_matrix(chosen)}, markdown
+
+
+def durability_section(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: Path) -> str:
+    """The re-attack table and plot (``reattack.png`` in ``out``)."""
+    if not curves:
+        return ""
+    write_reattack_plot(curves, out / "reattack.png")
+    return reattack_markdown(curves) + "\n![re-attack](reattack.png)\n"
