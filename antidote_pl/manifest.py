@@ -35,13 +35,13 @@ import torch
 
 from antidote_pl.cli import AntidoteCLI
 from antidote_pl.data.datamodules import HarmfulFinetuneDataModule
-from antidote_pl.data.records import Record, Source, fingerprint_records
+from antidote_pl.data.records import Record, Source, data_input_paths, fingerprint_records
 from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.eval.evaluator import EvalDataModule
 from antidote_pl.models.loading import read_stage_metadata
 from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.hashing import directory_fingerprint, file_identity
-from antidote_pl.utils.io import atomic_write_json, data_input_paths
+from antidote_pl.utils.io import atomic_write_json
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1

@@ -26,10 +26,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from antidote_pl.data.records import Source
+from antidote_pl.data.records import Source, source_paths
 from antidote_pl.data.templates import get_template, render
 from antidote_pl.errors import ConfigError, bad_value, check_int
-from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir, source_paths
+from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 #: Special tokens in id order (``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2); random-init model

@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 from antidote_pl.errors import ConfigError
@@ -132,3 +133,43 @@ def fingerprint_records(records: list[Record]) -> str:
     for r in records:
         h.update(json.dumps(r, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+# Input paths, for the output-safety checks (an output must not overwrite an input).
+def source_paths(field: str, value: Any) -> dict[str, Any]:
+    """Local file paths of a record source or a list of sources, ``field -> paths``, for input checks.
+
+    Takes the ``path`` and ``data_files`` of each :class:`~antidote_pl.data.records.Source`; anything
+    else in ``value`` is ignored.
+    """
+
+    items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
+    found: dict[str, Any] = {}
+    for i, source in items:
+        if not isinstance(source, Source):
+            continue
+        where = field if i is None else f"{field}[{i}]"
+        for attr in ("path", "data_files"):
+            files = _flatten(getattr(source, attr, None))
+            if files:
+                found[f"{where}.{attr}"] = files if len(files) > 1 else files[0]
+    return found
+
+
+def data_input_paths(datamodule: Any) -> dict[str, Any]:
+    """Local file paths of a DataModule's record sources (its attributes), ``field -> paths``."""
+    found: dict[str, Any] = {}
+    for name, value in vars(datamodule).items():
+        found.update(source_paths(f"data.{name}", value))
+    return found
+
+
+def _flatten(value: Any) -> list[Any]:
+    """A path, a list of paths or a split -> path(s) mapping as one flat list."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [p for v in value for p in _flatten(v)]
+    return [value]

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from antidote_pl.data.records import Record, Source, fingerprint_records, source_from_spec
+from antidote_pl.data.records import Record, Source, fingerprint_records, source_from_spec, source_paths
 from antidote_pl.errors import ConfigError
 from antidote_pl.models.loading import REALIGNMENT_WINDOW_KEY, STAGE_FILE, read_stage_metadata
-from antidote_pl.utils.io import source_paths
 
 WINDOW_VERSION = 1
 #: The record sets of a window and the data module source each is drawn from.

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from antidote_pl.data.records import Record, Source, fingerprint_records
+from antidote_pl.data.records import Record, Source, data_input_paths, fingerprint_records
 from antidote_pl.data.templates import get_template, render_prompt
 from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.eval.generation import gather_objects, generate, write_generations_jsonl
@@ -32,7 +32,6 @@ from antidote_pl.utils.io import (
     atomic_write_json,
     check_apart_from_inputs,
     claim_output_dir,
-    data_input_paths,
     writable_dir,
 )
 

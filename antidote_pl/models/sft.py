@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from antidote_pl.data.records import data_input_paths
 from antidote_pl.defenses.base import Defense
 from antidote_pl.errors import bad_value, check_choice
 from antidote_pl.models.gguf import gguf_source
@@ -47,7 +48,6 @@ from antidote_pl.utils.io import (
     atomic_write_json,
     check_apart_from_inputs,
     claim_output_dir,
-    data_input_paths,
     real_path,
 )
 

@@ -31,7 +31,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from antidote_pl.data.records import Source
 from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.utils.files import looks_local
 
@@ -535,42 +534,3 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def source_paths(field: str, value: Any) -> dict[str, Any]:
-    """Local file paths of a record source or a list of sources, ``field -> paths``, for input checks.
-
-    Takes the ``path`` and ``data_files`` of each :class:`~antidote_pl.data.records.Source`; anything
-    else in ``value`` is ignored.
-    """
-
-    items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
-    found: dict[str, Any] = {}
-    for i, source in items:
-        if not isinstance(source, Source):
-            continue
-        where = field if i is None else f"{field}[{i}]"
-        for attr in ("path", "data_files"):
-            files = _flatten(getattr(source, attr, None))
-            if files:
-                found[f"{where}.{attr}"] = files if len(files) > 1 else files[0]
-    return found
-
-
-def data_input_paths(datamodule: Any) -> dict[str, Any]:
-    """Local file paths of a DataModule's record sources (its attributes), ``field -> paths``."""
-    found: dict[str, Any] = {}
-    for name, value in vars(datamodule).items():
-        found.update(source_paths(f"data.{name}", value))
-    return found
-
-
-def _flatten(value: Any) -> list[Any]:
-    """A path, a list of paths or a split -> path(s) mapping as one flat list."""
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return [p for v in value for p in _flatten(v)]
-    return [value]
