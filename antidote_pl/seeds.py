@@ -153,16 +153,9 @@ def run_seeds(
             if reports and not force:
                 _reuse_shared_results(out / f"seed{seeds[0]}", out / f"seed{seed}", shared)
             s_stages, s_repair, s_baselines = seeded_specs(seed, stages, repair, baselines)
-            reports[seed] = run_pipeline(
-                s_stages,
-                s_repair,
-                evaluation,
-                str(out / f"seed{seed}"),
-                references,
-                force,
-                s_baselines,
-                durability,
-            )
+            run_dir = str(out / f"seed{seed}")
+            run = (s_stages, s_repair, evaluation, run_dir, references, force, s_baselines, durability)
+            reports[seed] = run_pipeline(*run)
             # Rewritten after every seed: an interrupted run still leaves the seeds it finished.
             write_aggregate_report(aggregate(reports, shared_stages=shared), out)
     finally:

@@ -690,21 +690,12 @@ def train_judge(
     preds = {"lm_judge": lm_pred, **_other_judges(questions, answers, labels, test, heldout_fraction, seed)}
     majority = bool(gold[train | val].float().mean() >= 0.5)
     source = torch.tensor([k for k, f in enumerate(files) for _ in f["labels"]])
+    parts = {"train": train, "validation": val, "heldout": test}
+    split = {"heldout_fraction": heldout_fraction, "val_fraction": val_fraction, "seed": seed}
     report = {
         "heldout": _heldout_agreement(preds, gold[test], source[test], files, majority),
         "validation": {k: v for k, v in selection.items() if k != "grid"},
-        "split": {
-            "by": "question",
-            "heldout_fraction": heldout_fraction,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            **_split_sizes(questions, {"train": train, "validation": val, "heldout": test}),
-        },
-        "data": [
-            {k: f[k] for k in ("path", "sha256", "rows_in_file")} | {"rows_used": len(f["rows"])}
-            for f in files
-        ],
-        "limit_per_file": limit_per_file,
+        **_data_report(files, questions, parts, split, limit_per_file),
         "seconds": {
             "features": round(feature_seconds, 1),
             "features_from_cache": from_cache,
@@ -712,23 +703,52 @@ def train_judge(
             "total": round(time.time() - started, 1),
         },
     }
-    meta = {
+    meta = _judge_meta(featurizer, identity, head, threshold, selection) | {"agreement": report}
+    _save_judge(out, head, meta, report, overwrite=overwrite, inputs=inputs, lock=lock)
+    return report
+
+
+def _data_report(
+    files: list[dict[str, Any]],
+    questions: list[str],
+    parts: dict[str, torch.Tensor],
+    split: dict[str, Any],
+    limit_per_file: int | None,
+) -> dict[str, Any]:
+    """The split (by question, with its sizes) and the data files behind the figures."""
+    return {
+        "split": {"by": "question", **split, **_split_sizes(questions, parts)},
+        "data": [
+            {k: f[k] for k in ("path", "sha256", "rows_in_file")} | {"rows_used": len(f["rows"])}
+            for f in files
+        ],
+        "limit_per_file": limit_per_file,
+    }
+
+
+def _judge_meta(
+    featurizer: PairFeaturizer, identity: dict[str, Any], head: LinearHead, threshold: float, selection: dict
+) -> dict[str, Any]:
+    """What :class:`LMJudge` needs to load the head and check its backbone."""
+    return {
         "kind": "LMJudge",
         "settings": featurizer.settings,
-        "backbone": {"spec": backbone, "sha256": identity["sha256"]},
+        "backbone": {"spec": featurizer.backbone, "sha256": identity["sha256"]},
         "head": {"layer_index": head.layer_index, "layers": [featurizer.layers[k] for k in head.layer_index]},
         "threshold": threshold,
         "feature_version": FEATURE_VERSION,
-        "agreement": report,
         "validation_grid": selection["grid"],
     }
+
+
+def _save_judge(out, head: LinearHead, meta: dict, report: dict, *, overwrite, inputs, lock) -> None:
+    """Head weights, metadata and agreement figures, written together or not at all."""
     with atomic_dir(
         out, field="out", overwrite=overwrite, flag="--overwrite", kind="judge", inputs=inputs, lock=lock
     ) as tmp:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         atomic_write_json(tmp / META_FILE, meta)
         atomic_write_json(tmp / AGREEMENT_FILE, report)
-    return report
 
 
 def _all_features(
