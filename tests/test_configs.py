@@ -21,6 +21,8 @@ from antidote_pl.cli import _ValidatingCLI, main
 CONFIGS_DIR = REPO / "configs"
 ALL = sorted(CONFIGS_DIR.rglob("*.yaml"))
 PIPELINES = [p for p in ALL if p.name.startswith("pipeline")]
+# Fragments of a world's pipeline.yaml (e.g. its multi-seed variant), parsed composed over it.
+PIPELINE_FRAGMENTS = [p for p in ALL if p.stem == "seeds"]
 TOKENIZERS = [p for p in ALL if p.name.startswith("tokenizer")]
 # Source specs (class_path/init_args of one record source), referenced by path from stage configs.
 SOURCE_FRAGMENTS = sorted((CONFIGS_DIR / "paper" / "fragments" / "data").glob("*.yaml"))
@@ -54,7 +56,7 @@ def bases_of(path: Path) -> list[Path]:
     raise ValueError(f"{path}: not a stage config, pipeline, tokenizer config or known fragment")
 
 
-KINDS = [p for p in ALL if p not in PIPELINES + TOKENIZERS + SOURCE_FRAGMENTS]
+KINDS = [p for p in ALL if p not in PIPELINES + PIPELINE_FRAGMENTS + TOKENIZERS + SOURCE_FRAGMENTS]
 CONFIGS = [p for p in KINDS if not bases_of(p)]
 COMPOSED = [(base, p) for p in KINDS for base in bases_of(p)]
 
@@ -190,12 +192,15 @@ def test_tokenizer_is_stated_once():
     assert resolve(CONFIGS_DIR / "tiny/pretrain.yaml")["data"]["init_args"]["tokenizer"] == "tiny-world"
 
 
-@pytest.mark.parametrize("config", PIPELINES, ids=rel)
-def test_pipeline_config_parses(config):
+PIPELINE_CASES = [[p] for p in PIPELINES] + [[p.parent / "pipeline.yaml", p] for p in PIPELINE_FRAGMENTS]
+
+
+@pytest.mark.parametrize("configs", PIPELINE_CASES, ids=lambda c: "+".join(rel(p) for p in c))
+def test_pipeline_config_parses(configs):
     from antidote_pl.experiment import build_parser
 
     parser = build_parser()
-    cfg = parser.parse_args(["--config", str(config)])
+    cfg = parser.parse_args([a for c in configs for a in ("--config", str(c))])
     built = parser.instantiate_classes(cfg)
     stages = list(built.stages) + [s for b in built.baselines or [] for s in b.stages]
     for stage in stages:
