@@ -12,7 +12,7 @@ from typing import Any
 
 from antidote_pl.analysis.tables import format_rate
 from antidote_pl.eval.intervals import rate_interval
-from antidote_pl.utils.io import atomic_file, atomic_write_json, atomic_write_text
+from antidote_pl.utils.io import atomic_write_json, atomic_write_text, save_png
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -92,10 +92,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax.set_title("Repair trade-off per method (from the unrepaired model); bars: Wilson 95%")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plot_sweeps(ax, report: dict[str, Any]) -> None:

@@ -40,11 +40,11 @@ from antidote_pl.pipeline import run_inputs, run_pipeline
 from antidote_pl.pipeline_report import extra_judge_names
 from antidote_pl.utils.io import (
     OUTPUT_MARKER,
-    atomic_file,
     atomic_write_json,
     atomic_write_text,
     claim_output_dir,
     mark_output_dir,
+    save_png,
 )
 
 PLACEHOLDER = "{seed}"
@@ -364,11 +364,7 @@ def plot_aggregate(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Alpha sweep per method, {spread}; seeds {seeds}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    # Rendered beside the target, then renamed: a reader never sees half a PNG.
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plot_sweeps(ax, report: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from antidote_pl.analysis.tables import markdown_table
 from antidote_pl.errors import ConfigError, bad_value
-from antidote_pl.utils.io import atomic_file
+from antidote_pl.utils.io import save_png
 
 Masks = Mapping[str, torch.Tensor]
 
@@ -268,10 +268,7 @@ def write_heatmap(masks: Masks, path: str | Path, title: str | None = None) -> N
     ax.set_ylabel("layer")
     ax.set_title(title or "removed fraction per layer and module")
     fig.colorbar(image, ax=ax, label="removed %")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def _file_stem(name: str) -> str:

@@ -41,7 +41,7 @@ from antidote_pl.cli import AntidoteCLI
 from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.pruning.apply import apply_target_masks_
 from antidote_pl.pruning.targets import find_targets
-from antidote_pl.utils.io import atomic_file
+from antidote_pl.utils.io import save_png
 
 Masks = Mapping[str, torch.Tensor]
 #: Trainer settings used when the caller gives none: one device, nothing written, no bars.
@@ -372,7 +372,4 @@ def write_reattack_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path:
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -534,3 +534,17 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_png(fig: Any, path: PathLike, dpi: int = 120) -> None:
+    """Lays out and saves a matplotlib figure as a PNG, atomically, then closes it.
+
+    Rendered beside the target and renamed, so a reader never sees half a PNG; closing frees the
+    figure (pyplot keeps every open figure alive otherwise).
+    """
+    import matplotlib.pyplot as plt  # heavy and optional: only report writers need it
+
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
