@@ -39,8 +39,7 @@ import torch
 import yaml
 
 from antidote_pl.cli import build_cli, run_fit, validate_config
-from antidote_pl.data.bpe import build_parser as tokenizer_parser
-from antidote_pl.data.bpe import main as tokenizer_main
+from antidote_pl.data.bpe import parse_tokenizer_config, run_tokenizer
 from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.eval.reattack import check_checkpoints, reattack_from_configs
 from antidote_pl.manifest import build_manifest, datamodule_from_config, write_manifest
@@ -244,22 +243,17 @@ def _stage_output_dir(spec: StageSpec, field: str) -> str:
     return out
 
 
-def _tokenizer_args(spec: StageSpec) -> list[str]:
-    # The tokenizer command (antidote_pl.data.bpe) takes command-line arguments only.
-    return [*(a for c in spec.configs for a in ("--config", c)), *spec.overrides]
-
-
 def _run_command(spec: StageSpec) -> None:
-    """Runs one training stage through the Python API (a tokenizer stage through its command)."""
+    """Runs one training stage through the Python API."""
     if spec.command == "tokenizer":
-        tokenizer_main([*_tokenizer_args(spec), "--overwrite=true"])
+        run_tokenizer(spec.configs, spec.overrides, {"overwrite": True})
     else:
         run_fit(spec.configs, OVERWRITE, args=spec.overrides)
 
 
 def _validate_stage(spec: StageSpec) -> None:
     if spec.command == "tokenizer":
-        tokenizer_parser().parse_args(_tokenizer_args(spec))
+        parse_tokenizer_config(spec.configs, spec.overrides)
     else:
         validate_config(spec.configs, spec.overrides)
 

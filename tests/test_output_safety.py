@@ -487,10 +487,10 @@ def test_pipeline_passes_overwrite_to_its_own_stages(monkeypatch):
 
     calls = []
     monkeypatch.setattr(pipeline, "run_fit", lambda configs, values, args: calls.append((values, args)))
-    monkeypatch.setattr(pipeline, "tokenizer_main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(pipeline, "run_tokenizer", lambda *a: calls.append(a))
     pipeline._run_command(StageSpec("a", "a.yaml", ["--trainer.max_steps=1"]))
     pipeline._run_command(StageSpec("t", "t.yaml", command="tokenizer"))
     assert calls == [
         ({"model.init_args.overwrite": True}, ["--trainer.max_steps=1"]),
-        ["--config", "t.yaml", "--overwrite=true"],
+        (["t.yaml"], [], {"overwrite": True}),
     ]

@@ -270,7 +270,35 @@ def build_parser():
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m antidote_pl tokenizer --config configs/offline/tokenizer.yaml``."""
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    return _build_from(parser, parser.parse_args(argv))
+
+
+def run_tokenizer(
+    configs: Sequence[str], args: Sequence[str] = (), overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Trains a tokenizer from config files, as the command would, from Python.
+
+    Args:
+        configs: Tokenizer config files, composed in order (like repeated ``--config``).
+        args: Command-line style overrides from a user's config (e.g. a pipeline stage's list).
+        overrides: Key -> value, set last (e.g. ``{"overwrite": True}``); Python values.
+
+    Returns:
+        The build record (vocabulary size, records, characters, ...).
+    """
+    parser = build_parser()
+    cfg = parser.parse_args([*(a for c in configs for a in ("--config", str(c))), *args])
+    for key, value in (overrides or {}).items():
+        cfg[key] = value
+    return _build_from(parser, parser.parse_object(cfg))
+
+
+def parse_tokenizer_config(configs: Sequence[str], args: Sequence[str] = ()) -> Any:
+    """Parses tokenizer config files and overrides without building anything (for validation)."""
+    return build_parser().parse_args([*(a for c in configs for a in ("--config", str(c))), *args])
+
+
+def _build_from(parser, cfg) -> dict[str, Any]:
     if (cfg.sources is None) == (cfg.corpus_config is None):
         raise ConfigError(
             "exactly one of sources and corpus_config must be set, got "
