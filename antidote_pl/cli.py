@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from antidote_pl.errors import ConfigError, bad_value, run_entry_point
@@ -50,8 +50,6 @@ class AntidoteCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # A named slot for the pruning callback: swapping it is one extra --config with a `pruner:`
         # key, and it never collides with infrastructure callbacks in trainer.callbacks.
-        from lightning.pytorch.callbacks import Callback
-
         parser.add_lightning_class_args(Callback, "pruner", subclass_mode=True, required=False)
         link_model_to_data(parser)
         add_run_names(parser)

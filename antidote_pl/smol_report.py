@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from antidote_pl.seeds import _COUNT, _cell, aggregate_markdown, wilson_interval, write_aggregate_report
 from antidote_pl.utils.io import atomic_write_text
 
@@ -263,7 +265,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default="docs/smol_report_notes.md", help="appended if it exists")
     parser.add_argument("--config", default="configs/smol/pipeline.yaml", help="for the configured seeds")
     args = parser.parse_args(argv)
-    import yaml
 
     config = Path(args.config)
     configured = (yaml.safe_load(config.read_text()) or {}).get("seeds") if config.is_file() else None

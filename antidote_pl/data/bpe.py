@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from antidote_pl.data.records import Source, source_paths
 from antidote_pl.data.templates import get_template, render
 from antidote_pl.errors import ConfigError, bad_value, check_int
@@ -232,7 +234,6 @@ def corpus_from_config(path: str, field: str = "corpus_config") -> tuple[list[di
     Raises:
         ConfigError: when the file is missing or has no ``data.init_args.sources`` list.
     """
-    import yaml
 
     file = Path(path)
     if not file.is_file():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.eval.generation import generate
@@ -153,7 +154,6 @@ def load_refusal_file(path: str | Path) -> tuple[list[str], list[str], bool]:
     Raises:
         ConfigError: if the file is missing or not of that form.
     """
-    import yaml
 
     p = Path(path).expanduser()
     if not p.is_file():
