@@ -42,7 +42,7 @@ from antidote_pl.cli import build_cli, run_fit, validate_config
 from antidote_pl.data.bpe import parse_tokenizer_config, run_tokenizer
 from antidote_pl.errors import ConfigError, bad_value, check_choice
 from antidote_pl.eval.reattack import check_checkpoints, reattack_from_configs
-from antidote_pl.manifest import build_manifest, datamodule_from_config, write_manifest
+from antidote_pl.manifest import build_manifest, datamodule_from_config, file_entries, write_manifest
 from antidote_pl.pipeline_analysis import (
     agreement_section,
     budget_section,
@@ -705,8 +705,17 @@ class Pipeline:
             stage.name: datamodule_from_config(stage.configs, stage.overrides),
             "evaluation": datamodule_from_config(self.evaluation),
         }
-        extra = {"alphas": self.alphas, "methods": list(self.repair.methods), "output_dir": self.output_dir}
-        return build_manifest(configs, datamodules, self.stage_dirs, seeds, extra)
+        specs = [*self.stages, *(s for b in self.baselines for s in b.stages)]
+        models = {s.name: self.stage_dirs[s.name] for s in specs if s.command == "fit"}
+        # A tokenizer stage writes tokenizer files, not a model stage: its files and hashes.
+        tokenizers = {s.name: file_entries([self.stage_dirs[s.name]]) for s in specs if s.command != "fit"}
+        extra = {
+            "alphas": self.alphas,
+            "methods": list(self.repair.methods),
+            "output_dir": self.output_dir,
+            "tokenizer_stages": tokenizers,
+        }
+        return build_manifest(configs, datamodules, models, seeds, extra)
 
     def write_report(self) -> dict[str, Any]:
         """Writes ``report.{json,md,png}`` and ``manifest.json`` under ``output_dir``; returns the report."""

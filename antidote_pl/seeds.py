@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.errors import bad_value
+from antidote_pl.eval.intervals import rate_interval
 from antidote_pl.pipeline import run_inputs, run_pipeline
 from antidote_pl.pipeline_report import extra_judge_names
 from antidote_pl.utils.io import (
@@ -267,16 +268,6 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
     }
 
 
-def wilson_interval(percent: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval (in percent) of a rate measured on ``n`` items."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = percent / 100
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
-
-
 #: The item count behind each rate, for the one-seed interval.
 _COUNT = {
     "harmful_score": "n_harmful_score",
@@ -295,7 +286,7 @@ def _cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
     count = row.get(_COUNT.get(metric.split("/")[0], ""), 0)
     if not isinstance(count, int) or count <= 0 or scale != 1.0:
         return f"{scale * mean:.1f}"
-    low, high = wilson_interval(mean, count)
+    low, high = rate_interval(mean, count)
     return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
 
 
@@ -409,9 +400,10 @@ def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
             below.append(p[f"{metric}_std"] or 0.0)
             above.append(p[f"{metric}_std"] or 0.0)
         else:
-            low, high = wilson_interval(mean, count)
-            below.append(mean - low)
-            above.append(high - mean)
+            low, high = rate_interval(mean, count)
+            # Clamped: at 0 or 100 % a bound equals the value up to float rounding (e.g. -5e-15).
+            below.append(max(0.0, mean - low))
+            above.append(max(0.0, high - mean))
     return [below, above]
 
 
@@ -421,6 +413,5 @@ __all__ = [
     "check_no_placeholder",
     "run_seeds",
     "seeded_specs",
-    "wilson_interval",
     "write_aggregate_report",
 ]

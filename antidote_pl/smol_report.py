@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from antidote_pl.seeds import _COUNT, _cell, aggregate_markdown, wilson_interval, write_aggregate_report
+from antidote_pl.eval.intervals import rate_interval
+from antidote_pl.seeds import _COUNT, _cell, aggregate_markdown, write_aggregate_report
 from antidote_pl.utils.io import atomic_write_text
 
 #: Issue #11's bars for the SmolLM2 world.
@@ -48,7 +49,7 @@ def _interval(row: dict[str, Any], metric: str) -> tuple[float, float]:
     count = row.get(_COUNT[metric], 0)
     if row.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
         return (mean - row[f"{metric}_std"], mean + row[f"{metric}_std"])
-    return wilson_interval(mean, count)
+    return rate_interval(mean, count)
 
 
 def _verdict(ok: bool) -> str:

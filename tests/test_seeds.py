@@ -107,9 +107,9 @@ def test_aggregate_refuses_different_rows():
 
 
 def test_one_seed_cells_carry_a_wilson_interval(tmp_path):
-    from antidote_pl.seeds import wilson_interval
+    from antidote_pl.eval.intervals import rate_interval
 
-    low, high = wilson_interval(72.5, 80)
+    low, high = rate_interval(72.5, 80)
     assert 61.8 < low < 61.9 and 81.0 < high < 81.1
     agg = aggregate({4: fake_report([0.0, 90.0, 20.0], [0.0, 85.0, 50.0], [1.0, 30.0, 5.0])})
     write_aggregate_report(agg, tmp_path)
