@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from antidote_pl.analysis.masks import jaccard_matrix, mask_analytics_markdown
+from antidote_pl.analysis.tables import format_mean_std, markdown_table
 from antidote_pl.eval.agreement import (
     agreement_markdown,
     judge_verdicts,
@@ -96,3 +97,87 @@ def durability_section(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: P
         return ""
     write_reattack_plot(curves, out / "reattack.png")
     return reattack_markdown(curves) + "\n![re-attack](reattack.png)\n"
+
+
+# ------------------------------------------------------------------ across seeds
+def seeds_analysis_markdown(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
+    """The multi-seed report's summary of each seed's analyses: mean ± std over seeds.
+
+    Args:
+        by_seed: Seed -> that run's ``report["analysis"]`` (see :meth:`Pipeline.analyse`).
+    """
+    sections = [
+        _budget_across_seeds({s: a["fa_budget"] for s, a in by_seed.items() if a.get("fa_budget")}),
+        _overlap_across_seeds({s: a["masks"] for s, a in by_seed.items() if a.get("masks")}),
+        _reattack_across_seeds({s: a["reattack"] for s, a in by_seed.items() if a.get("reattack")}),
+    ]
+    return "".join(f"\n{s}" for s in sections if s)
+
+
+def _budget_across_seeds(by_seed: Mapping[Any, Sequence[Mapping[str, Any]]]) -> str:
+    if not by_seed:
+        return ""
+    cells: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
+    for selections in by_seed.values():
+        for sel in selections:
+            cells.setdefault((sel["fa_budget"], sel["method"]), []).append(sel)
+    body = []
+    for (budget, method), sels in cells.items():
+        chosen = [s for s in sels if s["alpha"] is not None]
+        body.append(
+            [
+                f"{budget:g}",
+                method,
+                " / ".join("-" if s["alpha"] is None else f"{s['alpha']:g}" for s in sels),
+                f"{len(chosen)} of {len(sels)}",
+                format_mean_std([s["harmful_score"] for s in chosen]),
+                format_mean_std([s["finetune_accuracy"] for s in chosen]),
+            ]
+        )
+    headers = ["FA budget", "method", "alpha per seed", "seeds with an alpha", "HS % (test)", "FA % (test)"]
+    intro = (
+        "## HS at FA budget, across seeds\n\nPer seed, the largest alpha whose validation FA stays within "
+        "the budget; HS and FA on the test questions, mean ± std over the seeds where an alpha qualifies.\n\n"
+    )
+    return intro + markdown_table(headers, body)
+
+
+def _overlap_across_seeds(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
+    if not by_seed:
+        return ""
+    first = next(iter(by_seed.values()))
+    anchor = next(iter(first["jaccard"]))
+    body = []
+    for other in [n for n in first["jaccard"][anchor] if n != anchor]:
+        values = [m["jaccard"].get(anchor, {}).get(other) for m in by_seed.values()]
+        body.append([anchor, other, format_mean_std([v for v in values if v is not None], 3), len(values)])
+    intro = (
+        f"## Mask overlap across seeds\n\nJaccard overlap of the removed sets with {anchor}, within each "
+        "seed (alpha as in each seed's mask section), mean ± std over seeds.\n\n"
+    )
+    return intro + markdown_table(["mask", "other mask", "Jaccard", "seeds"], body)
+
+
+def _reattack_across_seeds(by_seed: Mapping[Any, Mapping[str, Sequence[Mapping[str, Any]]]]) -> str:
+    if not by_seed:
+        return ""
+    points: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for curves in by_seed.values():
+        for variant, curve in curves.items():
+            for p in curve:
+                points.setdefault((variant, p["step"]), []).append(p)
+    body = [
+        [
+            variant,
+            step,
+            format_mean_std([p.get("harmful_score") for p in ps]),
+            format_mean_std([p.get("finetune_accuracy") for p in ps]),
+            len(ps),
+        ]
+        for (variant, step), ps in points.items()
+    ]
+    intro = (
+        "## Durability (re-attack), across seeds\n\nThe same harmful fine-tuning continued from each "
+        "variant; HS and FA mean ± std over seeds.\n\n"
+    )
+    return intro + markdown_table(["variant", "steps", "HS %", "FA %", "seeds"], body)

@@ -31,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import statistics
 from pathlib import Path
 from typing import Any
 
+from antidote_pl.analysis.tables import mean_std
 from antidote_pl.errors import bad_value
 from antidote_pl.eval.intervals import rate_interval
 from antidote_pl.pipeline import run_inputs, run_pipeline
+from antidote_pl.pipeline_analysis import seeds_analysis_markdown
 from antidote_pl.pipeline_report import extra_judge_names
 from antidote_pl.utils.io import (
     OUTPUT_MARKER,
@@ -211,13 +212,6 @@ def _reuse_shared_results(first: Path, target: Path, shared: list[str]) -> None:
                 atomic_write_text(dst / f.name, f.read_text(encoding="utf-8"))
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | None = None) -> dict[str, Any]:
     """Combines per-seed reports into one row per (variant, alpha) with mean and std over seeds.
 
@@ -251,7 +245,7 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
             values = [by_seed[s][key].get(m) for s in seeds]
             values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
             row[f"{m}_values"] = values
-            row[f"{m}_mean"], row[f"{m}_std"] = _mean_std(values)
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std(values)
         for n in ("n_harmful_score", "n_finetune_accuracy"):
             counts = {by_seed[s][key].get(n, 0) for s in seeds}
             row[n] = counts.pop() if len(counts) == 1 else sorted(counts)
@@ -265,6 +259,8 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
         "metrics": metrics,
         "shared_stages": list(shared_stages or []),
         "seconds_total": {s: reports[s]["seconds_total"] for s in seeds},
+        # Each seed's analyses (FA budget, judges, masks, re-attack), summarised across seeds.
+        "analysis": {s: reports[s]["analysis"] for s in seeds if reports[s].get("analysis")},
     }
 
 
@@ -332,7 +328,8 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
     """Writes ``report.json``, ``report.md`` and ``report.png`` (HS against FA, error bars) atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", _aggregate_header(report, title) + aggregate_markdown(report))
+    body = aggregate_markdown(report) + seeds_analysis_markdown(report.get("analysis") or {})
+    atomic_write_text(out / "report.md", _aggregate_header(report, title) + body)
     plot_aggregate(report, out / "report.png")
 
 

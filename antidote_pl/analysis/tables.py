@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 from antidote_pl.eval.intervals import rate_interval
@@ -25,3 +26,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value; ``(None, None)`` for none)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """``mean ± std`` of ``values`` (``n/a`` for none)."""
+    mean, std = mean_std([v for v in values if v is not None])
+    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
