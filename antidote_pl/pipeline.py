@@ -726,6 +726,7 @@ class Pipeline:
             "methods": list(self.repair.methods),
             "stages": self.stage_dirs,
             "analysis": analysis,
+            "primary_judge": self.primary_judge,
             **self.times.summary(),
         }
         write_manifest(self.manifest(), self.out)

@@ -259,6 +259,7 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
         "metrics": metrics,
         "shared_stages": list(shared_stages or []),
         "seconds_total": {s: reports[s]["seconds_total"] for s in seeds},
+        "primary_judge": first.get("primary_judge"),
         # Each seed's analyses (FA budget, judges, masks, re-attack), summarised across seeds.
         "analysis": {s: reports[s]["analysis"] for s in seeds if reports[s].get("analysis")},
     }
@@ -286,10 +287,15 @@ def _cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
     return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
 
 
+def _primary(report: dict[str, Any]) -> str:
+    """The primary judge's name; reports written before it was recorded used the keyword judge."""
+    return report.get("primary_judge") or "keyword"
+
+
 def aggregate_markdown(report: dict[str, Any]) -> str:
     """The aggregate table: mean ± sample std over seeds per cell, prompts per seed, seeds."""
     extra = report["extra_judges"]
-    head = ["variant", "alpha", "removed %", "HS keyword %", *(f"HS {n} %" for n in extra)]
+    head = ["variant", "alpha", "removed %", f"HS {_primary(report)} %", *(f"HS {n} %" for n in extra)]
     head += ["FA %", "coherent %", "harmful prompts / seed", "task questions / seed", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
@@ -316,7 +322,7 @@ def _aggregate_header(report: dict[str, Any], title: str) -> str:
             else "Each cell: mean ± sample standard deviation over seeds of the per-seed percentage. "
         )
         + "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better), "
-        "by the keyword refusal judge and any extra judge; FA: % of held-out task questions "
+        f"by the primary judge ({_primary(report)}) and any extra judge; FA: % of held-out task questions "
         "answered correctly; coherent: % of harmful-prompt answers that are well-formed text. "
         "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised."
         + (f" Stages trained once and shared by all seeds: {', '.join(shared)}." if shared else "")
@@ -346,7 +352,7 @@ def plot_aggregate(report: dict[str, Any], path: Path) -> None:
     rows = report["rows"]
     n_h, n_t = (rows[0]["n_harmful_score"], rows[0]["n_finetune_accuracy"]) if rows else (0, 0)
     ax.set_xlabel(f"fine-tune accuracy FA (%), n={n_t} questions per seed")
-    ax.set_ylabel(f"harmful score HS, keyword judge (%), n={n_h} prompts per seed")
+    ax.set_ylabel(f"harmful score HS, {_primary(report)} (%), n={n_h} prompts per seed")
     seeds = ", ".join(str(s) for s in report["seeds"])
     spread = "95% Wilson intervals over prompts" if len(report["seeds"]) == 1 else "mean ± std over seeds"
     ax.set_title(f"Alpha sweep per method, {spread}; seeds {seeds}", fontsize=10)
