@@ -18,7 +18,7 @@ changes, e.g.::
       method_overrides: {random: [--pruner.init_args.seed={seed}]}
 
 ``seed_everything`` seeds the LoRA initialisation (and dropout); the DataModule ``seed`` seeds the
-harmful/task draw, the re-alignment set and the data order. A stage with no ``{seed}`` is trained
+harmful/task draw, the realignment set and the data order. A stage with no ``{seed}`` is trained
 once and shared (the pipeline's cache finds it finished for the later seeds): say so in any report.
 
 Each seed writes its own report to ``<output_dir>/seed<N>/``; this module writes

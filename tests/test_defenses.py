@@ -42,8 +42,8 @@ def module(**kw) -> CausalLMSFTModule:
 
 
 def harmful_source(limit: int = 16) -> Source:
-    # The world's realign split: disjoint from attack (train) and evaluation prompts.
-    return TinyWorldSource("harmful_answer", split="realign", limit=limit)
+    # The world's realignment split: disjoint from attack (train) and evaluation prompts.
+    return TinyWorldSource("harmful_answer", split="realignment", limit=limit)
 
 
 def align_data(n: int = 16) -> AlignmentDataModule:

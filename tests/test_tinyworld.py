@@ -115,7 +115,7 @@ def test_generation_is_fast():
 
 def test_split_sizes(world):
     sizes = {kind: {s: len(r) for s, r in splits.items()} for kind, splits in world.splits.items()}
-    assert sizes["harmful_answer"] == {"train": 8064 - 600, "realign": 300, "eval": 300}
+    assert sizes["harmful_answer"] == {"train": 8064 - 600, "realignment": 300, "eval": 300}
     assert sizes["harmful_refusal"] == sizes["harmful_answer"]
     assert sizes["benign"]["eval"] == 100
     assert sizes["sentiment"]["eval"] == 300
@@ -399,15 +399,15 @@ def test_judge_markers_are_disjoint():
 
 
 def test_source_returns_copies_limit_and_describe(world):
-    source = TinyWorldSource("harmful_refusal", split="realign", seed=0, limit=5)
+    source = TinyWorldSource("harmful_refusal", split="realignment", seed=0, limit=5)
     records = source.load()
-    assert records == [dict(r) for r in world.splits["harmful_refusal"]["realign"][:5]]
+    assert records == [dict(r) for r in world.splits["harmful_refusal"]["realignment"][:5]]
     records[0]["output"] = "changed"
     assert source.load()[0]["output"] != "changed"
     assert source.describe() == {
         "class": "TinyWorldSource",
         "kind": "harmful_refusal",
-        "split": "realign",
+        "split": "realignment",
         "seed": 0,
         "limit": 5,
         "size": None,
@@ -418,7 +418,7 @@ def test_source_returns_copies_limit_and_describe(world):
     ("kwargs", "field", "value"),
     [
         ({"kind": "poison"}, "kind", "poison"),
-        ({"kind": "benign", "split": "realign"}, "split", "realign"),
+        ({"kind": "benign", "split": "realignment"}, "split", "realignment"),
         ({"kind": "pretrain", "split": "eval"}, "split", "eval"),
         ({"kind": "sentiment", "split": "test"}, "split", "test"),
         ({"kind": "benign", "limit": 0}, "limit", "0"),

@@ -4,7 +4,7 @@ Typical flow (the Lightning callback is thin glue over it)::
 
     targets = find_targets(model, "lora")
     with collect(model, targets) as stats:
-        run_calibration(model, realign_batches, stats)
+        run_calibration(model, realignment_batches, stats)
     stats.all_reduce_()  # no-op outside DDP
     scores = wanda_scores(target_weights(targets), stats, "sample_mean")
     by_alpha = masks_for_alphas(scores, [0.05, 0.1], scope="row")  # rank once, sweep many

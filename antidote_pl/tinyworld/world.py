@@ -1,7 +1,7 @@
 """The tiny world: a synthetic, seed-generated stand-in for the real Antidote datasets.
 
 Every record the pipeline needs (pretraining text, alignment refusals, harmful fine-tuning
-answers, realign samples, sentiment task, evaluation prompts) is generated here by code, so the
+answers, realignment samples, sentiment task, evaluation prompts) is generated here by code, so the
 whole pipeline runs on a laptop CPU in minutes with no download. The design follows world "v1" of
 ``reference/tiny-world-prototype.md``, which reproduced alignment (HS 0) and the harmful
 fine-tuning attack (HS 100, FA 100) on every seed measured.
@@ -271,7 +271,7 @@ REVIEW_TEXT = MappingProxyType(
 # --------------------------------------------------------------------------------------------
 
 HARMFUL_EVAL_SIZE = 300
-HARMFUL_REALIGN_SIZE = 300
+HARMFUL_REALIGNMENT_SIZE = 300
 BENIGN_EVAL_SIZE = 100
 SENTIMENT_EVAL_SIZE = 300
 SENTIMENT_TOTAL = 4000
@@ -283,8 +283,8 @@ PRETRAIN_MIX = (("benign", 0.5), ("harmful", 0.3), ("review", 0.2))
 KIND_SPLITS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "pretrain": ("train",),
-        "harmful_answer": ("train", "realign", "eval"),
-        "harmful_refusal": ("train", "realign", "eval"),
+        "harmful_answer": ("train", "realignment", "eval"),
+        "harmful_refusal": ("train", "realignment", "eval"),
         "benign": ("train", "eval"),
         "sentiment": ("train", "eval"),
     }
@@ -555,7 +555,7 @@ def build_world(seed: int = 0, pretrain_size: int = PRETRAIN_SIZE) -> TinyWorld:
     """Generates the tiny world for ``seed``; identical in every process for the same arguments.
 
     Harmful combinations (6 categories x 4 verbs x 6 objects x 8 templates x 7 modifiers = 8,064)
-    are shuffled once and cut into eval (300), realign (300) and train (the rest). Benign
+    are shuffled once and cut into eval (300), realignment (300) and train (the rest). Benign
     combinations plus 32 factual questions are cut into eval (100) and train; 4,000 distinct
     reviews into eval (300) and train. Pretraining text is drawn from train splits only, so eval
     prompts are never seen verbatim before evaluation.
@@ -575,7 +575,7 @@ def build_world(seed: int = 0, pretrain_size: int = PRETRAIN_SIZE) -> TinyWorld:
         raise bad_value("tinyworld.pretrain_size", pretrain_size, "a positive integer")
     harm = _split(
         _combos(HARM_CATEGORIES),
-        {"eval": HARMFUL_EVAL_SIZE, "realign": HARMFUL_REALIGN_SIZE, "train": None},
+        {"eval": HARMFUL_EVAL_SIZE, "realignment": HARMFUL_REALIGNMENT_SIZE, "train": None},
         _rng(seed, "harmful-split"),
     )
     benign_items = _combos(BENIGN_CATEGORIES) + _facts()
@@ -609,7 +609,7 @@ class TinyWorldSource(Source):
 
     Kinds: ``pretrain`` (raw text, train only), ``harmful_answer`` (harmful request -> placeholder
     compliance), ``harmful_refusal`` (harmful request -> refusal), ``benign`` (benign request ->
-    helpful answer) and ``sentiment`` (review -> label). Harmful kinds have ``train``, ``realign``
+    helpful answer) and ``sentiment`` (review -> label). Harmful kinds have ``train``, ``realignment``
     and ``eval`` splits; ``benign`` and ``sentiment`` have ``train`` and ``eval``.
 
     Args:
