@@ -84,4 +84,10 @@ def test_pipeline_report(tiny_pipeline):
     assert {"none", "wanda", "wanda_benign", "magnitude", "random"} <= methods
     assert len([k for k in rows if k[0] == "wanda"]) == 5
     for r in report["rows"]:
-        assert r["n_harmful_score"] == 300 and r["n_finetune_accuracy"] == 300
+        # 200 test reviews; 100 more held out as the validation split that chooses alpha under a budget.
+        assert r["n_harmful_score"] == 300 and r["n_finetune_accuracy"] == 200
+        assert r["n_finetune_accuracy_val"] == 100
+    analysis = report["analysis"]
+    assert {b["fa_budget"] for b in analysis["fa_budget"]} == {2.0, 5.0}
+    assert set(analysis["reattack"]) == {"none", "wanda a0.1", "magnitude a0.1", "random a0.1"}
+    assert (out / "manifest.json").is_file() and (out / "reattack.png").is_file()
