@@ -662,7 +662,6 @@ def train_judge(
         ConfigError: on bad data files, settings or output directory, before the backbone runs.
     """
     started = time.time()
-    say = log or (lambda _msg: None)
     if limit_per_file is not None:
         check_int("limit_per_file", limit_per_file, 1)
     inputs = {"train_csv": [str(p) for p in train_csvs]}
@@ -670,50 +669,72 @@ def train_judge(
     featurizer = PairFeaturizer(backbone, max_length, question_max_tokens, layers, batch_size)
     identity = backbone_identity(backbone)
     files = load_training_files(train_csvs, limit_per_file, seed)
-    questions = [q for f in files for q in f["questions"]]
-    answers = [a for f in files for a in f["answers"]]
-    labels = [y for f in files for y in f["labels"]]
-    gold = torch.tensor([bool(y) for y in labels])
-    train, val, test = grouped_split(questions, heldout_fraction, val_fraction, seed)
-    _check_parts(gold, {"train": train, "validation": val, "heldout": test})
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
-
-    feature_seconds = time.time()
-    feats, from_cache = _all_features(featurizer, files, identity["sha256"], cache, say)
-    feature_seconds = time.time() - feature_seconds
-
-    head_seconds = time.time()
-    head, threshold, selection = train_head(feats, labels, train, val, len(featurizer.layers))
-    lm_pred = head.probabilities(feats[test]) > threshold
-    head_seconds = time.time() - head_seconds
-
-    preds = {"lm_judge": lm_pred, **_other_judges(questions, answers, labels, test, heldout_fraction, seed)}
-    majority = bool(gold[train | val].float().mean() >= 0.5)
-    source = torch.tensor([k for k, f in enumerate(files) for _ in f["labels"]])
-    parts = {"train": train, "validation": val, "heldout": test}
     split = {"heldout_fraction": heldout_fraction, "val_fraction": val_fraction, "seed": seed}
-    report = {
-        "heldout": _heldout_agreement(preds, gold[test], source[test], files, majority),
-        "validation": {k: v for k, v in selection.items() if k != "grid"},
-        **_data_report(files, questions, parts, split, limit_per_file),
-        "seconds": {
-            "features": round(feature_seconds, 1),
-            "features_from_cache": from_cache,
-            "head_selection": round(head_seconds, 1),
-            "total": round(time.time() - started, 1),
-        },
-    }
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+    say = log or (lambda _msg: None)
+    head, threshold, selection, report = _train_and_measure(featurizer, identity, files, split, cache, say)
+    report |= {"limit_per_file": limit_per_file}
+    report["seconds"]["total"] = round(time.time() - started, 1)
     meta = _judge_meta(featurizer, identity, head, threshold, selection) | {"agreement": report}
     _save_judge(out, head, meta, report, overwrite=overwrite, inputs=inputs, lock=lock)
     return report
 
 
-def _data_report(
+def _train_and_measure(
+    featurizer: PairFeaturizer,
+    identity: dict[str, Any],
     files: list[dict[str, Any]],
-    questions: list[str],
-    parts: dict[str, torch.Tensor],
     split: dict[str, Any],
-    limit_per_file: int | None,
+    cache: Path | None,
+    say: Callable[[str], None],
+) -> tuple[LinearHead, float, dict[str, Any], dict[str, Any]]:
+    """Features, the head (chosen on validation) and every judge's held-out agreement."""
+    pool = _pool(files)
+    names = ("train", "validation", "heldout")
+    parts = dict(
+        zip(
+            names,
+            grouped_split(pool["questions"], split["heldout_fraction"], split["val_fraction"], split["seed"]),
+        )
+    )
+    _check_parts(pool["gold"], parts)
+    clock = time.time()
+    feats, from_cache = _all_features(featurizer, files, identity["sha256"], cache, say)
+    seconds = {"features": round(time.time() - clock, 1), "features_from_cache": from_cache}
+    clock = time.time()
+    head, threshold, selection = train_head(
+        feats, pool["labels"], parts["train"], parts["validation"], len(featurizer.layers)
+    )
+    seconds["head_selection"] = round(time.time() - clock, 1)
+    test = parts["heldout"]
+    preds = {"lm_judge": head.probabilities(feats[test]) > threshold}
+    preds |= _other_judges(
+        pool["questions"], pool["answers"], pool["labels"], test, split["heldout_fraction"], split["seed"]
+    )
+    majority = bool(pool["gold"][parts["train"] | parts["validation"]].float().mean() >= 0.5)
+    report = {
+        "heldout": _heldout_agreement(preds, pool["gold"][test], pool["source"][test], files, majority),
+        "validation": {k: v for k, v in selection.items() if k != "grid"},
+        **_data_report(files, pool["questions"], parts, split),
+        "seconds": seconds,
+    }
+    return head, threshold, selection, report
+
+
+def _pool(files: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every file's rows as one pool: questions, answers, labels, gold (bool) and source file index."""
+    labels = [y for f in files for y in f["labels"]]
+    return {
+        "questions": [q for f in files for q in f["questions"]],
+        "answers": [a for f in files for a in f["answers"]],
+        "labels": labels,
+        "gold": torch.tensor([bool(y) for y in labels]),
+        "source": torch.tensor([k for k, f in enumerate(files) for _ in f["labels"]]),
+    }
+
+
+def _data_report(
+    files: list[dict[str, Any]], questions: list[str], parts: dict[str, torch.Tensor], split: dict[str, Any]
 ) -> dict[str, Any]:
     """The split (by question, with its sizes) and the data files behind the figures."""
     return {
@@ -722,7 +743,6 @@ def _data_report(
             {k: f[k] for k in ("path", "sha256", "rows_in_file")} | {"rows_used": len(f["rows"])}
             for f in files
         ],
-        "limit_per_file": limit_per_file,
     }
 
 
