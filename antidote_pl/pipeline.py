@@ -4,7 +4,7 @@
 
     python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force]
 
-:class:`Pipeline` is a recipe in five steps, each a method:
+:class:`Pipeline` is a recipe in six steps, each a method:
 
 1. :meth:`~Pipeline.validate`: every config file the run will use is read and parsed, and every
    output checked, before any work.
@@ -20,10 +20,15 @@
    (:class:`~antidote_pl.pruning.artifacts.RepairArtifacts`) to the adapter in memory and
    restoring it afterwards; then :meth:`~Pipeline.run_baselines` trains and evaluates the baseline
    defenses.
-5. :meth:`~Pipeline.write_report`: ``report.json``, ``report.md`` and ``report.png``
-   (:mod:`antidote_pl.pipeline_report`).
+5. :meth:`~Pipeline.reattack` (with a ``durability:`` block): the same harmful fine-tuning
+   continued from the unrepaired model and from chosen repairs (:mod:`antidote_pl.eval.reattack`).
+6. :meth:`~Pipeline.write_report`: ``report.json``, ``report.md`` (the table, then HS at an FA
+   budget, judge agreement, mask overlaps and the re-attack: :mod:`antidote_pl.pipeline_analysis`),
+   ``report.png`` (:mod:`antidote_pl.pipeline_report`) and ``manifest.json``
+   (:mod:`antidote_pl.manifest`).
 
-Stages run through the Python API (:func:`antidote_pl.cli.run_fit`); what the pipeline itself sets
+Stages run through the Python API (:func:`antidote_pl.cli.run_fit`,
+:func:`antidote_pl.data.bpe.run_tokenizer`); what the pipeline itself sets
 is a mapping of dotted keys to values. Every result is written atomically and cached under
 ``output_dir`` (:mod:`antidote_pl.pipeline_cache`), so an interrupted run resumes from the last
 finished step and never reports a half-written result.
