@@ -16,8 +16,15 @@ Indices are positions in the record list the source yields (``Source.load()``, i
 record is located by its content (instruction, input, output); when a pool holds exact duplicates the
 first unused one is taken, which names an identical record.
 
-Entry points: :func:`build_manifest`, :func:`write_manifest` (atomic), :func:`read_manifest`, and
-:func:`datamodule_from_config` to get a config's data module without loading its model.
+A pipeline run also records its own spec under ``pipeline`` (stages, repair, evaluation, references,
+baselines, durability, output_dir), from which :mod:`antidote_pl.replay` rebuilds it.
+
+Entry points: :func:`build_manifest`, :func:`write_manifest` (atomic), :func:`read_manifest`,
+:func:`datamodule_from_config` to get a config's data module without loading its model, and
+:func:`check_manifest` / :func:`check_table` to compare a manifest with the current checkout::
+
+    python -m antidote_pl.manifest check MANIFEST
+    python -m antidote_pl.manifest replay MANIFEST --output_dir DIR [--check-only] [--force]
 """
 
 from __future__ import annotations
@@ -356,3 +363,104 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         if text_sha256(entry["text"]) != entry["sha256"]:
             raise bad_file(p, f"config {name!r}: its text does not match its sha256 (edited by hand?)")
     return manifest
+
+
+# ------------------------------------------------------------------------------ checking a manifest
+#: What ``check`` compares: configs, data files, code (git) and libraries decide a result; the
+#: machine is shown for information only.
+DECIDING = ("config", "data", "git", "library")
+
+
+def _item(kind: str, name: str, recorded: Any, current: Any, status: str | None = None) -> dict[str, Any]:
+    status = status or ("match" if recorded == current else "differs")
+    return {"kind": kind, "name": name, "status": status, "recorded": recorded, "current": current}
+
+
+def _current_sha(path: str, identity: bool) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None  # shown as a difference: the file is gone
+    return file_identity(p) if identity else text_sha256(p.read_text(encoding="utf-8"))
+
+
+def _git_item(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> dict[str, Any]:
+    """Same commit and both work trees clean; unknown (no git) on either side is shown, not judged."""
+    rec = dict(recorded or {})
+    shown = (
+        f"{rec.get('commit')} dirty={rec.get('dirty')}",
+        f"{current.get('commit')} dirty={current.get('dirty')}",
+    )
+    if rec.get("commit") is None or current.get("commit") is None:
+        return _item("git", "commit", *shown, status="unknown")
+    same = rec["commit"] == current["commit"] and rec.get("dirty") is False and current.get("dirty") is False
+    return _item("git", "commit", *shown, status="match" if same else "differs")
+
+
+def check_manifest(
+    manifest: Mapping[str, Any], repo_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """Compares a manifest with the current checkout and data, item by item.
+
+    Config files (sha256 of their text), the data modules' files (``data.<name>.files``), the git
+    commit and dirty flag (a dirty tree on either side is a difference: its code is not known), and
+    the library versions. Paths are read as recorded (relative ones from the working directory).
+
+    Args:
+        manifest: A manifest from :func:`read_manifest`.
+        repo_dir: Where to read the current git state (default: this package's source tree).
+
+    Returns:
+        One dict per item: ``kind`` (see :data:`DECIDING`, or ``machine``), ``name``, ``status``
+        (``match``, ``differs``, ``unknown`` or ``info``), ``recorded`` and ``current``.
+    """
+    items = [
+        _item("config", name, e["sha256"], _current_sha(e["path"], identity=False))
+        for name, e in manifest.get("configs", {}).items()
+    ]
+    for data in manifest.get("data", {}).values():
+        for f in data.get("files", []):
+            items.append(_item("data", f["path"], f["sha256"], _current_sha(f["path"], identity=True)))
+    repo = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parents[1]
+    items.append(_git_item(manifest.get("git"), git_state(repo)))
+    recorded_libs = manifest.get("libraries", {})
+    current_libs = library_versions([n for n in recorded_libs if n != "python"])
+    items += [_item("library", n, v, current_libs.get(n)) for n, v in recorded_libs.items()]
+    machine, now = manifest.get("machine", {}), machine_info()
+    items += [
+        _item("machine", k, machine.get(k), now.get(k), status="info") for k in ("device", "accelerators")
+    ]
+    return items
+
+
+def check_differences(items: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The items of :func:`check_manifest` that decide a result and differ."""
+    return [i for i in items if i["kind"] in DECIDING and i["status"] == "differs"]
+
+
+def _short(value: Any) -> str:
+    text = "-" if value is None else str(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def check_table(items: Sequence[Mapping[str, Any]]) -> str:
+    """The check as a short plain-text table, then a verdict line naming every difference."""
+    lines = [f"{'status':8} {'kind':8} {'name':36} {'recorded':24} {'current':24}"]
+    for i in items:
+        name = i["name"] if len(i["name"]) <= 36 else "..." + i["name"][-33:]
+        lines.append(
+            f"{i['status']:8} {i['kind']:8} {name:36} {_short(i['recorded']):24} {_short(i['current'])}"
+        )
+    differs = check_differences(items)
+    if not differs:
+        return "\n".join([*lines, "OK: everything that determines the result matches."])
+    lines.append(f"DIFFERS: {len(differs)} item(s) that determine the result:")
+    lines += [f"  {i['kind']} {i['name']}: recorded {i['recorded']}, current {i['current']}" for i in differs]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # The command line (check and replay) lives in antidote_pl.replay, above the pipeline, which
+    # imports this module: importing it only when run as a script keeps the package free of cycles.
+    from antidote_pl.replay import main
+
+    raise SystemExit(main())

@@ -36,7 +36,7 @@ finished step and never reports a half-written result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -689,7 +689,8 @@ class Pipeline:
         return analysis, [s for s in sections if s]
 
     def manifest(self) -> dict[str, Any]:
-        """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git."""
+        """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git, and the
+        pipeline spec itself (``pipeline``)."""
         configs: dict[str, Any] = {"evaluation": self.evaluation}
         seeds: dict[str, Any] = {}
         for spec in [*self.stages, *(s for b in self.baselines for s in b.stages)]:
@@ -719,6 +720,16 @@ class Pipeline:
             "methods": list(self.repair.methods),
             "output_dir": self.output_dir,
             "tokenizer_stages": tokenizers,
+            # The run's own spec, enough to rebuild it (``python -m antidote_pl.manifest replay``).
+            "pipeline": {
+                "stages": [asdict(s) for s in self.stages],
+                "repair": asdict(self.repair),
+                "evaluation": self.evaluation,
+                "output_dir": self.output_dir,
+                "references": self.references,
+                "baselines": [asdict(b) for b in self.baselines],
+                "durability": None if self.durability is None else asdict(self.durability),
+            },
         }
         return build_manifest(configs, datamodules, models, seeds, extra)
 

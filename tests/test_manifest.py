@@ -8,17 +8,26 @@ import subprocess
 import pytest
 from conftest import REPO, TINY_LLAMA, tiny_finetune_data
 
+from antidote_pl import pipeline as pipeline_module
 from antidote_pl.errors import ConfigError
 from antidote_pl.eval.evaluator import EvalDataModule
+from antidote_pl.experiment import build_parser
 from antidote_pl.manifest import (
     MANIFEST_FILE,
     build_manifest,
+    check_differences,
+    check_manifest,
+    check_table,
     datamodule_from_config,
+    file_entries,
     git_state,
     read_manifest,
     window_indices,
     write_manifest,
 )
+from antidote_pl.pipeline import BaselineSpec, Pipeline, StageSpec
+from antidote_pl.replay import main as replay_cli
+from antidote_pl.replay import replay
 from antidote_pl.tinyworld.world import TinyWorldSource
 
 
@@ -141,3 +150,151 @@ def test_datamodule_from_config_loads_no_model():
         REPO / "configs/tiny/eval.yaml", ["--data.init_args.harmful_limit=2", "--data.init_args.task_limit=2"]
     )
     assert isinstance(dm, EvalDataModule) and dm.harmful_limit == 2
+
+
+# ------------------------------------------------------------------------------ check and replay
+def _git(repo, *args):
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _hand_made(tmp_path, repo_dir):
+    """A config and a data file, and the manifest of a run that used them."""
+    config, data = tmp_path / "run.yaml", tmp_path / "data.jsonl"
+    config.write_text("trainer: {max_epochs: 1}\n")
+    data.write_text('{"instruction": "a"}\n')
+    built = build_manifest({"run": str(config)}, repo_dir=repo_dir)
+    built["data"] = {"finetune": {"files": file_entries([data])}}
+    return config, data, write_manifest(built, tmp_path / MANIFEST_FILE)
+
+
+def _statuses(items):
+    return {(i["kind"], i["name"]): i["status"] for i in items}
+
+
+def test_check_matches_a_fresh_manifest_and_names_an_edited_config(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "f").write_text("1")
+    _git(repo, "add", "f")
+    _git(repo, "commit", "-q", "-m", "c")
+    config, data, path = _hand_made(tmp_path, repo)
+    items = check_manifest(read_manifest(path), repo_dir=repo)
+    assert check_differences(items) == []
+    assert _statuses(items)[("config", "run")] == "match"
+    assert _statuses(items)[("data", str(data))] == "match"
+    assert _statuses(items)[("git", "commit")] == "match"
+    assert "OK: everything" in check_table(items)
+    config.write_text("trainer: {max_epochs: 2}\n")
+    data.write_text('{"instruction": "b"}\n')
+    (repo / "f").write_text("2")  # uncommitted code: the tree is dirty now
+    items = check_manifest(read_manifest(path), repo_dir=repo)
+    assert {(i["kind"], i["name"]) for i in check_differences(items)} == {
+        ("config", "run"),
+        ("data", str(data)),
+        ("git", "commit"),
+    }
+    table = check_table(items)
+    recorded = read_manifest(path)["configs"]["run"]["sha256"]
+    assert f"config run: recorded {recorded}, current " in table and "DIFFERS: 3" in table
+
+
+def test_check_command_exit_codes(tmp_path, capsys):
+    config, _, path = _hand_made(tmp_path, tmp_path)  # not a git repository: the commit is unknown
+    assert replay_cli(["check", str(path)]) == 0
+    assert "OK: everything" in capsys.readouterr().out
+    config.write_text("changed: true\n")
+    assert replay_cli(["check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "differs  config   run" in out and "config run: recorded" in out
+    edited = read_manifest(path)
+    edited["libraries"]["torch"] = "0.0.1"
+    write_manifest(edited, path)
+    assert replay_cli(["check", str(path)]) == 1
+    assert "library torch: recorded 0.0.1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        replay_cli(["check", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2
+    assert "missing.json: missing" in capsys.readouterr().err
+
+
+@pytest.fixture
+def recorded_run(tmp_path, monkeypatch):
+    """The manifest ``Pipeline.manifest()`` writes for the tiny pipeline (plus overrides and a
+    baseline), with the data modules and stage outputs left out (they are not what is tested)."""
+    monkeypatch.chdir(REPO)
+    init = build_parser().parse_args(["--config", "configs/tiny/pipeline.yaml"])
+    init = build_parser().instantiate_classes(init)
+    init.repair.overrides = ["--trainer.max_epochs=0"]
+    init.repair.method_overrides = {"random": ["--pruner.init_args.seed=3"]}
+    stage = StageSpec("vaccine_ft", "configs/tiny/finetune.yaml", ["--seed_everything=7"])
+    baseline = BaselineSpec("vaccine", [stage], repair_fragment="callbacks/wanda.yaml", repair_alpha=0.05)
+    run = dict(stages=init.stages, repair=init.repair, evaluation=init.evaluation, references=init.references)
+    run.update(output_dir=str(tmp_path / "run"), baselines=[baseline], durability=init.durability)
+    pipe = Pipeline(**run)
+    pipe.alphas = list(init.repair.alphas)  # what validate() would set
+    pipe.stage_dirs = {s.name: str(tmp_path / s.name) for s in [*pipe.stages, stage]}
+    captured = {}
+
+    def fake_build(configs, datamodules, stages, seeds, extra):
+        captured.update(configs=configs, extra=extra)
+
+    monkeypatch.setattr(pipeline_module, "datamodule_from_config", lambda *a: None)
+    monkeypatch.setattr(pipeline_module, "build_manifest", fake_build)
+    pipe.manifest()
+    built = build_manifest(captured["configs"], extra=captured["extra"], repo_dir=tmp_path)
+    path = write_manifest(built, (tmp_path / "run").mkdir() or tmp_path / "run")
+    return run, path
+
+
+def test_replay_runs_exactly_the_recorded_specs(recorded_run, tmp_path, capsys):
+    run, path = recorded_run
+    calls = []
+    rows = [{"method": "wanda", "alpha": 0.1, "hs": 0.2, "seconds": 3.0}]
+
+    def runner(**kwargs):
+        calls.append(kwargs)
+        return {"rows": [{"method": "wanda", "alpha": 0.1, "hs": 0.2, "seconds": 9.0}]}
+
+    new = str(tmp_path / "replayed")
+    assert replay(str(path), new, runner=runner) == 0
+    assert calls == [{**run, "output_dir": new, "force": False}]
+    assert isinstance(calls[0]["baselines"][0].stages[0], StageSpec)
+    # With the recorded report beside the manifest, the rows are compared (timings excepted).
+    (path.parent / "report.json").write_text(json.dumps({"rows": rows}))
+    assert replay(str(path), new, runner=runner, retrain=True) == 0 and calls[-1]["force"] is True
+    assert "identical" in capsys.readouterr().out
+    rows[0]["hs"] = 0.5
+    (path.parent / "report.json").write_text(json.dumps({"rows": rows}))
+    assert replay(str(path), new, runner=runner) == 1
+    assert "hs: recorded 0.5, now 0.2" in capsys.readouterr().out
+
+
+def test_replay_refuses_differences_and_its_own_directory(recorded_run, tmp_path, capsys):
+    _, path = recorded_run
+    calls = []
+    edited = read_manifest(path)
+    edited["libraries"]["torch"] = "0.0.1"
+    write_manifest(edited, path)
+    new = str(tmp_path / "replayed")
+    assert replay(str(path), new, runner=lambda **kw: calls.append(kw)) == 1 and calls == []
+    assert "refusing to replay" in capsys.readouterr().out
+    assert replay(str(path), new, check_only=True, force=True, runner=lambda **kw: calls.append(kw)) == 0
+    assert calls == []
+    assert replay(str(path), new, force=True, runner=lambda **kw: calls.append(kw) or {}) == 0
+    assert len(calls) == 1
+    with pytest.raises(ConfigError, match="apart from the recorded run"):
+        replay(str(path), str(path.parent), runner=lambda **kw: calls.append(kw))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not ours")
+    with pytest.raises(ConfigError):
+        replay(str(path), str(tmp_path / "foreign"), runner=lambda **kw: calls.append(kw))
+    del edited["pipeline"]
+    write_manifest(edited, path)
+    with pytest.raises(ConfigError, match="no 'pipeline' spec"):
+        replay(str(path), new, runner=lambda **kw: calls.append(kw))
+    assert len(calls) == 1
