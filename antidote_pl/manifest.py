@@ -23,8 +23,8 @@ Entry points: :func:`build_manifest`, :func:`write_manifest` (atomic), :func:`re
 :func:`datamodule_from_config` to get a config's data module without loading its model, and
 :func:`check_manifest` / :func:`check_table` to compare a manifest with the current checkout::
 
-    python -m antidote_pl.manifest check MANIFEST
-    python -m antidote_pl.manifest replay MANIFEST --output_dir DIR [--check-only] [--force]
+    python -m antidote_pl.replay check MANIFEST
+    python -m antidote_pl.replay replay MANIFEST --output_dir DIR [--check-only] [--force]
 """
 
 from __future__ import annotations
@@ -456,11 +456,3 @@ def check_table(items: Sequence[Mapping[str, Any]]) -> str:
     lines.append(f"DIFFERS: {len(differs)} item(s) that determine the result:")
     lines += [f"  {i['kind']} {i['name']}: recorded {i['recorded']}, current {i['current']}" for i in differs]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    # The command line (check and replay) lives in antidote_pl.replay, above the pipeline, which
-    # imports this module: importing it only when run as a script keeps the package free of cycles.
-    from antidote_pl.replay import main
-
-    raise SystemExit(main())

@@ -720,7 +720,7 @@ class Pipeline:
             "methods": list(self.repair.methods),
             "output_dir": self.output_dir,
             "tokenizer_stages": tokenizers,
-            # The run's own spec, enough to rebuild it (``python -m antidote_pl.manifest replay``).
+            # The run's own spec, enough to rebuild it (``python -m antidote_pl.replay replay``).
             "pipeline": {
                 "stages": [asdict(s) for s in self.stages],
                 "repair": asdict(self.repair),

@@ -2,8 +2,8 @@
 
 ::
 
-    python -m antidote_pl.manifest check outputs/tiny/pipeline/manifest.json
-    python -m antidote_pl.manifest replay outputs/tiny/pipeline/manifest.json --output_dir DIR \\
+    python -m antidote_pl.replay check outputs/tiny/pipeline/manifest.json
+    python -m antidote_pl.replay replay outputs/tiny/pipeline/manifest.json --output_dir DIR \\
         [--check-only] [--force] [--retrain]
 
 ``check`` prints what matches and what differs (:func:`antidote_pl.manifest.check_manifest`) and
@@ -153,10 +153,8 @@ def _report_verdict(manifest_path: Path, manifest: Mapping[str, Any], report: An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m antidote_pl.manifest`` parser (``check`` and ``replay``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m antidote_pl.manifest", description=__doc__.split("\n")[0]
-    )
+    """The ``python -m antidote_pl.replay`` parser (``check`` and ``replay``)."""
+    parser = argparse.ArgumentParser(prog="python -m antidote_pl.replay", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="compare a manifest with this checkout and data")
     check.add_argument("manifest")
@@ -182,4 +180,8 @@ def _main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user-input errors (a missing or invalid manifest) print one line and exit 2."""
-    return run_entry_point(_main, argv, prog="antidote_pl.manifest")
+    return run_entry_point(_main, argv, prog="antidote_pl.replay")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
