@@ -52,6 +52,7 @@ from antidote_pl.pipeline_analysis import (
     agreement_section,
     budget_section,
     durability_section,
+    focus_alpha,
     mask_section,
     variant_name,
 )
@@ -585,9 +586,23 @@ class Pipeline:
             result = self.results.get(
                 f"{method}_a{alpha:g}", key, lambda d, m=masks: sweep.evaluate_masked(targets, m, d)
             )
-            self.masks[(method, alpha)] = masks
+            if self._keeps_masks(method, alpha):
+                self.masks[(method, alpha)] = masks
             row = {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks)}
             self.rows.append({**row, **result})
+
+    def _keeps_masks(self, method: str, alpha: float) -> bool:
+        """Whether the report's mask analysis or the re-attack needs this mask after its evaluation.
+
+        Only those are held: on a 7B model with ``linear`` targets every mask is the size of the
+        model, so holding the whole sweep would not fit in memory.
+        """
+        d = self.durability
+        return (
+            alpha == focus_alpha(self.alphas)
+            or method == next(iter(self.repair.methods))
+            or (d is not None and alpha == d.alpha and method in d.methods)
+        )
 
     def _masks_by_alpha(self, model, directory: Path):
         """The scoring run's fingerprint, the targets of ``model`` and the saved mask of every alpha."""
