@@ -76,6 +76,25 @@ def tiny_finetune_data(num_samples: int = 32, realignment_size: int = 8, **kw):
     return HarmfulFinetuneDataModule(**{**args, **kw})
 
 
+def finetune_data_config(tokenizer: str, batch_size: int = 8) -> dict:
+    """The ``data:`` block of a small tiny-world fine-tune config (what :func:`tiny_finetune_data` builds)."""
+    world = "antidote_pl.tinyworld.world.TinyWorldSource"
+    return {
+        "class_path": "antidote_pl.data.datamodules.HarmfulFinetuneDataModule",
+        "init_args": {
+            "tokenizer": tokenizer,
+            "template": "tiny",
+            "max_length": 64,
+            "batch_size": batch_size,
+            "num_samples": 32,
+            "harmful_ratio": 0.25,
+            "realignment_size": 8,
+            "harmful": {"class_path": world, "init_args": {"kind": "harmful_answer"}},
+            "task": {"class_path": world, "init_args": {"kind": "sentiment"}},
+        },
+    }
+
+
 def make_stages(root: Path) -> tuple[Path, Path]:
     """Saves a tiny full base and a LoRA (r=4) trained 3 steps on it at lr 1e-2, so B != 0.
 

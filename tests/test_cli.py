@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, TINY_LLAMA
+from conftest import REPO, TINY_LLAMA, finetune_data_config
 
 from antidote_pl.models.loading import STAGE_FILE
 
@@ -37,26 +37,7 @@ def write_config(tmp_path, **trainer) -> str:
                 "output_dir": str(tmp_path / "out"),
             },
         },
-        "data": {
-            "class_path": "antidote_pl.data.datamodules.HarmfulFinetuneDataModule",
-            "init_args": {
-                "tokenizer": "tiny-world",
-                "template": "tiny",
-                "max_length": 64,
-                "batch_size": 4,
-                "num_samples": 32,
-                "harmful_ratio": 0.25,
-                "realignment_size": 8,
-                "harmful": {
-                    "class_path": "antidote_pl.tinyworld.world.TinyWorldSource",
-                    "init_args": {"kind": "harmful_answer"},
-                },
-                "task": {
-                    "class_path": "antidote_pl.tinyworld.world.TinyWorldSource",
-                    "init_args": {"kind": "sentiment"},
-                },
-            },
-        },
+        "data": finetune_data_config("tiny-world", batch_size=4),
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import make_stages, tiny_finetune_data
+from conftest import finetune_data_config, make_stages, tiny_finetune_data
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.eval.evaluator import EvalDataModule, StageEvaluator
@@ -141,26 +141,7 @@ def test_from_configs(stages, tmp_path, monkeypatch):
                 "output_dir": str(tmp_path / "no"),
             },
         },
-        "data": {
-            "class_path": "antidote_pl.data.datamodules.HarmfulFinetuneDataModule",
-            "init_args": {
-                "tokenizer": str(base),
-                "template": "tiny",
-                "max_length": 64,
-                "batch_size": 8,
-                "num_samples": 32,
-                "harmful_ratio": 0.25,
-                "realignment_size": 8,
-                "harmful": {
-                    "class_path": "antidote_pl.tinyworld.world.TinyWorldSource",
-                    "init_args": {"kind": "harmful_answer"},
-                },
-                "task": {
-                    "class_path": "antidote_pl.tinyworld.world.TinyWorldSource",
-                    "init_args": {"kind": "sentiment"},
-                },
-            },
-        },
+        "data": finetune_data_config(str(base), batch_size=8),
     }
     evaluation = {
         "seed_everything": 1,
