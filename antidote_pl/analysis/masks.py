@@ -70,7 +70,8 @@ def describe_tensor(name: str) -> tuple[int | None, str, str]:
     return layer, SHORT_MODULES.get(leaf, leaf), kind
 
 
-def _column(module: str, kind: str) -> str:
+def column_name(module: str, kind: str) -> str:
+    """The heat map's column for a tensor: its module, with the LoRA factor when it is one."""
     return module if kind == "weight" else f"{module}.{kind}"
 
 
@@ -108,17 +109,18 @@ def removed_by_layer_module(masks: Masks) -> list[dict[str, Any]]:
             "layer": layer,
             "module": module,
             "kind": kind,
-            "column": _column(module, kind),
+            "column": column_name(module, kind),
             "removed": removed,
             "total": total,
             "fraction": removed / total if total else 0.0,
         }
         for (layer, module, kind), (removed, total) in cells.items()
     ]
-    return sorted(rows, key=lambda r: (r["layer"] is None, r["layer"] or 0, *_column_key(r["column"])))
+    return sorted(rows, key=lambda r: (r["layer"] is None, r["layer"] or 0, *column_sort_key(r["column"])))
 
 
-def _column_key(column: str) -> tuple[int, str]:
+def column_sort_key(column: str) -> tuple[int, str]:
+    """Orders columns as the modules run in a decoder layer (q, k, v, o, then the MLP)."""
     module = column.split(".")[0]
     return (_ORDER.index(module) if module in _ORDER else len(_ORDER), column)
 
@@ -225,7 +227,7 @@ def overlap_markdown(masks: Mapping[str, Masks], with_chance: bool = True) -> st
 def _grid(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], list[list[float | None]]]:
     """Layer labels, column labels and the fraction (or ``None``) per cell."""
     layers = list(dict.fromkeys("other" if r["layer"] is None else str(r["layer"]) for r in rows))
-    columns = sorted({r["column"] for r in rows}, key=_column_key)
+    columns = sorted({r["column"] for r in rows}, key=column_sort_key)
     values: list[list[float | None]] = [[None] * len(columns) for _ in layers]
     for r in rows:
         label = "other" if r["layer"] is None else str(r["layer"])

@@ -44,9 +44,9 @@ import torch
 import yaml
 
 from antidote_pl.analysis.masks import (
-    _column,
-    _column_key,
     chance_jaccard,
+    column_name,
+    column_sort_key,
     describe_tensor,
     jaccard,
     mask_analytics_markdown,
@@ -249,9 +249,9 @@ def module_table(pairs: Mapping[str, tuple[Masks, Masks]]) -> str:
     columns: dict[str, list[str]] = {}
     for name in first:
         _, module, kind = describe_tensor(name)
-        columns.setdefault(_column(module, kind), []).append(name)
+        columns.setdefault(column_name(module, kind), []).append(name)
     body = []
-    for column in sorted(columns, key=_column_key):
+    for column in sorted(columns, key=column_sort_key):
         cells = []
         for a, b in pairs.values():
             j, c = pair_cell({n: a[n] for n in columns[column]}, {n: b[n] for n in columns[column]})

@@ -389,7 +389,8 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines file; a bad line is an error naming the file and the line."""
     rows = []
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
@@ -492,7 +493,7 @@ class LocalSource(_MappedSource):
         try:
             if self.format in ("csv", "tsv"):
                 return _read_delimited(path, "," if self.format == "csv" else "\t", self.column_names)
-            rows = _read_json(path) if self.format == "json" else _read_jsonl(path)
+            rows = _read_json(path) if self.format == "json" else read_jsonl(path)
         except UnicodeDecodeError as err:
             raise bad_file(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
         except (csv.Error, EOFError, OSError) as err:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.analysis.tables import format_rate, markdown_table
-from antidote_pl.data.sources import _read_jsonl as read_jsonl
+from antidote_pl.data.sources import read_jsonl
 from antidote_pl.errors import bad_file, bad_value
 
 #: Name under which the primary judge's ``verdict`` is reported when the caller gives none.
