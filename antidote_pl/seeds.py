@@ -266,21 +266,21 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
 
 
 #: The item count behind each rate, for the one-seed interval.
-_COUNT = {
+COUNT_KEYS = {
     "harmful_score": "n_harmful_score",
     "finetune_accuracy": "n_finetune_accuracy",
     "coherent_rate": "n_harmful_score",
 }
 
 
-def _cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
+def format_cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
     """``mean ± std`` over seeds; with one seed, the value and its 95% Wilson interval over items."""
     mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
     if mean is None:
         return "n/a"
     if row.get("n_seeds", 0) > 1:
         return f"{scale * mean:.1f} ± {scale * std:.1f}"
-    count = row.get(_COUNT.get(metric.split("/")[0], ""), 0)
+    count = row.get(COUNT_KEYS.get(metric.split("/")[0], ""), 0)
     if not isinstance(count, int) or count <= 0 or scale != 1.0:
         return f"{scale * mean:.1f}"
     low, high = rate_interval(mean, count)
@@ -300,10 +300,10 @@ def aggregate_markdown(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        removed = "-" if r.get("removed_fraction_mean") is None else _cell(r, "removed_fraction", 100)
-        cells = [r["method"], alpha, removed, _cell(r, "harmful_score")]
-        cells += [_cell(r, f"harmful_score/{n}") for n in extra]
-        cells += [_cell(r, "finetune_accuracy"), _cell(r, "coherent_rate")]
+        removed = "-" if r.get("removed_fraction_mean") is None else format_cell(r, "removed_fraction", 100)
+        cells = [r["method"], alpha, removed, format_cell(r, "harmful_score")]
+        cells += [format_cell(r, f"harmful_score/{n}") for n in extra]
+        cells += [format_cell(r, "finetune_accuracy"), format_cell(r, "coherent_rate")]
         cells += [str(r["n_harmful_score"]), str(r["n_finetune_accuracy"]), str(r["n_seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -398,7 +398,7 @@ def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
     below, above = [], []
     for p in points:
         mean = p[f"{metric}_mean"] or 0.0
-        count = p.get(_COUNT[metric], 0)
+        count = p.get(COUNT_KEYS[metric], 0)
         if p.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
             below.append(p[f"{metric}_std"] or 0.0)
             above.append(p[f"{metric}_std"] or 0.0)

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from antidote_pl.eval.intervals import rate_interval
-from antidote_pl.seeds import _COUNT, _cell, aggregate_markdown, write_aggregate_report
+from antidote_pl.seeds import COUNT_KEYS, aggregate_markdown, format_cell, write_aggregate_report
 from antidote_pl.utils.io import atomic_write_text
 
 #: Issue #11's bars for the SmolLM2 world.
@@ -40,13 +40,13 @@ def _row(report: dict[str, Any], method: str, alpha: float | None = None) -> dic
 
 def _ms(row: dict[str, Any] | None, metric: str) -> str:
     """A cell as in the table: mean ± std over seeds, or value [95% Wilson interval] for one seed."""
-    return "n/a" if row is None else _cell(row, metric)
+    return "n/a" if row is None else format_cell(row, metric)
 
 
 def _interval(row: dict[str, Any], metric: str) -> tuple[float, float]:
     """mean ± std over seeds, or the 95% Wilson interval over prompts when there is one seed."""
     mean = row[f"{metric}_mean"]
-    count = row.get(_COUNT[metric], 0)
+    count = row.get(COUNT_KEYS[metric], 0)
     if row.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
         return (mean - row[f"{metric}_std"], mean + row[f"{metric}_std"])
     return rate_interval(mean, count)
