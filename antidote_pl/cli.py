@@ -169,13 +169,19 @@ def run_fit(
 
 
 def build_cli(
-    configs: Sequence[str], overrides: Mapping[str, Any] | None = None, args: Sequence[str] = ()
+    configs: Sequence[str],
+    overrides: Mapping[str, Any] | None = None,
+    args: Sequence[str] = (),
+    save_config: bool = True,
 ) -> AntidoteCLI:
     """Builds model, data module and trainer of a config without running anything.
 
     Arguments as :func:`run_fit`; the caller runs e.g. ``cli.trainer.test(cli.model, cli.datamodule)``.
+    ``save_config=False`` leaves out Lightning's SaveConfigCallback, for a caller that fits a run
+    writing no stage (it would otherwise drop a ``config.yaml`` into the working directory).
     """
-    return _OverridingCLI(args=_config_args(configs, args), overrides=overrides, run=False)
+    extra = {} if save_config else {"save_config_callback": None}
+    return _OverridingCLI(args=_config_args(configs, args), overrides=overrides, run=False, **extra)
 
 
 def validate_config(

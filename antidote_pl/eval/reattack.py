@@ -37,7 +37,7 @@ import lightning as L
 import torch
 
 from antidote_pl.analysis.tables import format_rate, markdown_table
-from antidote_pl.cli import AntidoteCLI
+from antidote_pl.cli import build_cli
 from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.pruning.apply import apply_target_masks_
 from antidote_pl.pruning.targets import find_targets
@@ -258,13 +258,12 @@ def reattack_curve(
     return evaluate_snapshots(evaluator, eval_datamodule, snapshots, eval_trainer)
 
 
-def _from_config(config: str | Sequence[str], overrides: Sequence[str]):
+def _from_config(config: str | Sequence[str], values: Mapping[str, Any], args: Sequence[str] = ()):
     """Model, data and trainer of a config (one file or several composed in order), built through
-    the CLI without running it."""
+    the CLI without running it; ``values`` (dotted key -> value) are set last."""
     files = [config] if isinstance(config, str | Path) else list(config)
-    args = [a for f in files for a in ("--config", str(f))]
     # No SaveConfigCallback: a run that writes no stage must not drop a config.yaml into the cwd.
-    cli = AntidoteCLI(args=[*args, *overrides], run=False, save_config_callback=None)
+    cli = build_cli([str(f) for f in files], values, args=args, save_config=False)
     return cli.model, cli.datamodule, cli.trainer
 
 
@@ -279,7 +278,7 @@ def reattack_from_configs(
 ) -> dict[str, list[dict[str, Any]]]:
     """Re-attacks every variant of one fine-tuned stage with its own fine-tuning config.
 
-    Each variant reloads the fine-tuned adapter as trainable (``--model.init_args.adapter_path``)
+    Each variant reloads the fine-tuned adapter as trainable (``model.init_args.adapter_path``)
     and continues the fine-tuning config's recipe (data, optimiser, seed, clipping) for
     ``max(checkpoints)`` steps, writing nothing (``output_dir`` null, no logger or checkpoints).
 
@@ -291,8 +290,9 @@ def reattack_from_configs(
         variants: Name -> ``(masks, mask_report)``; ``(None, None)`` is the unrepaired model, e.g.
             ``{"none": (None, None), "wanda a0.1": (m1, r1), "random a0.1": (m2, r2)}``.
         checkpoints: Optimiser steps to evaluate, e.g. ``[0, 10, 20]``.
-        overrides: Extra arguments for the fine-tuning config (e.g. a seed's data override).
-        eval_overrides: Extra arguments for the evaluation config.
+        overrides: Command-line style arguments for the fine-tuning config (e.g. a seed's data
+            override), applied before the re-attack's own settings.
+        eval_overrides: Command-line style arguments for the evaluation config.
 
     Returns:
         ``{variant: curve}``, each curve as :func:`evaluate_snapshots` returns it.
@@ -300,29 +300,25 @@ def reattack_from_configs(
     steps = check_checkpoints(checkpoints)
     if not variants:
         raise bad_value("reattack.variants", {}, "at least one variant, e.g. {'none': (None, None)}")
+    quiet = {"model.init_args.output_dir": None, "trainer.enable_progress_bar": False}
     evaluator, eval_dm, eval_trainer = _from_config(
         evaluation_config,
-        [
-            *("--model.init_args.stage", str(stage), "--model.init_args.merge_adapter", "false"),
-            *("--model.init_args.output_dir", "null", "--trainer.enable_progress_bar", "false"),
-            *eval_overrides,
-        ],
+        {"model.init_args.stage": str(stage), "model.init_args.merge_adapter": False, **quiet},
+        eval_overrides,
     )
-    # The stage's own overrides come first: the re-attack's settings (above all output_dir null,
-    # so the fine-tuned stage is never overwritten) must win over them.
-    train_args = [
-        *overrides,
-        f"--model.init_args.adapter_path={stage}",
-        "--model.init_args.output_dir=null",
-        f"--trainer.max_steps={steps[-1]}",
-        "--trainer.max_epochs=-1",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-    ]
+    # Set after the stage's own overrides, so they win over them (above all output_dir None: the
+    # fine-tuned stage is never overwritten).
+    train_values = {
+        "model.init_args.adapter_path": str(stage),
+        "trainer.max_steps": steps[-1],
+        "trainer.max_epochs": -1,
+        "trainer.logger": False,
+        "trainer.enable_checkpointing": False,
+        **quiet,
+    }
     curves = {}
     for name, (masks, report) in variants.items():
-        module, datamodule, trainer = _from_config(finetune_config, train_args)
+        module, datamodule, trainer = _from_config(finetune_config, train_values, overrides)
         snapshots = continue_attack(module, datamodule, steps, masks, report, trainer)
         curves[name] = evaluate_snapshots(evaluator, eval_dm, snapshots, eval_trainer)
     return curves
