@@ -257,11 +257,13 @@ def _run_command(spec: StageSpec) -> None:
         run_fit(spec.configs, OVERWRITE, args=spec.overrides)
 
 
-def _validate_stage(spec: StageSpec) -> None:
+def _validate_stage(spec: StageSpec) -> dict[str, Any] | None:
+    """Parses a stage's configs; for a model stage, returns its seeds (for the manifest)."""
     if spec.command == "tokenizer":
         parse_tokenizer_config(spec.configs, spec.overrides)
-    else:
-        validate_config(spec.configs, spec.overrides)
+        return None
+    cfg = validate_config(spec.configs, spec.overrides)
+    return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
 
 
 def _last_is_fit(stages: list[StageSpec], field: str, why: str) -> None:
@@ -373,6 +375,7 @@ class Pipeline:
         self.masks: dict[tuple[str, float], dict[str, torch.Tensor]] = {}  # (method, alpha) -> masks
         self.primary_judge = "primary"  # the evaluator's judge class, once built
         self.curves: dict[str, Any] = {}  # re-attack curves, when configured
+        self.stage_seeds: dict[str, Any] = {}  # model stage -> its seeds, once validated
 
     def run(self) -> dict[str, Any]:
         """Runs every step and writes the report; see the module docstring.
@@ -464,8 +467,12 @@ class Pipeline:
 
     def _parse_configs(self) -> None:
         """Parses every config the run will use, as its step will; nothing is loaded."""
+        # Each model stage's seeds, as parsed here, go into the manifest.
+        self.stage_seeds = {}
         for spec in [*self.stages, *(s for b in self.baselines for s in b.stages)]:
-            _validate_stage(spec)
+            seeds = _validate_stage(spec)
+            if seeds is not None:
+                self.stage_seeds[spec.name] = seeds
         for method, fragment in self.repair.methods.items():
             values = self._score_values(self.out / "scores" / method)
             validate_config([*self.repair.configs, fragment], self.repair.args(method), values)
@@ -707,16 +714,10 @@ class Pipeline:
         """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git, and the
         pipeline spec itself (``pipeline``)."""
         configs: dict[str, Any] = {"evaluation": self.evaluation}
-        seeds: dict[str, Any] = {}
-        for spec in [*self.stages, *(s for b in self.baselines for s in b.stages)]:
+        specs = [*self.stages, *(s for b in self.baselines for s in b.stages)]
+        for spec in specs:
             for i, config in enumerate(spec.configs):
                 configs[f"stages.{spec.name}[{i}]"] = (config, spec.overrides)
-            if spec.command == "fit":
-                cfg = validate_config(spec.configs, spec.overrides)
-                seeds[spec.name] = {
-                    "seed_everything": cfg.get("seed_everything"),
-                    "data": cfg.get("data.init_args.seed"),
-                }
         for i, config in enumerate(self.repair.configs):
             configs[f"repair[{i}]"] = (config, self.repair.overrides)
         for method, fragment in self.repair.methods.items():
@@ -726,7 +727,6 @@ class Pipeline:
             stage.name: datamodule_from_config(stage.configs, stage.overrides),
             "evaluation": datamodule_from_config(self.evaluation),
         }
-        specs = [*self.stages, *(s for b in self.baselines for s in b.stages)]
         models = {s.name: self.stage_dirs[s.name] for s in specs if s.command == "fit"}
         # A tokenizer stage writes tokenizer files, not a model stage: its files and hashes.
         tokenizers = {s.name: file_entries([self.stage_dirs[s.name]]) for s in specs if s.command != "fit"}
@@ -746,7 +746,7 @@ class Pipeline:
                 "durability": None if self.durability is None else asdict(self.durability),
             },
         }
-        return build_manifest(configs, datamodules, models, seeds, extra)
+        return build_manifest(configs, datamodules, models, self.stage_seeds, extra)
 
     def write_report(self) -> dict[str, Any]:
         """Writes ``report.{json,md,png}`` and ``manifest.json`` under ``output_dir``; returns the report."""
