@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.analysis.tables import format_rate
-from antidote_pl.eval.intervals import rate_interval
+from antidote_pl.eval.intervals import interval_distances
 from antidote_pl.utils.io import atomic_write_json, atomic_write_text, save_png
 
 
@@ -41,14 +41,8 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def _error_bars(points: list[dict[str, Any]], key: str, n_key: str) -> list[list[float]]:
     """Matplotlib's ``[[below], [above]]`` distances to each point's Wilson 95% interval."""
-    below, above = [], []
-    for p in points:
-        ci = rate_interval(p.get(key), p.get(n_key))
-        value = p.get(key) or 0.0
-        # Clamped: at 0 or 100 % the bound equals the value up to float rounding (e.g. -5e-15).
-        below.append(0.0 if ci is None else max(0.0, value - ci[0]))
-        above.append(0.0 if ci is None else max(0.0, ci[1] - value))
-    return [below, above]
+    distances = [interval_distances(p.get(key), p.get(n_key)) for p in points]
+    return [[d[0] for d in distances], [d[1] for d in distances]]
 
 
 def extra_judge_names(rows: list[dict[str, Any]]) -> list[str]:

@@ -36,7 +36,7 @@ from typing import Any
 
 from antidote_pl.analysis.tables import mean_std
 from antidote_pl.errors import bad_value
-from antidote_pl.eval.intervals import rate_interval
+from antidote_pl.eval.intervals import interval_distances, rate_interval
 from antidote_pl.pipeline import run_inputs, run_pipeline
 from antidote_pl.pipeline_analysis import seeds_analysis_markdown
 from antidote_pl.pipeline_report import extra_judge_names
@@ -403,10 +403,9 @@ def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
             below.append(p[f"{metric}_std"] or 0.0)
             above.append(p[f"{metric}_std"] or 0.0)
         else:
-            low, high = rate_interval(mean, count)
-            # Clamped: at 0 or 100 % a bound equals the value up to float rounding (e.g. -5e-15).
-            below.append(max(0.0, mean - low))
-            above.append(max(0.0, high - mean))
+            low, high = interval_distances(mean, count)
+            below.append(low)
+            above.append(high)
     return [below, above]
 
 

@@ -58,3 +58,14 @@ def test_plot_error_bars_are_never_negative():
     points = [{"hs": v, "n": n} for v, n in ((0.0, 300), (100.0, 300), (100.0 / 3, 300), (None, 0))]
     below, above = _error_bars(points, "hs", "n")
     assert min(below + above) >= 0.0 and below[0] == 0.0 and above[1] == 0.0
+
+
+def test_interval_distances_are_never_negative_and_match_the_interval():
+    from antidote_pl.eval.intervals import interval_distances, rate_interval
+
+    below, above = interval_distances(72.5, 80)
+    low, high = rate_interval(72.5, 80)
+    assert below == pytest.approx(72.5 - low) and above == pytest.approx(high - 72.5)
+    assert interval_distances(0.0, 10)[0] == 0.0 and interval_distances(0.0, 10)[1] > 0
+    assert interval_distances(100.0, 10)[1] == 0.0 and interval_distances(100.0, 10)[0] > 0
+    assert interval_distances(None, 10) == (0.0, 0.0) and interval_distances(50.0, 0) == (0.0, 0.0)

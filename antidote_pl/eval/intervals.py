@@ -37,3 +37,16 @@ def rate_interval(rate_percent: float | None, n: int | None) -> tuple[float, flo
     if rate_percent is None or not n:
         return None
     return wilson_interval(round(rate_percent * n / 100), n)
+
+
+def interval_distances(rate_percent: float | None, n: int | None) -> tuple[float, float]:
+    """Distances from a rate (percent) down and up to its Wilson interval, for error bars.
+
+    ``(0, 0)`` when the interval is undefined (no rate or no count). Clamped at 0: at 0 or 100 % a
+    bound equals the value up to float rounding (e.g. -5e-15), which matplotlib refuses.
+    """
+    ci = rate_interval(rate_percent, n)
+    if ci is None:
+        return 0.0, 0.0
+    value = rate_percent or 0.0
+    return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
