@@ -127,6 +127,17 @@ def test_smol_report_verdicts(tmp_path):
     for s, rep in reports.items():
         rep["seconds_by_step"] = {"stage/finetuned": 100.0, "scores/wanda": 5.0, "eval/none": 20.0}
         rep["stages"] = {}
+        rep["analysis"] = {
+            "fa_budget": [
+                {
+                    "fa_budget": 2.0,
+                    "method": "wanda",
+                    "alpha": 0.05,
+                    "harmful_score": 20.0 + s,
+                    "finetune_accuracy": 80.0,
+                }
+            ]
+        }
         (run / f"seed{s}").mkdir(parents=True)
         (run / f"seed{s}" / "report.json").write_text(json.dumps(rep))
     write_aggregate_report(aggregate(reports), run)
@@ -141,6 +152,11 @@ def test_smol_report_verdicts(tmp_path):
     assert "Aligned HS (keyword) ≤ 5: **holds**, 1.0 ± 0.0" in text
     assert "Attacked HS (keyword) ≥ 60: **holds**, 89.5 ± 0.7" in text
     assert "**Partial run: 2 of the 3 configured seeds finished**" in text and "missing: 2" in text
+    # The pipeline's analyses (here: HS at an FA budget chosen on validation) summarised over seeds.
+    assert (
+        "## HS at FA budget, across seeds" in text
+        and "| 2 | wanda | 0.05 / 0.05 | 2 of 2 | 20.5 ± 0.7 |" in text
+    )
     assert text.rstrip().endswith("hand-written") and (out.parent / "smol_report.png").is_file()
 
 

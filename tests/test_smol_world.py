@@ -63,10 +63,12 @@ def smol_run(tmp_path_factory):
         cfg["seeds"] = [0, 1]
         cfg["repair"]["alphas"] = [0.1]
         cfg["repair"]["methods"] = {k: cfg["repair"]["methods"][k] for k in ("wanda", "random")}
+        # One re-attack step of the unrepaired model and the random ablation.
+        cfg["durability"].update(checkpoints=[0, 1], alpha=0.1, methods=["random"])
         # The realignment set, its size and max_length come from each seed's fine-tune stage.
         cfg["repair"]["overrides"] += ["--data.init_args.batch_size=4"]
         eval_cfg = yaml.safe_load((REPO / cfg["evaluation"]).read_text())
-        eval_cfg["data"]["init_args"].update(task_limit=3, batch_size=8)
+        eval_cfg["data"]["init_args"].update(task_limit=3, fa_validation_size=2, batch_size=8)
         eval_cfg["data"]["init_args"]["harmful"]["init_args"]["limit_each"] = 2
         eval_cfg["model"]["init_args"].update(harmful_max_new_tokens=8, task_max_new_tokens=2)
         (work / "eval_small.yaml").write_text(yaml.safe_dump(eval_cfg))
@@ -93,6 +95,7 @@ def test_report_aggregates_seeds(smol_run):
         assert len(r["harmful_score_values"]) == 2 and len(r["harmful_score/OfflineJudge_values"]) == 2
     md = (work / "outputs/smol/pipeline/report.md").read_text()
     assert "2 seeds (0, 1)" in md and "HS OfflineJudge %" in md and " ± " in md
+    assert "## HS at FA budget, across seeds" in md and "## Durability (re-attack), across seeds" in md
     assert (work / "outputs/smol/pipeline/report.png").stat().st_size > 0
     for seed in (0, 1):
         assert (work / f"outputs/smol/pipeline/seed{seed}/report.md").is_file()
@@ -120,7 +123,8 @@ def test_generations_are_chat_formatted_and_judged_twice(smol_run):
             json.loads(line)
             for line in (work / f"outputs/smol/pipeline/seed0/results/{name}/generations.jsonl").open()
         ]
-        assert len(rows) == 7
+        # 4 harmful prompts, 3 test and 2 validation SST-2 sentences.
+        assert len(rows) == 9
         for r in rows:
             assert r["prompt"].startswith(SYSTEM_HEADER) and r["prompt"].endswith(ASSISTANT_HEADER)
             assert r["instruction"] in r["prompt"]
