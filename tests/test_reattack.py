@@ -117,6 +117,39 @@ def test_each_point_is_evaluated_on_its_own_weights(stages):
     assert torch.equal(seen[1], snaps[1].tensors[name])
 
 
+def test_known_step0_is_not_evaluated_again(stages):
+    """The repaired model's results from the sweep stand for step 0; later steps are evaluated."""
+    base, adapter = stages
+    module = _module(base, adapter)
+    snaps = continue_attack(module, tiny_finetune_data(), [0, 2], _masks(module), REPORT)
+    steps = []
+
+    class CountingTrainer:
+        def test(self, model, datamodule, verbose):
+            steps.append(len(steps))
+            model.results = {"stage": "x", "harmful_score": 50.0}
+
+    known = {"stage": "sweep", "harmful_score": 12.5, "finetune_accuracy": 80.0}
+    rows = evaluate_snapshots(_evaluator(adapter), _eval_data(), snaps, CountingTrainer(), step0=known)
+    assert len(steps) == 1, "step 0 was evaluated although its results were given"
+    assert rows[0] == {"step": 0, "masked_norm_ratio": 0.0, "harmful_score": 12.5, "finetune_accuracy": 80.0}
+    assert rows[1]["step"] == 2 and rows[1]["harmful_score"] == 50.0
+
+
+def test_known_results_need_the_same_evaluation(stages):
+    base, adapter = stages
+    with pytest.raises(ConfigError, match="reattack.evaluated"):
+        reattack_from_configs(
+            "a.yaml",
+            "b.yaml",
+            str(adapter),
+            {"none": (None, None)},
+            [0, 1],
+            eval_overrides=["--data.init_args.task_limit=3"],
+            evaluated={"none": {"harmful_score": 1.0}},
+        )
+
+
 def test_wrong_evaluator_is_refused(stages, tmp_path):
     base, adapter = stages
     snaps = continue_attack(_module(base, adapter), tiny_finetune_data(), [0])

@@ -214,11 +214,22 @@ def evaluate_snapshots(
     eval_datamodule: L.LightningDataModule,
     snapshots: Sequence[Snapshot],
     trainer: L.Trainer | None = None,
+    step0: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluates each snapshot with a :class:`~antidote_pl.eval.evaluator.StageEvaluator`.
 
     The evaluator must hold the fine-tuned stage unmerged (``merge_adapter=False``) so that its
     parameter names are the attacked module's. Its weights are restored afterwards.
+
+    Args:
+        evaluator: The evaluator (see above).
+        eval_datamodule: Its evaluation data.
+        snapshots: The snapshots to evaluate.
+        trainer: Trainer for ``test``. Default: a quiet one-device trainer.
+        step0: The evaluator's results for the step-0 snapshot when they are already known (the
+            repaired model itself, evaluated with the same config, e.g. the pipeline's sweep row):
+            used instead of evaluating that snapshot again. Greedy evaluation is deterministic, so
+            this only saves the time of one evaluation.
 
     Returns:
         One row per snapshot: ``step``, ``masked_norm_ratio`` and the evaluator's results
@@ -230,9 +241,13 @@ def evaluate_snapshots(
     rows = []
     try:
         for snap in snapshots:
-            _load_snapshot_(evaluator.model, snap, originals)
-            trainer.test(evaluator, datamodule=eval_datamodule, verbose=False)
-            results = {k: v for k, v in evaluator.results.items() if k != "stage"}
+            if snap.step == 0 and step0 is not None:
+                results = step0
+            else:
+                _load_snapshot_(evaluator.model, snap, originals)
+                trainer.test(evaluator, datamodule=eval_datamodule, verbose=False)
+                results = evaluator.results
+            results = {k: v for k, v in results.items() if k != "stage"}
             rows.append({"step": snap.step, "masked_norm_ratio": snap.masked_norm_ratio, **results})
     finally:
         params = dict(evaluator.model.named_parameters())
@@ -275,6 +290,7 @@ def reattack_from_configs(
     checkpoints: Sequence[int],
     overrides: Sequence[str] = (),
     eval_overrides: Sequence[str] = (),
+    evaluated: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Re-attacks every variant of one fine-tuned stage with its own fine-tuning config.
 
@@ -293,6 +309,9 @@ def reattack_from_configs(
         overrides: Command-line style arguments for the fine-tuning config (e.g. a seed's data
             override), applied before the re-attack's own settings.
         eval_overrides: Command-line style arguments for the evaluation config.
+        evaluated: Variant name -> the evaluator's results for that variant's repaired model,
+            already computed with this very evaluation config (no ``eval_overrides``): its step 0
+            is then not evaluated again (see :func:`evaluate_snapshots`).
 
     Returns:
         ``{variant: curve}``, each curve as :func:`evaluate_snapshots` returns it.
@@ -300,6 +319,9 @@ def reattack_from_configs(
     steps = check_checkpoints(checkpoints)
     if not variants:
         raise bad_value("reattack.variants", {}, "at least one variant, e.g. {'none': (None, None)}")
+    if evaluated and eval_overrides:
+        # Results computed without the overrides would not be this evaluation's.
+        raise bad_value("reattack.evaluated", sorted(evaluated), "nothing when eval_overrides are given")
     quiet = {"model.init_args.output_dir": None, "trainer.enable_progress_bar": False}
     evaluator, eval_dm, eval_trainer = _from_config(
         evaluation_config,
@@ -320,7 +342,8 @@ def reattack_from_configs(
     for name, (masks, report) in variants.items():
         module, datamodule, trainer = _from_config(finetune_config, train_values, overrides)
         snapshots = continue_attack(module, datamodule, steps, masks, report, trainer)
-        curves[name] = evaluate_snapshots(evaluator, eval_dm, snapshots, eval_trainer)
+        step0 = (evaluated or {}).get(name)
+        curves[name] = evaluate_snapshots(evaluator, eval_dm, snapshots, eval_trainer, step0=step0)
     return curves
 
 
