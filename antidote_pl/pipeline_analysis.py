@@ -88,7 +88,9 @@ def mask_section(
     if not chosen:
         return {}, ""
     markdown = mask_analytics_markdown(chosen, out, heatmaps=heatmaps)
-    return {"alpha": alpha, "jaccard": jaccard_matrix(chosen)}, markdown
+    # The anchor (the first method at the focus alpha) is named: report.json sorts the keys.
+    anchor = next(iter(chosen))
+    return {"alpha": alpha, "anchor": anchor, "jaccard": jaccard_matrix(chosen)}, markdown
 
 
 def durability_section(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: Path) -> str:
@@ -146,7 +148,8 @@ def _overlap_across_seeds(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
     if not by_seed:
         return ""
     first = next(iter(by_seed.values()))
-    anchor = next(iter(first["jaccard"]))
+    # Reports written before the anchor was recorded: their first key.
+    anchor = first.get("anchor") or next(iter(first["jaccard"]))
     body = []
     for other in [n for n in first["jaccard"][anchor] if n != anchor]:
         values = [m["jaccard"].get(anchor, {}).get(other) for m in by_seed.values()]

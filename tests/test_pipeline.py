@@ -118,7 +118,7 @@ def check_analysis(report, markdown, out) -> None:
     assert budget == {(m, f) for m in ("wanda", "random") for f in (2.0, 5.0)}
     # The tiny world's judge and the keyword judge (extra_judges) both judged every prompt.
     assert len(analysis["judge_agreement"]) == 1 and analysis["judge_agreement"][0]["n"] > 0
-    assert analysis["masks"]["alpha"] == 0.2
+    assert analysis["masks"]["alpha"] == 0.2 and analysis["masks"]["anchor"] == f"{report['methods'][0]} a0.2"
     # Every method at the focus alpha, and the first method across the sweep.
     first = report["methods"][0]
     assert set(analysis["masks"]["jaccard"]) == {"wanda a0.2", "random a0.2", f"{first} a0.05"}

@@ -43,3 +43,15 @@ def test_seeds_summary_of_budget_overlap_and_reattack():
 def test_seeds_summary_is_empty_without_analyses():
     assert seeds_analysis_markdown({}) == ""
     assert seeds_analysis_markdown({0: {"fa_budget": None, "masks": {}, "reattack": {}}}) == ""
+
+
+def test_seeds_overlap_is_anchored_on_the_recorded_mask():
+    """report.json sorts keys, so the anchor (the first method's mask) is named, not taken first."""
+    jaccard = {
+        "magnitude a0.05": {"magnitude a0.05": 1.0, "wanda a0.05": 0.2},
+        "wanda a0.05": {"magnitude a0.05": 0.2, "wanda a0.05": 1.0},
+    }
+    masks = {"alpha": 0.05, "anchor": "wanda a0.05", "jaccard": jaccard}
+    md = seeds_analysis_markdown({0: {"masks": masks}, 1: {"masks": masks}})
+    assert "overlap of the removed sets with wanda a0.05" in md
+    assert "| wanda a0.05 | magnitude a0.05 | 0.200 ± 0.000 | 2 |" in md
