@@ -690,12 +690,12 @@ class Pipeline:
     def _reattack_curves(self, d: DurabilitySpec) -> dict[str, Any]:
         variants: dict[str, Any] = {"none": (None, None)}
         # Step 0 is the repaired model itself: its sweep row (same evaluation config) is reused.
-        evaluated = {"none": self._row("none", 0.0)}
+        evaluated = {"none": self._sweep_result("none", 0.0)}
         for method in d.methods:
             report = RepairArtifacts.read(self.out / "scores" / method).report
             name = variant_name(method, d.alpha)
             variants[name] = (self.masks[(method, d.alpha)], report)
-            evaluated[name] = self._row(method, d.alpha)
+            evaluated[name] = self._sweep_result(method, d.alpha)
         stage = self.stages[-1]
         return reattack_from_configs(
             stage.configs,
@@ -707,7 +707,7 @@ class Pipeline:
             evaluated={name: row for name, row in evaluated.items() if row is not None},
         )
 
-    def _row(self, method: str, alpha: float) -> dict[str, Any] | None:
+    def _sweep_result(self, method: str, alpha: float) -> dict[str, Any] | None:
         """The sweep's evaluator results for ``method`` at ``alpha`` (without the report's own keys)."""
         for row in self.rows:
             if row["method"] == method and row["alpha"] == alpha and not row.get("reference"):
