@@ -36,7 +36,7 @@ from typing import Any
 
 from antidote_pl.analysis.tables import mean_std
 from antidote_pl.errors import bad_value
-from antidote_pl.eval.intervals import interval_distances, rate_interval
+from antidote_pl.eval.intervals import rate_interval
 from antidote_pl.pipeline import run_inputs, run_pipeline
 from antidote_pl.pipeline_analysis import seeds_analysis_markdown
 from antidote_pl.pipeline_report import extra_judge_names
@@ -393,25 +393,33 @@ def _plot_single_points(ax, rows: list[dict[str, Any]], methods: list[str]) -> N
             ax.annotate(r["method"], (x, y), xytext=(5, 5), textcoords="offset points")
 
 
+def cell_interval(row: dict[str, Any], metric: str) -> tuple[float, float]:
+    """A cell's interval: mean ± std over seeds; with one seed, the 95% Wilson interval over its
+    items (mean ± std, i.e. the value itself, when the item count is unknown)."""
+    mean = row.get(f"{metric}_mean") or 0.0
+    count = row.get(COUNT_KEYS.get(metric.split("/")[0], ""), 0)
+    if row.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
+        std = row.get(f"{metric}_std") or 0.0
+        return mean - std, mean + std
+    return rate_interval(mean, count)
+
+
 def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
-    """Error bars (below, above) per point: std over seeds, or the Wilson interval for one seed."""
+    """Error bars (below, above) per point: distances to :func:`cell_interval`."""
     below, above = [], []
     for p in points:
-        mean = p[f"{metric}_mean"] or 0.0
-        count = p.get(COUNT_KEYS[metric], 0)
-        if p.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
-            below.append(p[f"{metric}_std"] or 0.0)
-            above.append(p[f"{metric}_std"] or 0.0)
-        else:
-            low, high = interval_distances(mean, count)
-            below.append(low)
-            above.append(high)
+        mean = p.get(f"{metric}_mean") or 0.0
+        low, high = cell_interval(p, metric)
+        # Clamped: at 0 or 100 % a Wilson bound equals the value up to float rounding (e.g. -5e-15).
+        below.append(max(0.0, mean - low))
+        above.append(max(0.0, high - mean))
     return [below, above]
 
 
 __all__ = [
     "aggregate",
     "aggregate_markdown",
+    "cell_interval",
     "check_no_placeholder",
     "run_seeds",
     "seeded_specs",

@@ -23,9 +23,8 @@ from typing import Any
 
 import yaml
 
-from antidote_pl.eval.intervals import rate_interval
 from antidote_pl.pipeline_analysis import seeds_analysis_markdown
-from antidote_pl.seeds import COUNT_KEYS, aggregate_markdown, format_cell, write_aggregate_report
+from antidote_pl.seeds import aggregate_markdown, cell_interval, format_cell, write_aggregate_report
 from antidote_pl.utils.io import atomic_write_text
 
 #: Issue #11's bars for the SmolLM2 world.
@@ -41,15 +40,6 @@ def _row(report: dict[str, Any], method: str, alpha: float | None = None) -> dic
 def _ms(row: dict[str, Any] | None, metric: str) -> str:
     """A cell as in the table: mean ± std over seeds, or value [95% Wilson interval] for one seed."""
     return "n/a" if row is None else format_cell(row, metric)
-
-
-def _interval(row: dict[str, Any], metric: str) -> tuple[float, float]:
-    """mean ± std over seeds, or the 95% Wilson interval over prompts when there is one seed."""
-    mean = row[f"{metric}_mean"]
-    count = row.get(COUNT_KEYS[metric], 0)
-    if row.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
-        return (mean - row[f"{metric}_std"], mean + row[f"{metric}_std"])
-    return rate_interval(mean, count)
 
 
 def _verdict(ok: bool) -> str:
@@ -110,9 +100,10 @@ def versus_wanda(report: dict[str, Any]) -> list[str]:
             other = _row(report, method, alpha)
             if other is None:
                 continue
+            hs, fa = "harmful_score", "finetune_accuracy"
             as_good = (
-                _interval(other, "harmful_score")[0] <= _interval(wanda, "harmful_score")[1]
-                and _interval(other, "finetune_accuracy")[1] >= _interval(wanda, "finetune_accuracy")[0]
+                cell_interval(other, hs)[0] <= cell_interval(wanda, hs)[1]
+                and cell_interval(other, fa)[1] >= cell_interval(wanda, fa)[0]
             )
             if as_good:
                 matches.append(method)

@@ -214,3 +214,16 @@ def test_run_seeds_resumes_a_multi_seed_output_written_before_it_was_marked(tmp_
     with pytest.raises(ConfigError, match="no antidote_output.json"):
         seeds.run_seeds([0, 1], stages, repair, "e.yaml", str(other))
     assert not (other / OUTPUT_MARKER).exists()
+
+
+def test_cell_interval_is_std_over_seeds_or_wilson_for_one_seed():
+    from antidote_pl.eval.intervals import rate_interval
+    from antidote_pl.seeds import cell_interval
+
+    several = {"harmful_score_mean": 40.0, "harmful_score_std": 5.0, "n_seeds": 3, "n_harmful_score": 80}
+    assert cell_interval(several, "harmful_score") == (35.0, 45.0)
+    one = {"harmful_score_mean": 72.5, "harmful_score_std": 0.0, "n_seeds": 1, "n_harmful_score": 80}
+    assert cell_interval(one, "harmful_score") == rate_interval(72.5, 80)
+    # An extra judge's HS counts its prompts like the primary judge's.
+    judged = {"harmful_score/X_mean": 72.5, "n_seeds": 1, "n_harmful_score": 80}
+    assert cell_interval(judged, "harmful_score/X") == rate_interval(72.5, 80)
