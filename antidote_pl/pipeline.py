@@ -469,7 +469,7 @@ class Pipeline:
         """Parses every config the run will use, as its step will; nothing is loaded."""
         # Each model stage's seeds, as parsed here, go into the manifest.
         self.stage_seeds = {}
-        for spec in [*self.stages, *(s for b in self.baselines for s in b.stages)]:
+        for spec in self.all_stages:
             seeds = _validate_stage(spec)
             if seeds is not None:
                 self.stage_seeds[spec.name] = seeds
@@ -523,6 +523,11 @@ class Pipeline:
         with self.times.timed(step):
             fn(*args)
         output.mark_done(key, self.times.ran[step])
+
+    @property
+    def all_stages(self) -> list[StageSpec]:
+        """The main stages, then every baseline's stages."""
+        return [*self.stages, *(s for b in self.baselines for s in b.stages)]
 
     @property
     def finetuned(self) -> str:
@@ -731,7 +736,7 @@ class Pipeline:
         """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git, and the
         pipeline spec itself (``pipeline``)."""
         configs: dict[str, Any] = {"evaluation": self.evaluation}
-        specs = [*self.stages, *(s for b in self.baselines for s in b.stages)]
+        specs = self.all_stages
         for spec in specs:
             for i, config in enumerate(spec.configs):
                 configs[f"stages.{spec.name}[{i}]"] = (config, spec.overrides)
