@@ -729,7 +729,9 @@ class Pipeline:
         pairs, agreement_md = agreement_section(self.out / "results", names, self.primary_judge)
         masks, masks_md = mask_section(self.masks, methods, self.alphas, self.out)
         analysis = {"fa_budget": budget, "judge_agreement": pairs, "masks": masks, "reattack": self.curves}
-        sections = [budget_md, agreement_md, masks_md, durability_section(self.curves, self.out)]
+        seed = self.stage_seeds.get(self.stages[-1].name, {}).get("seed_everything")
+        durability_md = durability_section(self.curves, self.out, seed)
+        sections = [budget_md, agreement_md, masks_md, durability_md]
         return analysis, [s for s in sections if s]
 
     def manifest(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from antidote_pl.analysis.masks import jaccard_matrix, mask_analytics_markdown
-from antidote_pl.analysis.tables import format_mean_std, markdown_table
+from antidote_pl.analysis.tables import format_mean_std, markdown_table, mean_std
 from antidote_pl.eval.agreement import (
     agreement_markdown,
     judge_verdicts,
@@ -93,25 +93,31 @@ def mask_section(
     return {"alpha": alpha, "anchor": anchor, "jaccard": jaccard_matrix(chosen)}, markdown
 
 
-def durability_section(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: Path) -> str:
-    """The re-attack table and plot (``reattack.png`` in ``out``)."""
+def durability_section(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, seed: Any = None) -> str:
+    """The re-attack table and plot (``reattack.png`` in ``out``; ``seed``, the attack's, in its title)."""
     if not curves:
         return ""
-    write_reattack_plot(curves, out / "reattack.png")
+    write_reattack_plot(curves, out / "reattack.png", title=f"Re-attack, seed {seed}, 95% Wilson intervals")
     return reattack_markdown(curves) + "\n![re-attack](reattack.png)\n"
 
 
 # ------------------------------------------------------------------ across seeds
-def seeds_analysis_markdown(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
+def seeds_analysis_markdown(
+    by_seed: Mapping[Any, Mapping[str, Any]], reattack_plot: Path | None = None
+) -> str:
     """The multi-seed report's summary of each seed's analyses: mean ± std over seeds.
 
     Args:
         by_seed: Seed -> that run's ``report["analysis"]`` (see :meth:`Pipeline.analyse`).
+        reattack_plot: Where to write the re-attack curves across seeds (a PNG the markdown links
+            by name, so it goes beside the report); no plot when ``None``.
     """
     sections = [
         _budget_across_seeds({s: a["fa_budget"] for s, a in by_seed.items() if a.get("fa_budget")}),
         _overlap_across_seeds({s: a["masks"] for s, a in by_seed.items() if a.get("masks")}),
-        _reattack_across_seeds({s: a["reattack"] for s, a in by_seed.items() if a.get("reattack")}),
+        _reattack_across_seeds(
+            {s: a["reattack"] for s, a in by_seed.items() if a.get("reattack")}, reattack_plot
+        ),
     ]
     return "".join(f"\n{s}" for s in sections if s)
 
@@ -161,26 +167,63 @@ def _overlap_across_seeds(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
     return intro + markdown_table(["mask", "other mask", "Jaccard", "seeds"], body)
 
 
-def _reattack_across_seeds(by_seed: Mapping[Any, Mapping[str, Sequence[Mapping[str, Any]]]]) -> str:
-    if not by_seed:
-        return ""
-    points: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+def reattack_across_seeds(
+    by_seed: Mapping[Any, Mapping[str, Sequence[Mapping[str, Any]]]],
+) -> dict[str, list[dict[str, Any]]]:
+    """Each variant's re-attack curve over seeds: per step, HS and FA mean and std, and the seeds.
+
+    A point seen in one seed only gets no std, so its interval stays the Wilson one over its items
+    (:func:`~antidote_pl.eval.reattack.reattack_bars`).
+    """
+    points: dict[str, dict[int, list[Mapping[str, Any]]]] = {}
     for curves in by_seed.values():
         for variant, curve in curves.items():
             for p in curve:
-                points.setdefault((variant, p["step"]), []).append(p)
+                points.setdefault(variant, {}).setdefault(p["step"], []).append(p)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for variant, steps in points.items():
+        for step, ps in sorted(steps.items()):
+            point: dict[str, Any] = {"step": step, "n_seeds": len(ps)}
+            for metric in ("harmful_score", "finetune_accuracy"):
+                values = [p.get(metric) for p in ps if p.get(metric) is not None]
+                point[metric], std = mean_std(values)
+                point[f"n_{metric}"] = ps[0].get(f"n_{metric}")  # items per seed
+                if len(ps) > 1:
+                    point[f"{metric}_std"] = std
+            out.setdefault(variant, []).append(point)
+    return out
+
+
+def _reattack_across_seeds(
+    by_seed: Mapping[Any, Mapping[str, Sequence[Mapping[str, Any]]]], plot: Path | None
+) -> str:
+    if not by_seed:
+        return ""
+    curves = reattack_across_seeds(by_seed)
     body = [
         [
             variant,
-            step,
-            format_mean_std([p.get("harmful_score") for p in ps]),
-            format_mean_std([p.get("finetune_accuracy") for p in ps]),
-            len(ps),
+            p["step"],
+            _mean_std_cell(p, "harmful_score"),
+            _mean_std_cell(p, "finetune_accuracy"),
+            p["n_seeds"],
         ]
-        for (variant, step), ps in points.items()
+        for variant, curve in curves.items()
+        for p in curve
     ]
     intro = (
         "## Durability (re-attack), across seeds\n\nThe same harmful fine-tuning continued from each "
         "variant; HS and FA mean ± std over seeds.\n\n"
     )
-    return intro + markdown_table(["variant", "steps", "HS %", "FA %", "seeds"], body)
+    text = intro + markdown_table(["variant", "steps", "HS %", "FA %", "seeds"], body)
+    if plot is not None:
+        seeds = ", ".join(str(s) for s in by_seed)
+        write_reattack_plot(curves, plot, title=f"Re-attack, mean ± std over seeds {seeds}")
+        text += f"\n![re-attack across seeds {seeds}]({plot.name})\n"
+    return text
+
+
+def _mean_std_cell(point: Mapping[str, Any], metric: str) -> str:
+    """``mean ± std`` as :func:`format_mean_std` writes it (std 0 for a single seed)."""
+    mean = point.get(metric)
+    return "n/a" if mean is None else f"{mean:.1f} ± {point.get(f'{metric}_std') or 0.0:.1f}"

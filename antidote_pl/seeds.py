@@ -331,10 +331,13 @@ def _aggregate_header(report: dict[str, Any], title: str) -> str:
 
 
 def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "antidote_pl report") -> None:
-    """Writes ``report.json``, ``report.md`` and ``report.png`` (HS against FA, error bars) atomically."""
+    """Writes ``report.json``, ``report.md`` and ``report.png`` (HS against FA, error bars) atomically,
+    plus ``reattack.png`` when the seeds' runs have re-attack curves."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", report)
-    body = aggregate_markdown(report) + seeds_analysis_markdown(report.get("analysis") or {})
+    body = aggregate_markdown(report) + seeds_analysis_markdown(
+        report.get("analysis") or {}, out / "reattack.png"
+    )
     atomic_write_text(out / "report.md", _aggregate_header(report, title) + body)
     plot_aggregate(report, out / "report.png")
 

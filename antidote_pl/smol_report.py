@@ -163,8 +163,15 @@ def _partial(seeds: list[int], configured: list[int] | None) -> list[str]:
     ]
 
 
-def render(run: Path, png_name: str, notes: str | None, configured: list[int] | None = None) -> str:
-    """The report's markdown text."""
+def render(
+    run: Path,
+    png_name: str,
+    notes: str | None,
+    configured: list[int] | None = None,
+    reattack_plot: Path | None = None,
+) -> str:
+    """The report's markdown text; the re-attack curves across seeds go to ``reattack_plot`` (beside
+    the report, linked by name) when the run has them."""
     report = json.loads((run / "report.json").read_text())
     seeds = report["seeds"]
     first = report["rows"][0] if report["rows"] else {}
@@ -206,7 +213,7 @@ def render(run: Path, png_name: str, notes: str | None, configured: list[int] | 
         aggregate_markdown(report),
         f"![HS against FA per method, seeds {', '.join(map(str, seeds))}]({png_name})",
         # HS at an FA budget (alpha chosen on the validation split), mask overlaps and re-attack.
-        seeds_analysis_markdown(report.get("analysis") or {}),
+        seeds_analysis_markdown(report.get("analysis") or {}, reattack_plot),
         "",
         "## Time",
         "",
@@ -238,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}")
     shutil.copyfile(run / "report.png", tmp)
     os.replace(tmp, png)
-    atomic_write_text(out, render(run, png.name, notes, configured))
+    reattack_png = out.with_name(f"{out.stem}_reattack.png")
+    atomic_write_text(out, render(run, png.name, notes, configured, reattack_png))
     print(f"wrote {out} and {png}")
 
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from antidote_pl.pipeline_analysis import budget_section, focus_alpha, seeds_analysis_markdown
+import pytest
+
+from antidote_pl.eval.intervals import wilson_interval
+from antidote_pl.eval.reattack import reattack_bars
+from antidote_pl.pipeline_analysis import (
+    budget_section,
+    focus_alpha,
+    reattack_across_seeds,
+    seeds_analysis_markdown,
+)
 
 
 def test_focus_alpha_prefers_the_papers_default():
@@ -55,3 +64,51 @@ def test_seeds_overlap_is_anchored_on_the_recorded_mask():
     md = seeds_analysis_markdown({0: {"masks": masks}, 1: {"masks": masks}})
     assert "overlap of the removed sets with wanda a0.05" in md
     assert "| wanda a0.05 | magnitude a0.05 | 0.200 ± 0.000 | 2 |" in md
+
+
+def _point(step, hs, fa, n=10):
+    return {
+        "step": step,
+        "harmful_score": hs,
+        "finetune_accuracy": fa,
+        "n_harmful_score": n,
+        "n_finetune_accuracy": n,
+    }
+
+
+def test_reattack_across_seeds_means_stds_and_single_seed_points():
+    by_seed = {
+        0: {"wanda a0.1": [_point(0, 10.0, 50.0), _point(5, 60.0, 70.0)]},
+        1: {"wanda a0.1": [_point(0, 30.0, 70.0)], "none": [_point(0, 100.0, 90.0)]},
+    }
+    curves = reattack_across_seeds(by_seed)
+    step0, step5 = curves["wanda a0.1"]
+    assert step0["n_seeds"] == 2 and step0["harmful_score"] == 20.0 and step0["finetune_accuracy"] == 60.0
+    assert step0["harmful_score_std"] == pytest.approx(14.142, abs=1e-3)
+    # A point only one seed reached keeps its item counts: its bar is the Wilson interval, not ± 0.
+    assert step5["n_seeds"] == 1 and "harmful_score_std" not in step5 and step5["n_harmful_score"] == 10
+    assert step0["n_harmful_score"] == 10 and "finetune_accuracy_std" in step0
+    low, high = wilson_interval(6, 10)
+    assert reattack_bars(step5, "harmful_score") == pytest.approx((60.0 - low, high - 60.0))
+    assert reattack_bars(step0, "harmful_score") == pytest.approx((14.142, 14.142), abs=1e-3)
+    assert curves["none"] == [
+        {
+            "step": 0,
+            "n_seeds": 1,
+            "harmful_score": 100.0,
+            "n_harmful_score": 10,
+            "finetune_accuracy": 90.0,
+            "n_finetune_accuracy": 10,
+        }
+    ]
+
+
+def test_seeds_summary_writes_the_reattack_plot_it_links(tmp_path):
+    by_seed = {
+        s: {"reattack": {"none": [_point(0, 90.0 + s, 80.0), _point(3, 95.0, 81.0 + s)]}} for s in (0, 1)
+    }
+    md = seeds_analysis_markdown(by_seed, tmp_path / "curves.png")
+    assert "![re-attack across seeds 0, 1](curves.png)" in md
+    assert "| none | 3 | 95.0 ± 0.0 | 81.5 ± 0.7 | 2 |" in md
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](" not in seeds_analysis_markdown(by_seed)  # no plot asked, none linked

@@ -39,6 +39,7 @@ import torch
 from antidote_pl.analysis.tables import format_rate, markdown_table
 from antidote_pl.cli import build_cli
 from antidote_pl.errors import ConfigError, bad_value, check_int
+from antidote_pl.eval.intervals import interval_distances
 from antidote_pl.pruning.apply import apply_target_masks_
 from antidote_pl.pruning.targets import find_targets
 from antidote_pl.utils.io import save_png
@@ -376,19 +377,52 @@ def reattack_markdown(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     return intro + markdown_table(headers, body)
 
 
-def write_reattack_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> None:
-    """Writes HS against re-attack steps, one line per variant, as a PNG (atomically)."""
+def reattack_bars(point: Mapping[str, Any], metric: str) -> tuple[float, float]:
+    """A curve point's error bar (below, above) for ``metric``.
+
+    A point aggregated over seeds (``<metric>_std``) gets ± its std; a single run's point gets its
+    95% Wilson interval over ``n_<metric>`` items.
+    """
+    if f"{metric}_std" in point:
+        std = point[f"{metric}_std"] or 0.0
+        return std, std
+    return interval_distances(point.get(metric), point.get(f"n_{metric}"))
+
+
+def write_reattack_plot(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str | None = None
+) -> None:
+    """Writes HS and FA against re-attack steps, one line per variant, as a PNG (atomically).
+
+    Every point carries its interval (:func:`reattack_bars`); the title states the interval (by
+    default the Wilson one; pass e.g. the seeds behind a mean ± std) and the item counts n.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    for name, curve in curves.items():
-        ax.plot([p["step"] for p in curve], [p.get("harmful_score") for p in curve], marker="o", label=name)
-    ax.set_xlabel("re-attack steps (same harmful fine-tuning)")
-    ax.set_ylabel("harmful score HS (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    labels = (("harmful_score", "harmful score HS (%)"), ("finetune_accuracy", "fine-tune accuracy FA (%)"))
+    for ax, (metric, label) in zip(axes, labels):
+        for name, curve in curves.items():
+            bars = [reattack_bars(p, metric) for p in curve]
+            ax.errorbar(
+                [p["step"] for p in curve],
+                [p.get(metric) or 0.0 for p in curve],
+                yerr=[[b[0] for b in bars], [b[1] for b in bars]],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
+        ax.set_xlabel("re-attack steps (same harmful fine-tuning)")
+        ax.set_ylabel(label)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    first = next((c[0] for c in curves.values() if c), {})
+    counts = (
+        f"n={first.get('n_harmful_score')} prompts (HS), {first.get('n_finetune_accuracy')} questions (FA)"
+    )
+    fig.suptitle(f"{title or 'Re-attack, 95% Wilson intervals'}; {counts}", fontsize=10)
     save_png(fig, path)
