@@ -22,7 +22,7 @@ CONFIGS_DIR = REPO / "configs"
 ALL = sorted(CONFIGS_DIR.rglob("*.yaml"))
 PIPELINES = [p for p in ALL if p.name.startswith("pipeline")]
 # Fragments of a world's pipeline.yaml (e.g. its multi-seed variant), parsed composed over it.
-PIPELINE_FRAGMENTS = [p for p in ALL if p.stem in ("seeds", "reattack")]
+PIPELINE_FRAGMENTS = [p for p in ALL if p.stem == "seeds"]
 TOKENIZERS = [p for p in ALL if p.name.startswith("tokenizer")]
 # Source specs (class_path/init_args of one record source), referenced by path from stage configs.
 SOURCE_FRAGMENTS = sorted((CONFIGS_DIR / "paper" / "fragments" / "data").glob("*.yaml"))

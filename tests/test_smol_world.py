@@ -63,8 +63,7 @@ def smol_run(tmp_path_factory):
         cfg["seeds"] = [0, 1]
         cfg["repair"]["alphas"] = [0.1]
         cfg["repair"]["methods"] = {k: cfg["repair"]["methods"][k] for k in ("wanda", "random")}
-        # The re-attack fragment, shrunk: one step of the unrepaired model and the random ablation.
-        cfg["durability"] = yaml.safe_load((REPO / "configs/smol/reattack.yaml").read_text())["durability"]
+        # The re-attack, shrunk: one step of the unrepaired model and the random ablation.
         cfg["durability"].update(checkpoints=[0, 1], alpha=0.1, methods=["random"])
         # The realignment set, its size and max_length come from each seed's fine-tune stage.
         cfg["repair"]["overrides"] += ["--data.init_args.batch_size=4"]
