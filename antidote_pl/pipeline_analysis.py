@@ -97,7 +97,8 @@ def durability_section(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: P
     """The re-attack table and plot (``reattack.png`` in ``out``; ``seed``, the attack's, in its title)."""
     if not curves:
         return ""
-    write_reattack_plot(curves, out / "reattack.png", title=f"Re-attack, seed {seed}, 95% Wilson intervals")
+    seeded = "" if seed is None else f", seed {seed}"
+    write_reattack_plot(curves, out / "reattack.png", title=f"Re-attack{seeded}, 95% Wilson intervals")
     return reattack_markdown(curves) + "\n![re-attack](reattack.png)\n"
 
 
