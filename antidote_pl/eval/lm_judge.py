@@ -21,17 +21,19 @@ question; Safe-RLHF: unsafe answer; JailbreakEval example: jailbroken), so they 
 GPTFuzz's question indices are resolved to text by :func:`load_labelled_csv`; for example.csv the
 plain ``question`` is used, not the adversarial ``prompt``.
 
-Speed: the backbone is the cost (1.3-2.3 pairs/s at 192 tokens and 18 layers, measured on two
-shared, busy CPU cores), the head trains in seconds. Features are therefore cached in a safetensors
-file per data file, keyed by the file's sha256, the subsample and every feature setting
+Speed: the backbone is the cost, the head trains in seconds. All 10,210 labelled pairs take 21 min
+on two otherwise idle CPU cores (8.2 pairs/s at 192 tokens through 18 layers; 1.3-2.3 pairs/s when
+the cores are shared with other jobs). Features are therefore cached in a safetensors file per data
+file, keyed by the file's sha256, the subsample and every feature setting
 (:func:`feature_cache_key`), so retraining the head or re-scoring the other judges does not rerun
-the backbone. Only the layers up
-to the deepest cached one are run. ``--limit-per-file`` subsamples each file (seeded) so that the
-whole command fits in about 30 minutes on two cores.
+the backbone. Only the layers up to the deepest cached one are run; the default layers (12, 15, 18)
+stop at 18 of 30 because deeper ones did not help on validation (layers 18/24/30: 0.886, with
+layer 18 alone chosen; 12/15/18: 0.891). ``--limit-per-file`` subsamples each file (seeded) for a
+quicker run.
 
 Command line (prints the held-out agreement as JSON and writes it beside the weights)::
 
-    python -m antidote_pl.eval.lm_judge --out outputs/judges/smollm2 --limit-per-file 700
+    python -m antidote_pl.eval.lm_judge --out outputs/judges/smollm2
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ DEFAULT_TRAIN_CSVS = (
     DATA_DIR / "jailbreakeval" / "Safe-RLHFmini.csv",
     DATA_DIR / "jailbreakeval" / "example.csv",
 )
-DEFAULT_LAYERS = (8, 13, 18)
+DEFAULT_LAYERS = (12, 15, 18)
 DEFAULT_CACHE_DIR = Path("~/.cache/antidote_pl/lm_judge_features")
 WEIGHTS_FILE = "judge.safetensors"
 META_FILE = "judge.json"
@@ -883,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--question-max-tokens", type=int, default=48)
     parser.add_argument(
-        "--layers", type=_layers, default=list(DEFAULT_LAYERS), help="decoder layers to pool, e.g. 8,13,18"
+        "--layers", type=_layers, default=list(DEFAULT_LAYERS), help="decoder layers to pool, e.g. 12,15,18"
     )
     parser.add_argument("--heldout-fraction", type=float, default=0.2)
     parser.add_argument("--val-fraction", type=float, default=0.2)
