@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from antidote_pl.analysis.masks import jaccard_matrix, mask_analytics_markdown
-from antidote_pl.analysis.tables import format_mean_std, markdown_table, mean_std
+from antidote_pl.analysis.tables import format_mean_std, format_pm, markdown_table, mean_std
 from antidote_pl.eval.agreement import (
     agreement_markdown,
     judge_verdicts,
@@ -205,8 +205,8 @@ def _reattack_across_seeds(
         [
             variant,
             p["step"],
-            _mean_std_cell(p, "harmful_score"),
-            _mean_std_cell(p, "finetune_accuracy"),
+            format_pm(p["harmful_score"], p.get("harmful_score_std")),
+            format_pm(p["finetune_accuracy"], p.get("finetune_accuracy_std")),
             p["n_seeds"],
         ]
         for variant, curve in curves.items()
@@ -222,9 +222,3 @@ def _reattack_across_seeds(
         write_reattack_plot(curves, plot, title=f"Re-attack, mean ± std over seeds {seeds}")
         text += f"\n![re-attack across seeds {seeds}]({plot.name})\n"
     return text
-
-
-def _mean_std_cell(point: Mapping[str, Any], metric: str) -> str:
-    """``mean ± std`` as :func:`format_mean_std` writes it (std 0 for a single seed)."""
-    mean = point.get(metric)
-    return "n/a" if mean is None else f"{mean:.1f} ± {point.get(f'{metric}_std') or 0.0:.1f}"

@@ -34,9 +34,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from antidote_pl.analysis.tables import mean_std
+from antidote_pl.analysis.tables import format_pm, mean_std
 from antidote_pl.errors import bad_value
-from antidote_pl.eval.intervals import rate_interval
+from antidote_pl.eval.intervals import cell_bounds, cell_distances, rate_interval
 from antidote_pl.pipeline import run_inputs, run_pipeline
 from antidote_pl.pipeline_analysis import seeds_analysis_markdown
 from antidote_pl.pipeline_report import extra_judge_names
@@ -279,7 +279,7 @@ def format_cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
     if mean is None:
         return "n/a"
     if row.get("n_seeds", 0) > 1:
-        return f"{scale * mean:.1f} ± {scale * std:.1f}"
+        return format_pm(scale * mean, scale * std)
     count = row.get(COUNT_KEYS.get(metric.split("/")[0], ""), 0)
     if not isinstance(count, int) or count <= 0 or scale != 1.0:
         return f"{scale * mean:.1f}"
@@ -399,24 +399,19 @@ def _plot_single_points(ax, rows: list[dict[str, Any]], methods: list[str]) -> N
 def cell_interval(row: dict[str, Any], metric: str) -> tuple[float, float]:
     """A cell's interval: mean ± std over seeds; with one seed, the 95% Wilson interval over its
     items (mean ± std, i.e. the value itself, when the item count is unknown)."""
-    mean = row.get(f"{metric}_mean") or 0.0
+    return cell_bounds(*_cell_args(row, metric))
+
+
+def _cell_args(row: dict[str, Any], metric: str) -> tuple[float, float | None, int, Any]:
+    """``(mean, std, n_seeds, item count)`` of an aggregate row's cell, for the interval rule."""
     count = row.get(COUNT_KEYS.get(metric.split("/")[0], ""), 0)
-    if row.get("n_seeds", 0) > 1 or not isinstance(count, int) or count <= 0:
-        std = row.get(f"{metric}_std") or 0.0
-        return mean - std, mean + std
-    return rate_interval(mean, count)
+    return row.get(f"{metric}_mean") or 0.0, row.get(f"{metric}_std"), row.get("n_seeds", 0), count
 
 
 def _bars(points: list[dict[str, Any]], metric: str) -> list[list[float]]:
     """Error bars (below, above) per point: distances to :func:`cell_interval`."""
-    below, above = [], []
-    for p in points:
-        mean = p.get(f"{metric}_mean") or 0.0
-        low, high = cell_interval(p, metric)
-        # Clamped: at 0 or 100 % a Wilson bound equals the value up to float rounding (e.g. -5e-15).
-        below.append(max(0.0, mean - low))
-        above.append(max(0.0, high - mean))
-    return [below, above]
+    distances = [cell_distances(*_cell_args(p, metric)) for p in points]
+    return [[d[0] for d in distances], [d[1] for d in distances]]
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.intervals import rate_interval, wilson_interval
+from antidote_pl.eval.intervals import cell_bounds, cell_distances, rate_interval, wilson_interval
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,12 @@ def test_interval_distances_are_never_negative_and_match_the_interval():
     assert interval_distances(0.0, 10)[0] == 0.0 and interval_distances(0.0, 10)[1] > 0
     assert interval_distances(100.0, 10)[1] == 0.0 and interval_distances(100.0, 10)[0] > 0
     assert interval_distances(None, 10) == (0.0, 0.0) and interval_distances(50.0, 0) == (0.0, 0.0)
+
+
+def test_cell_bounds_is_std_over_seeds_or_wilson_for_one_seed():
+    assert cell_bounds(40.0, 5.0, 3, 80) == (35.0, 45.0)
+    assert cell_bounds(72.5, 0.0, 1, 80) == rate_interval(72.5, 80)
+    assert cell_bounds(72.5, None, 1, None) == (72.5, 72.5)  # no item count: the value itself
+    _, high = rate_interval(0.0, 80)
+    assert cell_distances(0.0, None, 1, 80) == (0.0, high)  # clamped, never negative
+    assert cell_distances(40.0, 5.0, 2, 80) == (5.0, 5.0)

@@ -35,7 +35,11 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def format_pm(mean: float | None, std: float | None, digits: int = 1) -> str:
+    """``mean ± std`` (``n/a`` without a mean; a missing std, e.g. of one seed, is 0)."""
+    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std or 0.0:.{digits}f}"
+
+
 def format_mean_std(values: Sequence[float], digits: int = 1) -> str:
     """``mean ± std`` of ``values`` (``n/a`` for none)."""
-    mean, std = mean_std([v for v in values if v is not None])
-    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return format_pm(*mean_std([v for v in values if v is not None]), digits)

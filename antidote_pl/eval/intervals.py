@@ -50,3 +50,23 @@ def interval_distances(rate_percent: float | None, n: int | None) -> tuple[float
         return 0.0, 0.0
     value = rate_percent or 0.0
     return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+
+
+def cell_bounds(value: float, std: float | None, n_seeds: int, count: int | None) -> tuple[float, float]:
+    """The interval a report shows around a cell: ``value ± std`` over several seeds; for one seed,
+    the 95% Wilson interval over its ``count`` items (``± std``, i.e. the value itself, when the
+    count is unknown)."""
+    if n_seeds > 1 or not isinstance(count, int) or count <= 0:
+        spread = std or 0.0
+        return value - spread, value + spread
+    return rate_interval(value, count)
+
+
+def cell_distances(value: float, std: float | None, n_seeds: int, count: int | None) -> tuple[float, float]:
+    """Error-bar distances (below, above) from ``value`` to :func:`cell_bounds`.
+
+    Clamped at 0: at 0 or 100 % a Wilson bound equals the value up to float rounding (e.g. -5e-15),
+    which matplotlib refuses.
+    """
+    low, high = cell_bounds(value, std, n_seeds, count)
+    return max(0.0, value - low), max(0.0, high - value)

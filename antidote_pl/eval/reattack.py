@@ -39,7 +39,7 @@ import torch
 from antidote_pl.analysis.tables import format_rate, markdown_table
 from antidote_pl.cli import build_cli
 from antidote_pl.errors import ConfigError, bad_value, check_int
-from antidote_pl.eval.intervals import interval_distances
+from antidote_pl.eval.intervals import cell_distances
 from antidote_pl.pruning.apply import apply_target_masks_
 from antidote_pl.pruning.targets import find_targets
 from antidote_pl.utils.io import save_png
@@ -378,15 +378,13 @@ def reattack_markdown(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
 
 def reattack_bars(point: Mapping[str, Any], metric: str) -> tuple[float, float]:
-    """A curve point's error bar (below, above) for ``metric``.
-
-    A point aggregated over seeds (``<metric>_std``) gets ± its std; a single run's point gets its
-    95% Wilson interval over ``n_<metric>`` items.
-    """
-    if f"{metric}_std" in point:
-        std = point[f"{metric}_std"] or 0.0
-        return std, std
-    return interval_distances(point.get(metric), point.get(f"n_{metric}"))
+    """A curve point's error bar (below, above) for ``metric``, by the reports' one interval rule
+    (:func:`~antidote_pl.eval.intervals.cell_bounds`): ± std for a point aggregated over seeds
+    (``n_seeds`` > 1), else the 95% Wilson interval over its ``n_<metric>`` items."""
+    value = point.get(metric) or 0.0
+    return cell_distances(
+        value, point.get(f"{metric}_std"), point.get("n_seeds", 1), point.get(f"n_{metric}")
+    )
 
 
 def write_reattack_plot(
