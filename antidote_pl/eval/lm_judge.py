@@ -44,6 +44,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,15 @@ from torch import nn
 from antidote_pl.errors import bad_file, bad_value, check_int, run_entry_point
 from antidote_pl.eval.judges import Judge, KeywordJudge, Verdict, resolve_device
 from antidote_pl.eval.offline_judge import OfflineJudge, binary_agreement, heldout_mask, load_labelled_csv
+from antidote_pl.eval.tuned_head import (
+    PRECISIONS,
+    TokenStates,
+    TunedHead,
+    TuneSettings,
+    fit_tuned_head,
+    pool_answer_last,
+    tuned_probabilities,
+)
 from antidote_pl.models.gguf import gguf_source, is_gguf_spec
 from antidote_pl.models.loading import load_causal_lm, load_tokenizer
 from antidote_pl.utils.files import check_safetensors_file, read_json_file
@@ -70,6 +80,10 @@ DEFAULT_TRAIN_CSVS = (
     DATA_DIR / "jailbreakeval" / "example.csv",
 )
 DEFAULT_LAYERS = (12, 15, 18)
+DEFAULT_MAX_LENGTH = 256
+#: The tuned head's defaults: trunk layers 1-12 frozen and cached, layers 13-18 fine-tuned.
+DEFAULT_TRUNK_LAYER, DEFAULT_TUNED_LAYERS = 12, 6
+HEADS = ("tuned", "linear")
 DEFAULT_CACHE_DIR = Path("~/.cache/antidote_pl/lm_judge_features")
 WEIGHTS_FILE = "judge.safetensors"
 META_FILE = "judge.json"
@@ -80,6 +94,8 @@ FEATURE_VERSION = 1
 VAL_SEED_OFFSET = 1_000_003
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 POOLINGS = ("answer_mean", "last_token")
+#: The pooling recorded for token states (every token kept).
+TOKEN_POOLING = "tokens"
 # Sentinels used once to cut the chat template into its fixed pieces around question and answer.
 _Q_SENTINEL, _A_SENTINEL = "\x00QUESTION\x00", "\x00ANSWER\x00"
 
@@ -133,31 +149,40 @@ class PairFeaturizer:
             one are run.
         batch_size: Pairs per forward pass (sorted by length, so padding is small).
         device: Torch device string; ``None`` picks CUDA when available.
+        tail_layers: Decoder layers after the deepest pooled one to load too, split off as
+            :attr:`tail` (with the rotary embedding as :attr:`rotary`) for a
+            :class:`~antidote_pl.eval.tuned_head.TunedHead`; they never run in :meth:`features`.
     """
 
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,
-        max_length: int = 192,
+        max_length: int = DEFAULT_MAX_LENGTH,
         question_max_tokens: int = 48,
         layers: Sequence[int] = DEFAULT_LAYERS,
         batch_size: int = 16,
         device: str | None = None,
+        tail_layers: int = 0,
     ) -> None:
         check_int("max_length", max_length, 8)
         check_int("question_max_tokens", question_max_tokens, 1)
         check_int("batch_size", batch_size, 1)
+        check_int("tail_layers", tail_layers, 0)
         layers = sorted({int(x) for x in layers})
         if not layers or layers[0] < 1:
             raise bad_value("layers", layers, "one or more decoder layer numbers >= 1")
         self.backbone, self.max_length, self.question_max_tokens = backbone, max_length, question_max_tokens
         self.layers, self.batch_size, self.device = layers, batch_size, resolve_device(device)
+        self.tail_layers = tail_layers
         self._model: nn.Module | None = None
         self._tokenizer = None
+        #: The ``tail_layers`` decoder layers after the deepest pooled one (a tuned head's init).
+        self.tail: nn.ModuleList | None = None
+        self.rotary: nn.Module | None = None
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The settings the features depend on (stored with the head and in cache keys)."""
+        """The settings the pooled features depend on (stored with the head and in cache keys)."""
         return {
             "backbone": self.backbone,
             "max_length": self.max_length,
@@ -167,6 +192,11 @@ class PairFeaturizer:
             "feature_version": FEATURE_VERSION,
         }
 
+    @property
+    def token_settings(self) -> dict[str, Any]:
+        """The settings :meth:`token_states` depend on (the tail does not change them)."""
+        return self.settings | {"pooling": [TOKEN_POOLING]}
+
     def load(self) -> None:
         """Loads tokenizer and backbone (fp32, eval, frozen), keeping only the layers needed.
 
@@ -174,16 +204,29 @@ class PairFeaturizer:
             ConfigError: if the backbone cannot be loaded or has fewer layers than requested.
         """
 
+        # Loading may be triggered inside features()/token_states() (inference mode): parameters made
+        # there would be inference tensors, which the tail's fine-tuning could not differentiate.
+        with torch.inference_mode(False):
+            self._load()
+
+    def _load(self) -> None:
         tokenizer = load_tokenizer(self.backbone, field="backbone")
         model = load_causal_lm(self.backbone, dtype="fp32")
         base = model.base_model
-        if self.layers[-1] > len(base.layers):
+        deepest = self.layers[-1]
+        if deepest + self.tail_layers > len(base.layers):
             raise bad_value(
-                "layers", self.layers, f"layer numbers <= {len(base.layers)} (the backbone's depth)"
+                "layers",
+                self.layers,
+                f"layer numbers <= {len(base.layers) - self.tail_layers} (the backbone's depth "
+                f"{len(base.layers)}, less {self.tail_layers} tail layers)",
             )
+        if self.tail_layers:
+            self.tail = nn.ModuleList(base.layers[deepest : deepest + self.tail_layers])
+            self.rotary = base.rotary_emb
         # Layers after the deepest pooled one cannot change the features: dropping them (and the LM
         # head) saves their compute on every pair.
-        base.layers = base.layers[: self.layers[-1]]
+        base.layers = base.layers[:deepest]
         base.requires_grad_(False)
         self._model, self._tokenizer = base.to(self.device).eval(), tokenizer
         self._pieces = self._template_pieces()
@@ -222,25 +265,17 @@ class PairFeaturizer:
         start = len(head) + len(q) + len(middle)
         return head + q + middle + a + tail, start, start + len(a)
 
-    @torch.inference_mode()
-    def features(
-        self,
-        questions: Sequence[str],
-        answers: Sequence[str],
-        progress: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
-        """Pooled features, shape ``[N, len(layers), 2, hidden]`` (pooling order: :data:`POOLINGS`).
+    def _forward(
+        self, questions: Sequence[str], answers: Sequence[str], progress: Callable[[int, int], None] | None
+    ):
+        """Runs the pairs in length-sorted batches; yields ``(rows, lengths, spans, {layer: hidden})``.
 
-        Args:
-            questions: The user requests.
-            answers: The responses.
-            progress: Called with ``(done, total)`` after each batch.
+        Rows are right-padded, so under causal attention padding never reaches a real token and a
+        pair's states do not depend on its batch.
         """
         if self._model is None:
             self.load()
         encoded = [self.encode(q, a) for q, a in zip(questions, answers)]
-        hidden = self._model.config.hidden_size
-        out = torch.zeros(len(encoded), len(self.layers), len(POOLINGS), hidden)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         captured: dict[int, torch.Tensor] = {}
         hooks = [
@@ -256,28 +291,68 @@ class PairFeaturizer:
                 width = max(len(encoded[i][0]) for i in idx)
                 ids = torch.full((len(idx), width), pad, dtype=torch.long)
                 attention = torch.zeros(len(idx), width, dtype=torch.long)
-                answer_mask = torch.zeros(len(idx), width)
                 for row, i in enumerate(idx):
-                    tokens, a0, a1 = encoded[i]
-                    ids[row, : len(tokens)] = torch.tensor(tokens)
-                    attention[row, : len(tokens)] = 1
-                    # An empty answer pools the end-of-turn tokens instead of dividing by zero.
-                    answer_mask[row, a0 : a1 if a1 > a0 else len(tokens)] = 1
-                lengths = attention.sum(1)
+                    ids[row, : len(encoded[i][0])] = torch.tensor(encoded[i][0])
+                    attention[row, : len(encoded[i][0])] = 1
+                spans = torch.tensor([encoded[i][1:] for i in idx])
                 self._model(
                     input_ids=ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False
                 )
-                weights = (answer_mask / answer_mask.sum(1, keepdim=True)).unsqueeze(-1)
-                for k, n in enumerate(self.layers):
-                    h = captured[n].float().cpu()
-                    out[idx, k, 0] = (h * weights).sum(1)
-                    out[idx, k, 1] = h[torch.arange(len(idx)), lengths - 1]
+                yield idx, attention.sum(1), spans, {n: captured[n].float().cpu() for n in self.layers}
                 if progress is not None:
                     progress(min(start + self.batch_size, len(order)), len(order))
         finally:
             for hook in hooks:
                 hook.remove()
-        return out
+
+    @torch.inference_mode()
+    def features(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Pooled features, shape ``[N, len(layers), 2, hidden]`` (pooling order: :data:`POOLINGS`).
+
+        Args:
+            questions: The user requests.
+            answers: The responses.
+            progress: Called with ``(done, total)`` after each batch.
+        """
+        out: torch.Tensor | None = None
+        for idx, lengths, spans, hidden in self._forward(questions, answers, progress):
+            if out is None:
+                width = hidden[self.layers[0]].shape[-1]
+                out = torch.zeros(len(questions), len(self.layers), len(POOLINGS), width)
+            for k, n in enumerate(self.layers):
+                out[idx, k] = pool_answer_last(hidden[n], lengths, spans)
+        return out if out is not None else torch.zeros(0, len(self.layers), len(POOLINGS), 0)
+
+    @torch.inference_mode()
+    def token_states(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> TokenStates:
+        """Every token's residual stream after the (single) pooled layer, fp16, for a tuned head.
+
+        Raises:
+            ConfigError: if the featurizer pools more than one layer.
+        """
+        if len(self.layers) != 1:
+            raise bad_value("layers", self.layers, "exactly one layer (the trunk) for token states")
+        (layer,) = self.layers
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for idx, lengths, spans, hidden in self._forward(questions, answers, progress):
+            for r, i in enumerate(idx):
+                rows[i] = (hidden[layer][r, : lengths[r]].half(), spans[r])
+        lengths = torch.tensor([len(rows[i][0]) for i in range(len(questions))], dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        width = next(iter(rows.values()))[0].shape[-1] if rows else 0
+        states = torch.cat([rows[i][0] for i in range(len(questions))]) if rows else torch.zeros(0, width)
+        spans = torch.stack([rows[i][1] for i in range(len(questions))]) if rows else torch.zeros(0, 2)
+        return TokenStates(states, offsets, spans.long())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +413,47 @@ def feature_cache_key(file: dict[str, Any], settings: dict[str, Any], backbone_s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def cached_tensors(
+    settings: dict[str, Any],
+    file: dict[str, Any],
+    backbone_sha256: str,
+    cache_dir: Path | None,
+    compute: Callable[[], dict[str, torch.Tensor]],
+    n_rows: Callable[[dict[str, torch.Tensor]], int],
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """One file's backbone outputs, read from the cache when a matching entry exists, else computed.
+
+    Args:
+        settings: Every setting the tensors depend on (part of the cache key).
+        file: The data file (:func:`load_training_files`).
+        backbone_sha256: The backbone's identity (part of the key).
+        cache_dir: Cache directory, ``None`` to always compute.
+        compute: Computes the tensors.
+        n_rows: How many pairs a set of tensors covers (a mismatching entry is recomputed).
+
+    Returns:
+        ``(tensors, from_cache)``.
+    """
+
+    key = feature_cache_key(file, settings, backbone_sha256)
+    entry = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
+    if entry is not None and entry.is_file():
+        try:
+            with safe_open(str(entry), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+                    if n_rows(tensors) == len(file["rows"]):
+                        return tensors, True
+        except Exception:  # a damaged cache entry is recomputed and replaced, never trusted
+            pass
+    tensors = compute()
+    if entry is not None:
+        with atomic_file(entry) as tmp:
+            meta = {"key": key, "file": file["path"], "settings": json.dumps(settings)}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return tensors, False
+
+
 def cached_features(
     featurizer: PairFeaturizer,
     file: dict[str, Any],
@@ -345,29 +461,35 @@ def cached_features(
     cache_dir: Path | None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """One file's features, read from the cache when a matching entry exists, else computed and stored.
+    """One file's pooled features (:meth:`PairFeaturizer.features`) through :func:`cached_tensors`."""
+    tensors, hit = cached_tensors(
+        featurizer.settings,
+        file,
+        backbone_sha256,
+        cache_dir,
+        lambda: {"features": featurizer.features(file["questions"], file["answers"], progress)},
+        lambda t: t["features"].shape[0],
+    )
+    return tensors["features"], hit
 
-    Returns:
-        ``(features, from_cache)``.
-    """
 
-    key = feature_cache_key(file, featurizer.settings, backbone_sha256)
-    entry = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
-    if entry is not None and entry.is_file():
-        try:
-            with safe_open(str(entry), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    feats = f.get_tensor("features")
-                    if feats.shape[0] == len(file["rows"]):
-                        return feats, True
-        except Exception:  # a damaged cache entry is recomputed and replaced, never trusted
-            pass
-    feats = featurizer.features(file["questions"], file["answers"], progress)
-    if entry is not None:
-        with atomic_file(entry) as tmp:
-            meta = {"key": key, "file": file["path"], "settings": json.dumps(featurizer.settings)}
-            save_file({"features": feats.contiguous()}, str(tmp), metadata=meta)
-    return feats, False
+def cached_token_states(
+    featurizer: PairFeaturizer,
+    file: dict[str, Any],
+    backbone_sha256: str,
+    cache_dir: Path | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[TokenStates, bool]:
+    """One file's trunk token states (:meth:`PairFeaturizer.token_states`) through :func:`cached_tensors`."""
+    tensors, hit = cached_tensors(
+        featurizer.token_settings,
+        file,
+        backbone_sha256,
+        cache_dir,
+        lambda: featurizer.token_states(file["questions"], file["answers"], progress)._asdict(),
+        lambda t: t["offsets"].numel() - 1,
+    )
+    return TokenStates(**{name: tensors[name] for name in TokenStates._fields}), hit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,12 +631,57 @@ def train_head(
     return head, threshold, report
 
 
+def train_tuned_head(
+    featurizer: PairFeaturizer,
+    tokens: TokenStates,
+    labels: Sequence[int],
+    train: torch.Tensor,
+    val: torch.Tensor,
+    settings: TuneSettings,
+    say: Callable[[str], None] = lambda _msg: None,
+) -> tuple[TunedHead, float, dict[str, Any]]:
+    """Fine-tunes the featurizer's tail layers plus a linear head on the training rows' trunk states.
+
+    Nothing is chosen on the held-out rows: the schedule is fixed in ``settings`` and the threshold
+    is chosen on validation.
+
+    Returns:
+        ``(head, threshold, report)``.
+    """
+    if featurizer.tail is None:
+        featurizer.load()
+    torch.manual_seed(settings.seed)  # the new linear layer's initialisation
+    head = TunedHead(featurizer.tail, featurizer.rotary, tokens.states.shape[1]).to(featurizer.device)
+    gold = torch.tensor([bool(y) for y in labels])
+    clock = time.time()
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % 20 == 0 or step == total:
+            rate = step / max(time.time() - clock, 1e-9)
+            say(f"tuning: step {step}/{total}, loss {loss:.3f}, ~{(total - step) / rate:.0f}s left")
+
+    fit = fit_tuned_head(head, tokens, gold, train.nonzero().squeeze(-1), settings, progress)
+    probs = tuned_probabilities(
+        head, tokens, val.nonzero().squeeze(-1), featurizer.batch_size, settings.precision
+    )
+    threshold, accuracy = choose_threshold(probs, gold[val])
+    logloss = float(nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), gold[val].float()))
+    report = {
+        "selected": {"threshold": threshold},
+        "val_accuracy": accuracy,
+        "val_logloss": logloss,
+        "training": fit | {"settings": settings.as_dict()},
+    }
+    return head, threshold, report
+
+
 # --------------------------------------------------------------------------------------------------
 # The judge
 
 
 class LMJudge(Judge):
-    """Harmfulness judge: a linear head on frozen SmolLM2 features, loaded from a saved directory.
+    """Harmfulness judge on SmolLM2, loaded from a saved directory: fine-tuned top layers + head
+    (``tuned``) or a linear head on frozen pooled features (``linear``).
 
     Train one with ``python -m antidote_pl.eval.lm_judge --out DIR`` (:func:`main`). In a config::
 
@@ -522,9 +689,10 @@ class LMJudge(Judge):
           class_path: antidote_pl.eval.lm_judge.LMJudge
           init_args: {path: outputs/judges/smollm2}
 
-    The head loads at construction (milliseconds) and the backbone's identity is checked then (a
-    sha256 of the GGUF file), so a wrong path or a different backbone fails before any generation;
-    the backbone itself loads on the first :meth:`judge` call.
+    The head's tensors load at construction (well under a second) and the backbone's identity is
+    checked then (a sha256 of the GGUF file), so a wrong path or a different backbone fails before
+    any generation; the backbone itself (and a tuned head's layers on top of it) loads on the first
+    :meth:`judge` call.
 
     Args:
         path: Directory written by :func:`train_judge` / the command line.
@@ -578,7 +746,9 @@ class LMJudge(Judge):
             layers=settings["layers"],
             batch_size=batch_size,
             device=device,
+            tail_layers=len(self.tuned_layers),
         )
+        self._tuned: TunedHead | None = None
 
     def _load(self, path: Path) -> None:
 
@@ -589,13 +759,23 @@ class LMJudge(Judge):
             self.backbone_sha256 = meta["backbone"]["sha256"]
             self.saved_threshold = float(meta["threshold"])
             self.agreement = meta["agreement"]
-            layer_index = meta["head"]["layer_index"]
             if meta.get("feature_version", self.settings.get("feature_version")) != FEATURE_VERSION:
                 raise ValueError(
                     f"feature_version {self.settings.get('feature_version')} is not {FEATURE_VERSION}"
                 )
             state = load_file(str(path / WEIGHTS_FILE))
-            self.head = LinearHead(layer_index, state["mean"], state["std"], state["weight"], state["bias"])
+            kind = meta["head"].get("kind", "linear")
+            if kind not in HEADS:
+                raise ValueError(f"head kind {kind!r} is not one of {HEADS}")
+            self.head_kind = kind
+            self.tuned_layers: list[int] = meta["head"]["tuned_layers"] if kind == "tuned" else []
+            if kind == "tuned":
+                self.head, self._tuned_state = None, state
+                self.precision = meta["head"]["training"]["settings"]["precision"]
+                return
+            self.head = LinearHead(
+                meta["head"]["layer_index"], state["mean"], state["std"], state["weight"], state["bias"]
+            )
             dim = self.head.mean.numel()
             if not (self.head.std.numel() == self.head.weight.numel() == dim and self.head.bias.numel() == 1):
                 raise ValueError(
@@ -604,11 +784,32 @@ class LMJudge(Judge):
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise bad_file(path / META_FILE, f"not a valid LMJudge ({err!r})") from err
 
+    def _tuned_head(self) -> TunedHead:
+        """The fine-tuned layers and head, built on the backbone's structure at first use."""
+        if self._tuned is None:
+            self.featurizer.load()
+            head = TunedHead(
+                self.featurizer.tail, self.featurizer.rotary, self._tuned_state["out.weight"].shape[1] // 2
+            )
+            try:
+                head.load_state_dict(self._tuned_state)
+            except RuntimeError as err:
+                raise bad_file(
+                    self.path / WEIGHTS_FILE, f"does not fit the backbone's layers ({err})"
+                ) from err
+            self._tuned = head.to(self.featurizer.device).eval()
+        return self._tuned
+
     @torch.no_grad()
     def probabilities(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """Harmfulness probabilities, shape ``[N]``."""
         if not responses:
             return torch.zeros(0)
+        if self.head_kind == "tuned":
+            head = self._tuned_head()
+            tokens = self.featurizer.token_states(prompts, responses)
+            rows = torch.arange(len(responses))
+            return tuned_probabilities(head, tokens, rows, self.featurizer.batch_size, self.precision)
         return self.head.probabilities(self.featurizer.features(prompts, responses))
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
@@ -627,9 +828,13 @@ def train_judge(
     train_csvs: Sequence[str | Path] = DEFAULT_TRAIN_CSVS,
     *,
     backbone: str = DEFAULT_BACKBONE,
-    max_length: int = 192,
+    head: str = "tuned",
+    max_length: int = DEFAULT_MAX_LENGTH,
     question_max_tokens: int = 48,
     layers: Sequence[int] = DEFAULT_LAYERS,
+    trunk_layer: int = DEFAULT_TRUNK_LAYER,
+    tuned_layers: int = DEFAULT_TUNED_LAYERS,
+    tune: TuneSettings | None = None,
     heldout_fraction: float = 0.2,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -646,7 +851,15 @@ def train_judge(
         out: Output directory (new or empty, or an earlier output with ``overwrite``).
         train_csvs: Labelled CSVs (:func:`load_labelled_csv`), all with 1 = harmful.
         backbone: GGUF spec or local model directory.
+        head: ``"tuned"`` (the default): the backbone's decoder layers ``trunk_layer + 1 ..
+            trunk_layer + tuned_layers`` are fine-tuned with a linear head on cached trunk states
+            (:mod:`antidote_pl.eval.tuned_head`). ``"linear"``: a logistic regression on frozen
+            pooled features of ``layers`` (minutes once features are cached, about 2 points lower).
         max_length, question_max_tokens, layers, batch_size: See :class:`PairFeaturizer`.
+        trunk_layer: The tuned head's frozen trunk depth (its states are cached).
+        tuned_layers: How many decoder layers after the trunk are fine-tuned.
+        tune: The tuned head's training settings (default :class:`TuneSettings`; its seed is
+            replaced by ``seed``).
         heldout_fraction: Fraction of questions held out for the reported figures.
         val_fraction: Fraction of questions (drawn independently, minus held-out ones) used to choose
             the layers, L2 strength and threshold.
@@ -668,17 +881,30 @@ def train_judge(
         check_int("limit_per_file", limit_per_file, 1)
     inputs = {"train_csv": [str(p) for p in train_csvs]}
     check_output_dir(out, "out", overwrite=overwrite, flag="--overwrite", inputs=inputs)
-    featurizer = PairFeaturizer(backbone, max_length, question_max_tokens, layers, batch_size)
+    if head not in HEADS:
+        raise bad_value("head", head, f"one of {', '.join(HEADS)}")
+    if head == "tuned":
+        check_int("trunk_layer", trunk_layer, 1)
+        check_int("tuned_layers", tuned_layers, 1)
+        tune = replace(tune or TuneSettings(), seed=seed)
+        featurizer = PairFeaturizer(
+            backbone, max_length, question_max_tokens, [trunk_layer], batch_size, tail_layers=tuned_layers
+        )
+    else:
+        tune = None
+        featurizer = PairFeaturizer(backbone, max_length, question_max_tokens, layers, batch_size)
     identity = backbone_identity(backbone)
     files = load_training_files(train_csvs, limit_per_file, seed)
     split = {"heldout_fraction": heldout_fraction, "val_fraction": val_fraction, "seed": seed}
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     say = log or (lambda _msg: None)
-    head, threshold, selection, report = _train_and_measure(featurizer, identity, files, split, cache, say)
+    model, threshold, selection, report = _train_and_measure(
+        featurizer, identity, files, split, cache, say, tune
+    )
     report |= {"limit_per_file": limit_per_file}
     report["seconds"]["total"] = round(time.time() - started, 1)
-    meta = _judge_meta(featurizer, identity, head, threshold, selection) | {"agreement": report}
-    _save_judge(out, head, meta, report, overwrite=overwrite, inputs=inputs, lock=lock)
+    meta = _judge_meta(featurizer, identity, model, threshold, selection) | {"agreement": report}
+    _save_judge(out, model, meta, report, overwrite=overwrite, inputs=inputs, lock=lock)
     return report
 
 
@@ -689,8 +915,10 @@ def _train_and_measure(
     split: dict[str, Any],
     cache: Path | None,
     say: Callable[[str], None],
-) -> tuple[LinearHead, float, dict[str, Any], dict[str, Any]]:
-    """Features, the head (chosen on validation) and every judge's held-out agreement."""
+    tune: TuneSettings | None = None,
+) -> tuple[LinearHead | TunedHead, float, dict[str, Any], dict[str, Any]]:
+    """Backbone outputs, the head (linear, or tuned when ``tune`` is given; chosen on validation)
+    and every judge's held-out agreement."""
     pool = _pool(files)
     names = ("train", "validation", "heldout")
     parts = dict(
@@ -701,15 +929,27 @@ def _train_and_measure(
     )
     _check_parts(pool["gold"], parts)
     clock = time.time()
-    feats, from_cache = _all_features(featurizer, files, identity["sha256"], cache, say)
+    one_file = cached_features if tune is None else cached_token_states
+    outputs, from_cache = _all_files(one_file, featurizer, files, identity["sha256"], cache, say)
     seconds = {"features": round(time.time() - clock, 1), "features_from_cache": from_cache}
     clock = time.time()
-    head, threshold, selection = train_head(
-        feats, pool["labels"], parts["train"], parts["validation"], len(featurizer.layers)
-    )
-    seconds["head_selection"] = round(time.time() - clock, 1)
     test = parts["heldout"]
-    preds = {"lm_judge": head.probabilities(feats[test]) > threshold}
+    if tune is None:
+        feats = torch.cat(outputs)
+        head, threshold, selection = train_head(
+            feats, pool["labels"], parts["train"], parts["validation"], len(featurizer.layers)
+        )
+        heldout_probs = head.probabilities(feats[test])
+    else:
+        tokens = TokenStates.cat(outputs)
+        head, threshold, selection = train_tuned_head(
+            featurizer, tokens, pool["labels"], parts["train"], parts["validation"], tune, say
+        )
+        heldout_probs = tuned_probabilities(
+            head, tokens, test.nonzero().squeeze(-1), featurizer.batch_size, tune.precision
+        )
+    seconds["head_selection"] = round(time.time() - clock, 1)
+    preds = {"lm_judge": heldout_probs > threshold}
     preds |= _other_judges(
         pool["questions"], pool["answers"], pool["labels"], test, split["heldout_fraction"], split["seed"]
     )
@@ -749,38 +989,63 @@ def _data_report(
 
 
 def _judge_meta(
-    featurizer: PairFeaturizer, identity: dict[str, Any], head: LinearHead, threshold: float, selection: dict
+    featurizer: PairFeaturizer,
+    identity: dict[str, Any],
+    head: LinearHead | TunedHead,
+    threshold: float,
+    selection: dict,
 ) -> dict[str, Any]:
     """What :class:`LMJudge` needs to load the head and check its backbone."""
+    if isinstance(head, TunedHead):
+        (trunk,) = featurizer.layers
+        settings = featurizer.token_settings
+        described = {
+            "kind": "tuned",
+            "trunk_layer": trunk,
+            "tuned_layers": list(range(trunk + 1, trunk + featurizer.tail_layers + 1)),
+            "training": selection["training"],
+        }
+    else:
+        settings = featurizer.settings
+        described = {
+            "kind": "linear",
+            "layer_index": head.layer_index,
+            "layers": [featurizer.layers[k] for k in head.layer_index],
+        }
     return {
         "kind": "LMJudge",
-        "settings": featurizer.settings,
+        "settings": settings,
         "backbone": {"spec": featurizer.backbone, "sha256": identity["sha256"]},
-        "head": {"layer_index": head.layer_index, "layers": [featurizer.layers[k] for k in head.layer_index]},
+        "head": described,
         "threshold": threshold,
         "feature_version": FEATURE_VERSION,
-        "validation_grid": selection["grid"],
+        "validation_grid": selection.get("grid"),
     }
 
 
-def _save_judge(out, head: LinearHead, meta: dict, report: dict, *, overwrite, inputs, lock) -> None:
+def _save_judge(
+    out, head: LinearHead | TunedHead, meta: dict, report: dict, *, overwrite, inputs, lock
+) -> None:
     """Head weights, metadata and agreement figures, written together or not at all."""
     with atomic_dir(
         out, field="out", overwrite=overwrite, flag="--overwrite", kind="judge", inputs=inputs, lock=lock
     ) as tmp:
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
         atomic_write_json(tmp / META_FILE, meta)
         atomic_write_json(tmp / AGREEMENT_FILE, report)
 
 
-def _all_features(
+def _all_files(
+    one_file: Callable[..., tuple[Any, bool]],
     featurizer: PairFeaturizer,
     files: list[dict[str, Any]],
     backbone_sha256: str,
     cache: Path | None,
     say: Callable[[str], None],
-) -> tuple[torch.Tensor, list[bool]]:
-    """The features of every file's pairs, in file order, and per file whether the cache served them."""
+) -> tuple[list[Any], list[bool]]:
+    """``one_file`` (:func:`cached_features` or :func:`cached_token_states`) of every file, in order,
+    and per file whether the cache served it."""
     parts, from_cache = [], []
     for f in files:
         t0 = time.time()
@@ -790,12 +1055,12 @@ def _all_features(
             left = (total - done) / rate
             say(f"features {name}: {done}/{total} pairs, {rate:.2f} pairs/s, ~{left:.0f}s left")
 
-        feats, hit = cached_features(featurizer, f, backbone_sha256, cache, progress)
+        value, hit = one_file(featurizer, f, backbone_sha256, cache, progress)
         how = "from cache" if hit else "computed"
         say(f"features {Path(f['path']).name}: {how} ({time.time() - t0:.0f}s)")
-        parts.append(feats)
+        parts.append(value)
         from_cache.append(hit)
-    return torch.cat(parts), from_cache
+    return parts, from_cache
 
 
 def _other_judges(
@@ -882,10 +1147,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "(default: GPTFuzz, Safe-RLHFmini and the JailbreakEval example from ../shared/data)",
     )
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="GGUF spec or local model directory")
-    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument(
+        "--head",
+        choices=HEADS,
+        default="tuned",
+        help="tuned: fine-tune decoder layers after a cached frozen trunk (default); "
+        "linear: logistic regression on frozen pooled features of --layers",
+    )
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--question-max-tokens", type=int, default=48)
     parser.add_argument(
-        "--layers", type=_layers, default=list(DEFAULT_LAYERS), help="decoder layers to pool, e.g. 12,15,18"
+        "--layers",
+        type=_layers,
+        default=list(DEFAULT_LAYERS),
+        help="linear head: decoder layers to pool, e.g. 12,15,18",
+    )
+    parser.add_argument(
+        "--trunk-layer", type=int, default=DEFAULT_TRUNK_LAYER, help="tuned head: frozen trunk depth"
+    )
+    parser.add_argument(
+        "--tuned-layers", type=int, default=DEFAULT_TUNED_LAYERS, help="tuned head: decoder layers fine-tuned"
+    )
+    defaults = TuneSettings()
+    parser.add_argument("--epochs", type=float, default=defaults.epochs, help="tuned head: training epochs")
+    parser.add_argument(
+        "--lr", type=float, default=defaults.lr, help="tuned head: decoder layers' learning rate"
+    )
+    parser.add_argument(
+        "--head-lr", type=float, default=defaults.head_lr, help="tuned head: linear part's rate"
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=defaults.precision, help="tuned head: autocast precision"
     )
     parser.add_argument("--heldout-fraction", type=float, default=0.2)
     parser.add_argument("--val-fraction", type=float, default=0.2)
@@ -897,6 +1189,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--overwrite", type=_flag, nargs="?", const=True, default=False)
     args = parser.parse_args(argv)
     check_int("--threads", args.threads, 1)
+    tune = TuneSettings(
+        epochs=args.epochs,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
     torch.set_num_threads(args.threads)
     train_csvs = args.train_csv or [str(p) for p in DEFAULT_TRAIN_CSVS]
     inputs = {"train_csv": train_csvs}
@@ -907,9 +1206,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.out,
             train_csvs,
             backbone=args.backbone,
+            head=args.head,
             max_length=args.max_length,
             question_max_tokens=args.question_max_tokens,
             layers=args.layers,
+            trunk_layer=args.trunk_layer,
+            tuned_layers=args.tuned_layers,
+            tune=tune,
             heldout_fraction=args.heldout_fraction,
             val_fraction=args.val_fraction,
             seed=args.seed,
