@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
         for p, t in times.items()
     }
     result = {
-        "command": "python benchmarks/bench_tuned_head.py " + " ".join(argv or []),
+        "command": " ".join(
+            ["python benchmarks/bench_tuned_head.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
         "torch": torch.__version__,
         "batch": {"pairs": rows, "tokens_per_pair": args.tokens, "tuned_layers": DEFAULT_TUNED_LAYERS},

