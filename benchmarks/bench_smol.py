@@ -206,12 +206,11 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": time.perf_counter() - started,
         "versions": {"torch": torch.__version__, "lightning": L.__version__},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        from antidote_pl.utils.io import atomic_write_text
+        from antidote_pl.utils.io import atomic_write_json
 
-        atomic_write_text(args.out, text + "\n")
+        atomic_write_json(args.out, result)
     return result
 
 

@@ -79,12 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_bf16_vs_fp32_wall": medians["fp32"]["wall_s"] / medians["bf16"]["wall_s"],
         "load_average_end": os.getloadavg()[0],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        from antidote_pl.utils.io import atomic_write_text
+        from antidote_pl.utils.io import atomic_write_json
 
-        atomic_write_text(args.out, text + "\n")
+        atomic_write_json(args.out, result)
     return result
 
 
