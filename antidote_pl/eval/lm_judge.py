@@ -30,11 +30,11 @@ plain ``question`` is used, not the adversarial ``prompt``.
 
 Speed: the backbone's frozen part is run once per pair and cached in a safetensors file per data
 file, keyed by the file's sha256, the subsample and every setting (:func:`feature_cache_key`), so a
-second split seed or a retrained head does not rerun it. For all 10,210 labelled pairs on two CPU
-cores: the layer-12 token states took 33 min (1.4 M tokens, 1.6 GB in fp16; cores shared with
-another training), the tuned head's 2 epochs 51 min per seed (cores shared with other seeds' runs);
-the linear head's pooled features take 21 min and the head seconds. ``--limit-per-file``
-subsamples each file (seeded) for a quicker run.
+second split seed or a retrained head does not rerun it. For all 10,210 labelled pairs on two free
+CPU cores: the layer-12 token states take 17 min once (1.4 M tokens, 1.6 GB in fp16), the tuned
+head's 2 epochs plus held-out scoring 23-27 min per seed (peak 10.9 GB resident); the linear head's
+pooled features take 21 min and the head seconds. ``--limit-per-file`` subsamples each file
+(seeded) for a quicker run.
 
 Command line (prints the held-out agreement as JSON and writes it beside the weights)::
 
