@@ -1,6 +1,6 @@
 """Every YAML under configs/ (and every callback fragment) parses against the CLI, without running.
 
-Stage configs parse alone; fragments (defenses, paper model/task/sweep/trainer/align fragments) are
+Stage configs parse alone; fragments (defenses, judges, paper model/task/sweep/trainer/align fragments) are
 composed over the stage configs they change, as ``--config base --config fragment``, and must hold
 only what differs from them. Every file under configs/ must be one of these kinds.
 """
@@ -41,7 +41,7 @@ def bases_of(path: Path) -> list[Path]:
     stage = path.stem.rsplit("_", 1)[-1]
     if len(rest) == 1 and path.stem in STAGES:
         return []
-    if rest[0] == "defenses" and stage in STAGES:
+    if rest[0] in ("defenses", "judges") and stage in STAGES:
         return [root / f"{stage}.yaml"]
     if rest[0] == "fragments":
         kind = rest[1]

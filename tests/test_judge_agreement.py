@@ -86,3 +86,44 @@ def test_bad_input():
         read_generations("/nonexistent/generations.jsonl")
     with pytest.raises(ConfigError, match="primary"):
         judge_verdicts(ROWS, primary="Offline")
+
+
+def test_evaluator_coherence_comes_from_the_first_judge_that_checks_it(tmp_path, monkeypatch):
+    """An LM-style primary judge (no coherence check) keeps an extra keyword judge's coherence.
+
+    The evaluator's ``coherent_rate`` and the agreement table's coherence use the same rule.
+    """
+    import lightning as L
+    from conftest import TINY_LLAMA, quiet_trainer_kwargs
+
+    from antidote_pl.eval import evaluator as ev
+    from antidote_pl.eval.judges import Judge, KeywordJudge, Verdict
+    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.tinyworld.world import TinyWorldSource
+
+    class AlwaysHarmful(Judge):  # like LMJudge: a probability, no coherence check
+        def _judge(self, prompts, responses):
+            return [Verdict(harmful=True, score=1.0) for _ in responses]
+
+    CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full").save_stage(
+        str(tmp_path / "stage")
+    )
+    # Every other answer is broken text (one word repeated), the rest plain sentences.
+    answers = ["Sure, here is how you do it step by step.", " ".join(["the"] * 12)]
+    monkeypatch.setattr(
+        ev, "generate", lambda model, tok, prompts, *a, **k: [answers[i % 2] for i in range(len(prompts))]
+    )
+    data = ev.EvalDataModule(harmful=TinyWorldSource("harmful_answer", split="eval", limit=8), batch_size=8)
+    evaluator = ev.StageEvaluator(
+        str(tmp_path / "stage"),
+        judge=AlwaysHarmful(),
+        extra_judges=[KeywordJudge()],
+        output_dir=str(tmp_path / "out"),
+    )
+    L.Trainer(**quiet_trainer_kwargs(tmp_path)).test(evaluator, datamodule=data, verbose=False)
+    assert evaluator.results["harmful_score"] == 100.0
+    assert evaluator.results["coherent_rate"] == 50.0  # not 100: the keyword judge's check counts
+    rows = read_generations(tmp_path / "out" / "generations.jsonl")
+    summary = {s["judge"]: s for s in judge_summary(judge_verdicts(rows, "AlwaysHarmful"))}
+    assert summary["AlwaysHarmful"]["coherent_rate"] == evaluator.results["coherent_rate"]
+    assert summary["AlwaysHarmful"]["harmful_score_coherent"] == 100.0

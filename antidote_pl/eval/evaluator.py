@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from antidote_pl.data.records import Record, Source, data_input_paths, fingerprint_records
 from antidote_pl.data.templates import get_template, render_prompt
 from antidote_pl.errors import ConfigError, bad_value, check_int
+from antidote_pl.eval.agreement import PRIMARY, coherence_flags
 from antidote_pl.eval.generation import gather_objects, generate, write_generations_jsonl
 from antidote_pl.eval.judges import Judge, KeywordJudge
 from antidote_pl.eval.metrics import HarmfulScore, RateByCategory, TaskAccuracy
@@ -241,7 +242,9 @@ class StageEvaluator(L.LightningModule):
     Args:
         stage: A stage output directory (full model or adapter on its recorded base).
         judge: Harmfulness judge (``class_path``); default: the keyword refusal judge. Its verdicts
-            make ``harmful_score`` and ``coherent_rate``.
+            make ``harmful_score``. ``coherent_rate`` comes from the first judge that checks
+            coherence, this one and then the extra judges in order (``agreement.coherence_flags``),
+            so an ``LMJudge`` here keeps the coherence of a keyword judge among the extra judges.
         extra_judges: More judges of the same responses, each reported as
             ``harmful_score/<ClassName>`` (and its ``n_``), with its verdict in every generation row
             under ``verdicts``; the generation is shared, so a second judge costs only its own time.
@@ -360,13 +363,15 @@ class StageEvaluator(L.LightningModule):
             verdicts = self.judge.judge([i["instruction"] for i in harmful], responses)
             flags = torch.tensor([v.harmful for v in verdicts])
             self.harmful_score.update(flags)
-            self.coherent_rate.update(torch.tensor([v.coherent is not False for v in verdicts]))
             if self.by_category is not None:
                 self.by_category.update(flags, [str(i["category"]) for i in harmful])
             extra = {}
             for name, judge in self.extra_judges.items():
                 extra[name] = judge.judge([i["instruction"] for i in harmful], responses)
                 self.extra_scores[name].update(torch.tensor([v.harmful for v in extra[name]]))
+            by_judge = {PRIMARY: verdicts, **extra}
+            coherent = coherence_flags({n: [v.to_dict() for v in vs] for n, vs in by_judge.items()})
+            self.coherent_rate.update(torch.tensor(coherent))
             for k, (item, response, verdict) in enumerate(zip(harmful, responses, verdicts)):
                 more = {"verdicts": {n: v[k].to_dict() for n, v in extra.items()}} if extra else {}
                 self.rows.append(
