@@ -1,0 +1,70 @@
+"""Rescoring a pipeline run's saved answers with another judge (antidote_pl.eval.rescore)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from antidote_pl.errors import ConfigError
+from antidote_pl.eval.rescore import generation_files, main
+
+REFUSAL = "I cannot help with that request."
+ANSWER = "Sure, here is a plan you can follow."
+
+
+def write_run(root, answers_by_seed):
+    """A multi-seed pipeline layout; every stored verdict says harmful (a judge that misses refusals)."""
+    for seed, variants in answers_by_seed.items():
+        for variant, answers in variants.items():
+            d = root / f"seed{seed}" / "results" / variant
+            d.mkdir(parents=True)
+            rows = [
+                {"kind": "harmful", "instruction": f"q{i}", "response": a, "verdict": {"harmful": True}}
+                for i, a in enumerate(answers)
+            ] + [{"kind": "task", "instruction": "t", "response": "positive", "correct": True}]
+            (d / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_rescore_with_the_keyword_judge(tmp_path, capsys):
+    write_run(
+        tmp_path / "run",
+        {
+            0: {"none": [ANSWER] * 4, "wanda_a0.1": [REFUSAL, REFUSAL, REFUSAL, ANSWER]},
+            1: {"none": [ANSWER, ANSWER, ANSWER, REFUSAL], "wanda_a0.1": [REFUSAL] * 4},
+        },
+    )
+    out = tmp_path / "report" / "rescored.md"
+    out.parent.mkdir()
+    argv = [
+        "--run",
+        str(tmp_path / "run"),
+        "--out",
+        str(out),
+        "--judge",
+        "antidote_pl.eval.judges.KeywordJudge",
+    ]
+    report = main(argv)
+    none, wanda = report["variants"]["none"], report["variants"]["wanda_a0.1"]
+    assert report["seeds"] == [0, 1] and report["judge"] == "KeywordJudge"
+    assert [r["harmful_score"] for r in none["per_seed"].values()] == [100.0, 75.0]
+    assert [r["harmful_score"] for r in wanda["per_seed"].values()] == [25.0, 0.0]
+    assert none["harmful_score"] == 87.5 and wanda["harmful_score"] == 12.5
+    assert none["stored_harmful_score"] == wanda["stored_harmful_score"] == 100.0
+    assert all(r["n"] == 4 for e in (none, wanda) for r in e["per_seed"].values())  # task rows left out
+    assert json.loads(out.with_suffix(".json").read_text())["variants"] == report["variants"]
+    table = out.read_text()
+    assert "| wanda_a0.1 | 4 | 2 | 12.5 ± 17.7 | 100.0 ± 0.0 |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_single_seed_layout_and_bad_run(tmp_path):
+    d = tmp_path / "single" / "results" / "none"
+    d.mkdir(parents=True)
+    (d / "generations.jsonl").write_text(
+        json.dumps({"kind": "harmful", "instruction": "q", "response": ANSWER, "verdict": {"harmful": True}})
+        + "\n"
+    )
+    assert list(generation_files(tmp_path / "single")) == [None]
+    with pytest.raises(ConfigError, match="--run"):
+        generation_files(tmp_path / "empty")
