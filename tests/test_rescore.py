@@ -68,3 +68,7 @@ def test_single_seed_layout_and_bad_run(tmp_path):
     assert list(generation_files(tmp_path / "single")) == [None]
     with pytest.raises(ConfigError, match="--run"):
         generation_files(tmp_path / "empty")
+    judge = ["--judge", "antidote_pl.eval.judges.KeywordJudge"]
+    with pytest.raises(ConfigError, match="--out"):
+        main(["--run", str(tmp_path / "single"), "--out", str(tmp_path / "missing" / "r.md"), *judge])
+    assert not (tmp_path / "missing").exists()

@@ -106,13 +106,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", required=True, help="report path; writes <out>.md and <out>.json")
     parser.add_argument("--judge", type=Judge, required=True, help="judge class_path (and init args)")
     cfg = parser.parse_args(argv)
-    generation_files(cfg.run)  # a bad --run fails before the judge loads
+    # Bad paths fail before the judge loads.
+    generation_files(cfg.run)
+    out = Path(cfg.out)
+    if not out.parent.is_dir():
+        raise bad_value("--out", cfg.out, "a path in an existing directory")
     # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
     judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
     report = rescore(cfg.run, judge, lambda msg: print(msg, file=sys.stderr, flush=True)) | {
         "run": str(cfg.run)
     }
-    out = Path(cfg.out)
     atomic_write_json(out.with_suffix(".json"), report)
     atomic_write_text(out.with_suffix(".md"), rescore_markdown(report))
     print(rescore_markdown(report))
