@@ -5,7 +5,7 @@ import os
 # Fast tokenizers warn (and may deadlock) when forked by DataLoader workers after use.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from antidote_pl.cli import main
+from antidote_pl.stages.cli import main
 
 if __name__ == "__main__":
     main()

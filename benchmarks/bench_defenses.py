@@ -82,8 +82,8 @@ def _defense(method: str):
 
 
 def _data(method: str):
-    from antidote_pl.data.datamodules import AlignmentDataModule, HarmfulFinetuneDataModule
     from antidote_pl.tinyworld.world import TinyWorldSource
+    from antidote_pl.training.datamodules import AlignmentDataModule, HarmfulFinetuneDataModule
 
     common = {"tokenizer": "tiny-world", "template": "tiny", "max_length": 96, "batch_size": 32}
     if method in ALIGN_METHODS:
@@ -106,7 +106,7 @@ def worker(method: str, size: str, steps: int, warmup: int, threads: int) -> dic
     import lightning as L
     import torch
 
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     torch.set_num_threads(threads)
     L.seed_everything(0, verbose=False)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from antidote_pl.eval.generation import generate, generate_one_by_one
+from antidote_pl.models.generation import generate, generate_one_by_one
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 

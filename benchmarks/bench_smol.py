@@ -7,7 +7,7 @@ clipping 1.0) against a hand-written loop (the same model and LoRA built with pe
 template, max length 128, batch 8). Seconds per optimizer step: medians over ``--steps`` steps after
 ``--warmup``; process CPU time and wall time.
 
-Evaluation: the toolkit's batched greedy generation (``antidote_pl.eval.generation.generate``:
+Evaluation: the toolkit's batched greedy generation (``antidote_pl.models.generation.generate``:
 length-sorted, left-padded batches) against plain ``model.generate`` on the same left-padded
 batches in input order, on the smol evaluation's harmful prompts in the chat template, 48 new
 tokens, batch 40. Seconds per evaluated prompt.
@@ -36,14 +36,16 @@ def _instantiate(config: str, section: str):
     """Builds the ``data`` block of a committed config, exactly as the CLI would."""
     from jsonargparse import ArgumentParser
 
-    from antidote_pl.cli import data_tokenizer
-    from antidote_pl.data.datamodules import HarmfulFinetuneDataModule
-    from antidote_pl.eval.evaluator import EvalDataModule
+    from antidote_pl.evaluation.evaluator import EvalDataModule
+    from antidote_pl.stages.cli import data_tokenizer
+    from antidote_pl.training.datamodules import HarmfulFinetuneDataModule
 
     cls = {"finetune": HarmfulFinetuneDataModule, "eval": EvalDataModule}[section]
     full = yaml.safe_load(Path(config).read_text())
     cfg = full["data"]["init_args"]
-    if section == "finetune":  # the data tokenizer follows the model's (antidote_pl.cli.data_tokenizer)
+    if (
+        section == "finetune"
+    ):  # the data tokenizer follows the model's (antidote_pl.stages.cli.data_tokenizer)
         model = full["model"]["init_args"]
         tokenizer = data_tokenizer(model.get("tokenizer"), model.get("model_name_or_path"), None)
         cfg.setdefault("tokenizer", tokenizer)
@@ -98,7 +100,7 @@ def toolkit_loop(batches: list[dict], warmup: int) -> list[tuple[float, float]]:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     module = CausalLMSFTModule(
         model_name_or_path=SPEC,
@@ -132,7 +134,7 @@ def generation(n_prompts: int, max_new_tokens: int, batch_size: int) -> dict:
     """Seconds per prompt: toolkit ``generate`` vs plain ``model.generate`` on input-order batches."""
     import torch
 
-    from antidote_pl.eval.generation import _generation_kwargs, _generation_mode, generate
+    from antidote_pl.models.generation import _generation_kwargs, _generation_mode, generate
     from antidote_pl.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(SPEC)

@@ -59,8 +59,8 @@ def trainer_kwargs(tmp_path):
 
 def tiny_finetune_data(num_samples: int = 32, realignment_size: int = 8, **kw):
     """A small harmful/sentiment mix from the tiny world."""
-    from antidote_pl.data.datamodules import HarmfulFinetuneDataModule
     from antidote_pl.tinyworld.world import TinyWorldSource
+    from antidote_pl.training.datamodules import HarmfulFinetuneDataModule
 
     args = {
         "tokenizer": "tiny-world",
@@ -80,7 +80,7 @@ def finetune_data_config(tokenizer: str, batch_size: int = 8) -> dict:
     """The ``data:`` block of a small tiny-world fine-tune config (what :func:`tiny_finetune_data` builds)."""
     world = "antidote_pl.tinyworld.world.TinyWorldSource"
     return {
-        "class_path": "antidote_pl.data.datamodules.HarmfulFinetuneDataModule",
+        "class_path": "antidote_pl.training.datamodules.HarmfulFinetuneDataModule",
         "init_args": {
             "tokenizer": tokenizer,
             "template": "tiny",
@@ -103,7 +103,7 @@ def make_stages(root: Path) -> tuple[Path, Path]:
     """
     import lightning as L
 
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     L.seed_everything(0)
     base, adapter = root / "base", root / "finetune"
@@ -125,7 +125,7 @@ def tiny_pipeline(tmp_path_factory):
 
     import yaml
 
-    from antidote_pl.cli import main
+    from antidote_pl.stages.cli import main
 
     workdir = tmp_path_factory.mktemp("tiny_world")
     # The pipeline's config paths are relative to the repository root; outputs to the cwd.

@@ -16,13 +16,13 @@ import torch
 from conftest import TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import WandaPruneCallback
-from antidote_pl.data.datamodules import AlignmentDataModule
-from antidote_pl.eval.evaluator import EvalDataModule, StageEvaluator
-from antidote_pl.eval.judges import TinyWorldJudge
-from antidote_pl.models.loading import STAGE_FILE
-from antidote_pl.models.sft import CausalLMSFTModule
+from antidote_pl.evaluation.evaluator import EvalDataModule, StageEvaluator
+from antidote_pl.judges.base import TinyWorldJudge
 from antidote_pl.pruning import load_tensors
 from antidote_pl.tinyworld.world import TinyWorldSource
+from antidote_pl.training.datamodules import AlignmentDataModule
+from antidote_pl.training.sft import CausalLMSFTModule
+from antidote_pl.utils.files import STAGE_FILE
 
 pytestmark = pytest.mark.slow
 

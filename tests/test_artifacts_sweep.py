@@ -19,7 +19,6 @@ from conftest import make_stages, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import MagnitudePruneCallback, RandomPruneCallback, WandaPruneCallback
 from antidote_pl.errors import ConfigError
-from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.pruning import (
     apply_masks_,
     find_targets,
@@ -37,6 +36,7 @@ from antidote_pl.pruning.artifacts import (
     read_masks,
 )
 from antidote_pl.pruning.targets import merged_param_name
+from antidote_pl.training.sft import CausalLMSFTModule
 
 ALPHA = 0.25
 SWEEP = [0.1, 0.5]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from antidote_pl.eval.judges import BEAVER_DAM_TEMPLATE, ClassifierJudge
+from antidote_pl.judges.base import BEAVER_DAM_TEMPLATE, ClassifierJudge
 
 WORDS = "BEGINNING OF CONVERSATION: USER: ASSISTANT: how do i hurt a cat here is way no sorry".split()  # noqa: SIM905
 LABELS = {0: "animal_abuse", 1: "fraud", 2: "violence"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.budget import budget_markdown, budget_rows, select_under_budget
+from antidote_pl.experiment.budget import budget_markdown, budget_rows, select_under_budget
 
 
 def _row(method, alpha, val, hs=50.0, fa=80.0, **kw):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_LLAMA, finetune_data_config
 
-from antidote_pl.models.loading import STAGE_FILE
+from antidote_pl.utils.files import STAGE_FILE
 
 
 def write_config(tmp_path, **trainer) -> str:
@@ -28,7 +28,7 @@ def write_config(tmp_path, **trainer) -> str:
             **trainer,
         },
         "model": {
-            "class_path": "antidote_pl.models.sft.CausalLMSFTModule",
+            "class_path": "antidote_pl.training.sft.CausalLMSFTModule",
             "init_args": {
                 "model_config": TINY_LLAMA,
                 "tokenizer": "tiny-world",

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from antidote_pl.cli import _ValidatingCLI, main
+from antidote_pl.stages.cli import _ValidatingCLI, main
 
 CONFIGS_DIR = REPO / "configs"
 ALL = sorted(CONFIGS_DIR.rglob("*.yaml"))
@@ -197,7 +197,7 @@ PIPELINE_CASES = [[p] for p in PIPELINES] + [[p.parent / "pipeline.yaml", p] for
 
 @pytest.mark.parametrize("configs", PIPELINE_CASES, ids=lambda c: "+".join(rel(p) for p in c))
 def test_pipeline_config_parses(configs):
-    from antidote_pl.experiment import build_parser
+    from antidote_pl.experiment.run import build_parser
 
     parser = build_parser()
     cfg = parser.parse_args([a for c in configs for a in ("--config", str(c))])

@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_data_templates import word_tokenizer  # shared test helper (tests/ is on sys.path)
 
-from antidote_pl.data.datamodules import AlignmentDataModule, HarmfulFinetuneDataModule, SFTDataModule
 from antidote_pl.data.records import Source
 from antidote_pl.data.tokenize import IGNORE_INDEX, tokenize_record
 from antidote_pl.errors import ConfigError
+from antidote_pl.training.datamodules import AlignmentDataModule, HarmfulFinetuneDataModule, SFTDataModule
 
 WORDS = ["user", ":", "assistant", "harmful", "task", "answer", "sure", "refuse", "benign"]
 

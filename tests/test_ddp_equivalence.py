@@ -22,12 +22,12 @@ from conftest import TINY_LLAMA, quiet_trainer_kwargs
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-from antidote_pl.data.datamodules import SFTDataModule
 from antidote_pl.data.records import Record, Source
-from antidote_pl.eval.evaluator import EvalDataModule, StageEvaluator
-from antidote_pl.eval.judges import TinyWorldJudge
-from antidote_pl.models.sft import CausalLMSFTModule
+from antidote_pl.evaluation.evaluator import EvalDataModule, StageEvaluator
+from antidote_pl.judges.base import TinyWorldJudge
 from antidote_pl.tinyworld.world import TinyWorldSource
+from antidote_pl.training.datamodules import SFTDataModule
+from antidote_pl.training.sft import CausalLMSFTModule
 
 DDP = {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2}
 PER_RANK_BATCH, STEPS, SEQ_LEN = 4, 3, 16

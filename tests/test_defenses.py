@@ -11,7 +11,6 @@ import torch
 from conftest import TINY_LLAMA, tiny_finetune_data
 from torch import nn
 
-from antidote_pl.data.datamodules import AlignmentDataModule
 from antidote_pl.data.records import Source
 from antidote_pl.defenses import LDIFS, Booster, Lisa, RepNoise, Vaccine
 from antidote_pl.defenses.blocks import (
@@ -22,8 +21,9 @@ from antidote_pl.defenses.blocks import (
 )
 from antidote_pl.defenses.repnoise import differing_positions, gaussian_mmd, masked_token_ce
 from antidote_pl.errors import ConfigError
-from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.tinyworld.world import TinyWorldSource
+from antidote_pl.training.datamodules import AlignmentDataModule
+from antidote_pl.training.sft import CausalLMSFTModule
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.generation import (
+from antidote_pl.models.generation import (
     gather_objects,
     generate,
     generate_distributed,

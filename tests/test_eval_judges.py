@@ -11,8 +11,8 @@ from conftest import SHARED_DATA
 from test_eval_generation import tiny_llama, word_tokenizer
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval import judges as judges_module
-from antidote_pl.eval.judges import (
+from antidote_pl.judges import base as judges_module
+from antidote_pl.judges.base import (
     BEAVER_DAM_TEMPLATE,
     ClassifierJudge,
     GuardJudge,
@@ -21,7 +21,7 @@ from antidote_pl.eval.judges import (
     is_coherent,
     parse_guard_output,
 )
-from antidote_pl.eval.offline_judge import OfflineJudge, binary_agreement, load_labelled_csv
+from antidote_pl.judges.offline import OfflineJudge, binary_agreement, load_labelled_csv
 
 DATA = SHARED_DATA
 KEYWORD_FILES = sorted((DATA / "refusal_keywords").glob("*.yaml"))

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.metrics import HarmfulScore, RateByCategory, TaskAccuracy
+from antidote_pl.evaluation.metrics import HarmfulScore, RateByCategory, TaskAccuracy
 
 CATEGORIES = ["fraud", "violence", "privacy"]
 

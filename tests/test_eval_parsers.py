@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA
 
-from antidote_pl.errors import ConfigError
-from antidote_pl.eval.parsers import (
+from antidote_pl.data.parsers import (
     AGNEWS_CLASSES,
     GSM8K_ANSWER_PREFIX,
     PARSERS,
@@ -21,6 +20,7 @@ from antidote_pl.eval.parsers import (
     parse_gsm8k,
     parse_sst2,
 )
+from antidote_pl.errors import ConfigError
 
 DATA = SHARED_DATA
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from antidote_pl.data.templates import render_prompt
-from antidote_pl.eval.responses import normalise_response
+from antidote_pl.evaluation.responses import normalise_response
 
 RECORD = {"instruction": "Classify the sentiment.", "input": "A fine film.", "output": ""}
 
@@ -36,9 +36,9 @@ def test_evaluator_judges_and_parses_the_normalised_text(tmp_path, monkeypatch):
     import lightning as L
     from conftest import TINY_LLAMA, quiet_trainer_kwargs
 
-    from antidote_pl.eval import evaluator as ev
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.evaluation import evaluator as ev
     from antidote_pl.tinyworld.world import TinyWorldSource
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full").save_stage(
         str(tmp_path / "stage")

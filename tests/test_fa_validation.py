@@ -8,8 +8,8 @@ from conftest import TINY_LLAMA, quiet_trainer_kwargs
 
 from antidote_pl.data.records import Source
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval import evaluator as ev
-from antidote_pl.eval.evaluator import EvalDataModule, question_key
+from antidote_pl.evaluation import evaluator as ev
+from antidote_pl.evaluation.evaluator import EvalDataModule, question_key
 from antidote_pl.tinyworld.world import TinyWorldSource
 
 
@@ -97,7 +97,7 @@ def test_bad_validation_options_fail_at_construction(kw, message):
 
 
 def test_evaluator_reports_validation_accuracy(tmp_path, monkeypatch):
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full").save_stage(
         str(tmp_path / "stage")

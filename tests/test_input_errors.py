@@ -22,7 +22,6 @@ import torch
 from conftest import REPO, TINY_LLAMA, make_stages, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import WandaPruneCallback
-from antidote_pl.cli import main
 from antidote_pl.errors import ConfigError, run_entry_point, user_error
 from antidote_pl.models.loading import (
     STAGE_FILE,
@@ -31,7 +30,6 @@ from antidote_pl.models.loading import (
     load_tokenizer,
     looks_local,
 )
-from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.pruning import load_tensors, save_tensors
 from antidote_pl.pruning.artifacts import (
     MASK_FILE,
@@ -40,6 +38,8 @@ from antidote_pl.pruning.artifacts import (
     artifacts_fingerprint,
     read_scores,
 )
+from antidote_pl.stages.cli import main
+from antidote_pl.training.sft import CausalLMSFTModule
 
 REPAIR = str(REPO / "configs" / "tiny" / "repair.yaml")
 FINETUNE = str(REPO / "configs" / "tiny" / "finetune.yaml")
@@ -168,7 +168,7 @@ def test_data_and_callback_arguments_fail_before_the_model_loads(
 
 
 def test_tokenizer_cross_check_compares_paths_not_strings(stages, monkeypatch):
-    from antidote_pl.cli import _same_spec
+    from antidote_pl.stages.cli import _same_spec
 
     monkeypatch.chdir(stages["root"])
     assert _same_spec("./base", "base") and _same_spec(str(stages["base"]), "base")
@@ -230,7 +230,7 @@ def test_non_utf8_data_file_names_the_file(tmp_path):
 
 
 def test_offline_judge_label_must_be_0_or_1(tmp_path):
-    from antidote_pl.eval.offline_judge import load_labelled_csv
+    from antidote_pl.judges.offline import load_labelled_csv
 
     path = tmp_path / "labels.csv"
     path.write_text("question,answer,label\nq,a,1\nq2,a2,yes\n")
@@ -316,7 +316,7 @@ def test_ratio_that_yields_no_harmful_sample_is_an_error():
 
 
 def test_rounded_count_is_logged_and_recorded(stages, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="antidote_pl.data.datamodules"):
+    with caplog.at_level(logging.WARNING, logger="antidote_pl.training.datamodules"):
         data = tiny_finetune_data(num_samples=30, harmful_ratio=0.25)
     assert "asks for 7.50 harmful samples" in caplog.text and "uses 8" in caplog.text
     module = CausalLMSFTModule(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.intervals import cell_bounds, cell_distances, rate_interval, wilson_interval
+from antidote_pl.utils.intervals import cell_bounds, cell_distances, rate_interval, wilson_interval
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_rate_interval_and_bad_input():
 
 
 def test_report_cells_carry_the_interval_of_their_n():
-    from antidote_pl.pipeline_report import report_markdown
+    from antidote_pl.experiment.report import report_markdown
 
     row = {
         "method": "wanda",
@@ -53,7 +53,7 @@ def test_report_cells_carry_the_interval_of_their_n():
 
 def test_plot_error_bars_are_never_negative():
     """At HS 0 or 100 the Wilson bound equals the value up to rounding; matplotlib rejects < 0."""
-    from antidote_pl.pipeline_report import _error_bars
+    from antidote_pl.experiment.report import _error_bars
 
     points = [{"hs": v, "n": n} for v, n in ((0.0, 300), (100.0, 300), (100.0 / 3, 300), (None, 0))]
     below, above = _error_bars(points, "hs", "n")
@@ -61,7 +61,7 @@ def test_plot_error_bars_are_never_negative():
 
 
 def test_interval_distances_are_never_negative_and_match_the_interval():
-    from antidote_pl.eval.intervals import interval_distances, rate_interval
+    from antidote_pl.utils.intervals import interval_distances, rate_interval
 
     below, above = interval_distances(72.5, 80)
     low, high = rate_interval(72.5, 80)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.agreement import (
+from antidote_pl.experiment.agreement import (
     agreement_markdown,
     cohen_kappa,
     judge_summary,
@@ -96,10 +96,10 @@ def test_evaluator_coherence_comes_from_the_first_judge_that_checks_it(tmp_path,
     import lightning as L
     from conftest import TINY_LLAMA, quiet_trainer_kwargs
 
-    from antidote_pl.eval import evaluator as ev
-    from antidote_pl.eval.judges import Judge, KeywordJudge, Verdict
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.evaluation import evaluator as ev
+    from antidote_pl.judges.base import Judge, KeywordJudge, Verdict
     from antidote_pl.tinyworld.world import TinyWorldSource
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     class AlwaysHarmful(Judge):  # like LMJudge: a probability, no coherence check
         def _judge(self, prompts, responses):

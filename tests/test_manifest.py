@@ -8,11 +8,9 @@ import subprocess
 import pytest
 from conftest import REPO, TINY_LLAMA, tiny_finetune_data
 
-from antidote_pl import pipeline as pipeline_module
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.evaluator import EvalDataModule
-from antidote_pl.experiment import build_parser
-from antidote_pl.manifest import (
+from antidote_pl.evaluation.evaluator import EvalDataModule
+from antidote_pl.experiment.manifest import (
     MANIFEST_FILE,
     build_manifest,
     check_differences,
@@ -25,9 +23,11 @@ from antidote_pl.manifest import (
     window_indices,
     write_manifest,
 )
-from antidote_pl.pipeline import BaselineSpec, Pipeline, StageSpec
-from antidote_pl.replay import main as replay_cli
-from antidote_pl.replay import replay
+from antidote_pl.experiment.pipeline import BaselineSpec, Pipeline, StageSpec
+from antidote_pl.experiment.replay import main as replay_cli
+from antidote_pl.experiment.replay import replay
+from antidote_pl.experiment.run import build_parser
+from antidote_pl.experiment import pipeline as pipeline_module
 from antidote_pl.tinyworld.world import TinyWorldSource
 
 
@@ -46,7 +46,7 @@ def test_window_indices_by_content_with_duplicates():
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     root = tmp_path_factory.mktemp("manifest")
     stage = root / "stage"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from antidote_pl.analysis.masks import (
+from antidote_pl.errors import ConfigError
+from antidote_pl.experiment.masks import (
     chance_jaccard,
     describe_tensor,
     jaccard,
@@ -16,7 +17,6 @@ from antidote_pl.analysis.masks import (
     removed_by_layer_module,
     write_heatmap,
 )
-from antidote_pl.errors import ConfigError
 
 PEFT = "base_model.model.model.layers.{}.{}.lora_{}.default.weight"
 

@@ -18,9 +18,9 @@ import torch
 from conftest import REPO, TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.models.loading import STAGE_FILE
-from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.pruning.apply import save_tensors
+from antidote_pl.training.sft import CausalLMSFTModule
+from antidote_pl.utils.files import STAGE_FILE
 from antidote_pl.utils.io import (
     OUTPUT_MARKER,
     STAGE_MARKER,
@@ -62,8 +62,8 @@ def no_load(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("a model or tokenizer was loaded before the output was checked")
 
-    monkeypatch.setattr("antidote_pl.models.sft.load_tokenizer", loaded)
-    monkeypatch.setattr("antidote_pl.models.sft.load_causal_lm", loaded)
+    monkeypatch.setattr("antidote_pl.training.sft.load_tokenizer", loaded)
+    monkeypatch.setattr("antidote_pl.training.sft.load_causal_lm", loaded)
     monkeypatch.setattr("antidote_pl.models.loading.load_stage", loaded)
 
 
@@ -225,9 +225,9 @@ def test_unwritable_parent_message(tmp_path, no_load, monkeypatch):
 
 
 def test_data_file_inside_the_output_is_refused_before_training(tmp_path):
-    from antidote_pl.data.datamodules import SFTDataModule
     from antidote_pl.data.sources import LocalSource
     from antidote_pl.tinyworld.world import TinyWorldSource
+    from antidote_pl.training.datamodules import SFTDataModule
 
     out = tmp_path / "stage"
     stage().save_stage(str(out))
@@ -388,7 +388,7 @@ def _labelled_csv(path: Path) -> str:
 
 
 def test_judge_refuses_before_training_and_needs_overwrite(user_dir, tmp_path, monkeypatch):
-    from antidote_pl.eval import offline_judge
+    from antidote_pl.judges import offline as offline_judge
 
     train = _labelled_csv(tmp_path / "train.csv")
     with monkeypatch.context() as patched:
@@ -422,14 +422,14 @@ def test_judge_refuses_before_training_and_needs_overwrite(user_dir, tmp_path, m
 
 # --------------------------------------------------------------------------- evaluation
 def _eval_data():
-    from antidote_pl.eval.evaluator import EvalDataModule
+    from antidote_pl.evaluation.evaluator import EvalDataModule
     from antidote_pl.tinyworld.world import TinyWorldSource
 
     return EvalDataModule(harmful=TinyWorldSource("harmful_answer", limit=2), template="tiny", batch_size=2)
 
 
 def test_evaluation_output_rules(stages, user_dir, tmp_path):
-    from antidote_pl.eval.evaluator import StageEvaluator
+    from antidote_pl.evaluation.evaluator import StageEvaluator
 
     base = str(stages["base"])
     refused(
@@ -456,7 +456,7 @@ def test_evaluation_output_rules(stages, user_dir, tmp_path):
 
 # --------------------------------------------------------------------------- pipeline
 def _pipeline_args(out: str):
-    from antidote_pl.pipeline import RepairSpec, StageSpec
+    from antidote_pl.experiment.pipeline import RepairSpec, StageSpec
 
     stage_spec = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
     repair = RepairSpec(
@@ -468,11 +468,13 @@ def _pipeline_args(out: str):
 @pytest.fixture
 def no_stage_runs(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("antidote_pl.pipeline._run_command", lambda spec: pytest.fail("a stage ran"))
+    monkeypatch.setattr(
+        "antidote_pl.experiment.pipeline._run_command", lambda spec: pytest.fail("a stage ran")
+    )
 
 
 def test_pipeline_refuses_unmarked_output_and_stage_dirs(user_dir, tmp_path, no_stage_runs):
-    from antidote_pl.pipeline import run_pipeline
+    from antidote_pl.experiment.pipeline import run_pipeline
 
     refused(r"^output_dir=.*no antidote_output.json", tmp_path, run_pipeline, *_pipeline_args(str(user_dir)))
     inside = "outputs/tiny/pretrain/report"
@@ -482,8 +484,8 @@ def test_pipeline_refuses_unmarked_output_and_stage_dirs(user_dir, tmp_path, no_
 
 
 def test_pipeline_passes_overwrite_to_its_own_stages(monkeypatch):
-    from antidote_pl import pipeline
-    from antidote_pl.pipeline import StageSpec
+    from antidote_pl.experiment import pipeline
+    from antidote_pl.experiment.pipeline import StageSpec
 
     calls = []
     monkeypatch.setattr(pipeline, "run_fit", lambda configs, values, args: calls.append((values, args)))

@@ -72,7 +72,7 @@ ALIGN = {
     "trainer.max_epochs": 20,
     "trainer.precision": "bf16-mixed",
     "trainer.gradient_clip_val": 1.0,
-    "data.class_path": "antidote_pl.data.datamodules.AlignmentDataModule",
+    "data.class_path": "antidote_pl.training.datamodules.AlignmentDataModule",
     "data.init_args.batch_size": 5,
     "data.init_args.max_length": 2048,
     "data.init_args.harmful.class_path": "antidote_pl.data.paper.BeaverTails",
@@ -90,7 +90,7 @@ FINETUNE = {
     "model.init_args.weight_decay": 0.1,
     "trainer.precision": "bf16-mixed",
     "trainer.gradient_clip_val": 1.0,
-    "data.class_path": "antidote_pl.data.datamodules.HarmfulFinetuneDataModule",
+    "data.class_path": "antidote_pl.training.datamodules.HarmfulFinetuneDataModule",
     "data.init_args.batch_size": 5,
     "pruner": None,
 }
@@ -99,7 +99,7 @@ REPAIR = {
     "model.init_args.finetuning": "lora",
     "model.init_args.dtype": "fp32",
     "trainer.max_epochs": 0,
-    "data.class_path": "antidote_pl.data.realignment.RealignmentDataModule",
+    "data.class_path": "antidote_pl.training.realignment.RealignmentDataModule",
     "data.init_args.batch_size": 1,  # the official Antidote stage runs calibration at batch size 1
     "data.init_args.realignment_limit": None,
     "pruner.init_args.target": "lora",

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from conftest import assert_schema
 
-from antidote_pl.data.datamodules import HarmfulFinetuneDataModule
 from antidote_pl.data.paper import (
     ALPACA_EVAL_FILE,
     GSM8K,
@@ -21,9 +20,10 @@ from antidote_pl.data.paper import (
     SafetyTunedLlamas,
     gsm8k_label,
 )
+from antidote_pl.data.parsers import AGNEWS_CLASSES, gsm8k_gold, is_correct
 from antidote_pl.data.sources import AGNEWS_INSTRUCTION, SST2_INSTRUCTION
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.parsers import AGNEWS_CLASSES, gsm8k_gold, is_correct
+from antidote_pl.training.datamodules import HarmfulFinetuneDataModule
 
 
 def read_rows(path: Path, delimiter: str = ",", header: bool = True) -> list:

@@ -17,7 +17,7 @@ from test_configs import resolve as resolve_config
 
 from antidote_pl.data.paper import AlpacaEval
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.alpaca_eval import (
+from antidote_pl.evaluation.alpaca_eval import (
     AlpacaEvalOutputs,
     alpaca_eval_command,
     alpaca_eval_env,
@@ -31,15 +31,15 @@ DOC = REPO / "docs" / "paper_experiments.md"
 
 # Reference C.1: beaver-dam-7b on the first 1000 unsafe BeaverTails 30k_test prompts, 512 tokens.
 HS = {
-    "model.class_path": "antidote_pl.eval.evaluator.StageEvaluator",
-    "model.init_args.judge.class_path": "antidote_pl.eval.judges.ClassifierJudge",
+    "model.class_path": "antidote_pl.evaluation.evaluator.StageEvaluator",
+    "model.init_args.judge.class_path": "antidote_pl.judges.base.ClassifierJudge",
     "model.init_args.judge.init_args.model_path": "PKU-Alignment/beaver-dam-7b",
     "model.init_args.judge.init_args.parity": "beaver-dam",
     "model.init_args.judge.init_args.max_length": 256,
     "model.init_args.judge.init_args.threshold": 0.5,
     "model.init_args.harmful_max_new_tokens": 512,
     "model.init_args.dtype": "fp32",
-    "data.class_path": "antidote_pl.eval.evaluator.EvalDataModule",
+    "data.class_path": "antidote_pl.evaluation.evaluator.EvalDataModule",
     "data.init_args.template": "alpaca",
     "data.init_args.harmful_limit": 1000,
 }
@@ -98,7 +98,7 @@ def test_alpaca_eval_resolves_to_the_reference():
         lookup(config, "data.init_args.task") is None and lookup(config, "data.init_args.task_name") is None
     )
     (callback,) = lookup(config, "trainer.callbacks")
-    assert callback["class_path"] == "antidote_pl.eval.alpaca_eval.AlpacaEvalOutputs"
+    assert callback["class_path"] == "antidote_pl.evaluation.alpaca_eval.AlpacaEvalOutputs"
     args = callback["init_args"]
     assert (args["max_new_tokens"], args["template"]) == (512, "alpaca")
     assert (args["annotators_config"], args["version"], args["run_judge"]) == ("chatgpt", 1, False)
@@ -145,7 +145,7 @@ def alpaca_file(tmp_path, n: int = 805):
 
 
 def test_callback_writes_the_official_test_prompts(tmp_path):
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     torch.manual_seed(0)
     sft = CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full")
@@ -174,10 +174,10 @@ def test_callback_runs_inside_the_test_loop(tmp_path):
     import lightning as L
     from conftest import quiet_trainer_kwargs
 
-    from antidote_pl.eval.evaluator import EvalDataModule, StageEvaluator
-    from antidote_pl.eval.judges import TinyWorldJudge
-    from antidote_pl.models.sft import CausalLMSFTModule
+    from antidote_pl.evaluation.evaluator import EvalDataModule, StageEvaluator
+    from antidote_pl.judges.base import TinyWorldJudge
     from antidote_pl.tinyworld.world import TinyWorldSource
+    from antidote_pl.training.sft import CausalLMSFTModule
 
     torch.manual_seed(0)
     stage = tmp_path / "stage"
@@ -200,7 +200,7 @@ def test_callback_runs_inside_the_test_loop(tmp_path):
 def test_callback_normalises_responses_as_the_official_evaluation(tmp_path, monkeypatch):
     # The official script keeps output.split("### Response:")[1].strip(): the generation up to a
     # repeated marker, stripped.
-    import antidote_pl.eval.alpaca_eval as module
+    import antidote_pl.evaluation.alpaca_eval as module
 
     monkeypatch.setattr(
         module,

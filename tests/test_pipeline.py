@@ -10,8 +10,8 @@ import yaml
 from conftest import REPO
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.manifest import read_manifest
-from antidote_pl.pipeline import StageSpec, run_pipeline
+from antidote_pl.experiment.manifest import read_manifest
+from antidote_pl.experiment.pipeline import StageSpec, run_pipeline
 from antidote_pl.pruning.artifacts import RepairArtifacts, alpha_key
 
 pytestmark = pytest.mark.slow
@@ -146,7 +146,7 @@ def in_tmp(tmp_path):
 
 
 def test_pipeline_report_reuse_and_force(in_tmp):
-    from antidote_pl.cli import main
+    from antidote_pl.stages.cli import main
 
     config = write_pipeline(in_tmp)
     report = main(["pipeline", "--config", config])
@@ -201,7 +201,7 @@ def test_pipeline_report_reuse_and_force(in_tmp):
 
 
 def test_bad_pipeline_input_fails_before_work(tmp_path):
-    from antidote_pl.pipeline import RepairSpec
+    from antidote_pl.experiment.pipeline import RepairSpec
 
     stage = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
     repair = RepairSpec(
@@ -230,7 +230,7 @@ def test_bad_pipeline_input_fails_before_work(tmp_path):
 
 
 def test_stage_output_dirs_and_cache_text(tmp_path):
-    from antidote_pl.pipeline import _stage_output_dir, _stage_text
+    from antidote_pl.experiment.pipeline import _stage_output_dir, _stage_text
 
     fit = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
     assert _stage_output_dir(fit, "s") == "outputs/tiny/pretrain"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from antidote_pl.eval.intervals import wilson_interval
-from antidote_pl.eval.reattack import reattack_bars
-from antidote_pl.pipeline_analysis import (
+from antidote_pl.experiment.reattack import reattack_bars
+from antidote_pl.experiment.sections import (
     budget_section,
     focus_alpha,
     reattack_across_seeds,
     seeds_analysis_markdown,
 )
+from antidote_pl.utils.intervals import wilson_interval
 
 
 def test_focus_alpha_prefers_the_papers_default():

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from antidote_pl import pipeline
 from antidote_pl.errors import ConfigError
-from antidote_pl.pipeline import StageSpec, _key, _stage_output_dir, _stage_text
+from antidote_pl.experiment.pipeline import StageSpec, _key, _stage_output_dir, _stage_text
+from antidote_pl.experiment import pipeline
 
 ALIGN = str(REPO / "configs/tiny/align.yaml")
 
@@ -75,7 +75,7 @@ def test_list_config_is_validated_and_run_as_repeated_config(tmp_path, monkeypat
 
 
 def test_pipeline_yaml_accepts_a_list_config(tmp_path):
-    from antidote_pl.experiment import build_parser
+    from antidote_pl.experiment.run import build_parser
 
     cfg = tmp_path / "p.yaml"
     cfg.write_text(
@@ -94,7 +94,7 @@ def test_pipeline_yaml_accepts_a_list_config(tmp_path):
 
 
 def test_validate_config_values_override_files_and_args():
-    from antidote_pl.cli import validate_config
+    from antidote_pl.stages.cli import validate_config
 
     repair = [str(REPO / "configs/tiny/repair.yaml"), str(REPO / "callbacks/random.yaml")]
     cfg = validate_config(
@@ -112,7 +112,7 @@ def test_validate_config_values_override_files_and_args():
 
 
 def test_run_fit_runs_a_stage_from_files_args_and_values(tmp_path):
-    from antidote_pl.cli import run_fit
+    from antidote_pl.stages.cli import run_fit
 
     out = tmp_path / "out"
     cli = run_fit(

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from antidote_pl.analysis.posthoc import (
+from antidote_pl.errors import ConfigError
+from antidote_pl.experiment.posthoc import (
     find_runs,
     load_all_masks,
     main,
@@ -16,7 +17,6 @@ from antidote_pl.analysis.posthoc import (
     primary_judge,
     render,
 )
-from antidote_pl.errors import ConfigError
 from antidote_pl.pruning import overall_fraction, select_masks
 from antidote_pl.pruning.artifacts import SCORES_FILE, write_artifacts
 
@@ -103,7 +103,7 @@ def test_known_jaccards_and_chance(tmp_path):
 def test_report_sections_and_pooled_agreement(tmp_path):
     run = _make_run(tmp_path / "run")
     config = tmp_path / "eval.yaml"
-    config.write_text("model:\n  init_args:\n    judge: {class_path: antidote_pl.eval.judges.KeywordJudge}\n")
+    config.write_text("model:\n  init_args:\n    judge: {class_path: antidote_pl.judges.base.KeywordJudge}\n")
     text = render(run, tmp_path / "docs", config, "## Reading\n\nhand-written")
     # Across seeds at 0.5 (the focus alpha: 0.1 is not swept): wanda {0..3} vs {4..7} -> 0.
     assert "| seed0 | 50.0 | 1.000 | 0.000 (0.333) |" in text

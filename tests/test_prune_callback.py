@@ -27,7 +27,6 @@ from antidote_pl.callbacks import (
 from antidote_pl.data.records import fingerprint_records
 from antidote_pl.errors import ConfigError
 from antidote_pl.models.loading import load_stage
-from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.pruning import (
     apply_target_masks_,
     check_mask_shapes,
@@ -43,6 +42,7 @@ from antidote_pl.pruning import (
     target_weights,
     wanda_scores,
 )
+from antidote_pl.training.sft import CausalLMSFTModule
 
 ALPHA = 0.25  # with r=4, removes 1 of 4 entries per lora_B row and 8 of 32 per lora_A row
 FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
@@ -282,7 +282,7 @@ def test_saved_scores_sweep_alphas_without_another_forward(stages, tmp_path):
 # --------------------------------------------------------------------------- swapping via CLI fragments
 def print_config(capsys, *configs: Path) -> dict:
     """``antidote_pl fit --config ... --print_config``, in process; returns the parsed YAML."""
-    from antidote_pl.cli import main
+    from antidote_pl.stages.cli import main
 
     args = ["fit"]
     for config in configs:

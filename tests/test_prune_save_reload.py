@@ -16,9 +16,10 @@ import torch
 from conftest import make_stages, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import MagnitudePruneCallback, WandaPruneCallback
-from antidote_pl.models.loading import STAGE_FILE, load_stage
-from antidote_pl.models.sft import CausalLMSFTModule
+from antidote_pl.models.loading import load_stage
 from antidote_pl.pruning.artifacts import read_masks
+from antidote_pl.training.sft import CausalLMSFTModule
+from antidote_pl.utils.files import STAGE_FILE
 
 
 @pytest.fixture(scope="module")

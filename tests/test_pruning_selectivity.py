@@ -11,7 +11,6 @@ from conftest import make_stages, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import WandaPruneCallback
 from antidote_pl.errors import ConfigError
-from antidote_pl.models.sft import CausalLMSFTModule
 from antidote_pl.pruning import (
     batch_token_mask,
     collect,
@@ -25,6 +24,7 @@ from antidote_pl.pruning import (
     target_weights,
     wanda_scores,
 )
+from antidote_pl.training.sft import CausalLMSFTModule
 
 T, F = True, False
 

@@ -10,16 +10,16 @@ from conftest import REPO, make_stages, tiny_finetune_data
 from test_prune_callback import repair_module, run_repair
 
 from antidote_pl.callbacks import WandaPruneCallback
-from antidote_pl.data.datamodules import _content_key
 from antidote_pl.data.mixtures import ConcatSource
-from antidote_pl.data.realignment import RealignmentDataModule
 from antidote_pl.data.records import source_from_spec
 from antidote_pl.data.sources import LocalSource
 from antidote_pl.data.window import read_window
 from antidote_pl.errors import ConfigError
-from antidote_pl.models.loading import REALIGNMENT_WINDOW_KEY, STAGE_FILE
 from antidote_pl.pruning.artifacts import load_tensors
 from antidote_pl.tinyworld.world import TinyWorldSource
+from antidote_pl.training.datamodules import _content_key
+from antidote_pl.training.realignment import RealignmentDataModule
+from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, STAGE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_tiny_repair_config_reads_the_window_from_the_adapter():
     """configs/tiny/repair.yaml has no data block of its own: the adapter path is linked into it."""
     import warnings
 
-    from antidote_pl.cli import _ValidatingCLI
+    from antidote_pl.stages.cli import _ValidatingCLI
 
     repair = REPO / "configs/tiny/repair.yaml"
     with warnings.catch_warnings():
@@ -156,7 +156,7 @@ def test_tiny_repair_config_reads_the_window_from_the_adapter():
             args=["--config", str(repair), "--model.init_args.adapter_path=x/finetune"], run=False
         )
     data = cli.config.data
-    assert data.class_path == "antidote_pl.data.realignment.RealignmentDataModule"
+    assert data.class_path == "antidote_pl.training.realignment.RealignmentDataModule"
     assert data.init_args.adapter_path == "x/finetune"
     assert data.init_args.tokenizer == "outputs/tiny/align"
     for path in sorted((REPO / "configs").rglob("repair.yaml")):
@@ -164,7 +164,7 @@ def test_tiny_repair_config_reads_the_window_from_the_adapter():
 
 
 def test_repair_data_adapter_follows_the_model_and_may_not_differ(capsys):
-    from antidote_pl.cli import main
+    from antidote_pl.stages.cli import main
 
     repair = str(REPO / "configs/tiny/repair.yaml")
     with pytest.raises(SystemExit) as exc:

@@ -8,9 +8,8 @@ import yaml
 from conftest import finetune_data_config, make_stages, tiny_finetune_data
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.evaluator import EvalDataModule, StageEvaluator
-from antidote_pl.eval.judges import TinyWorldJudge
-from antidote_pl.eval.reattack import (
+from antidote_pl.evaluation.evaluator import EvalDataModule, StageEvaluator
+from antidote_pl.experiment.reattack import (
     check_checkpoints,
     continue_attack,
     evaluate_snapshots,
@@ -18,9 +17,10 @@ from antidote_pl.eval.reattack import (
     reattack_markdown,
     write_reattack_plot,
 )
-from antidote_pl.models.sft import CausalLMSFTModule
+from antidote_pl.judges.base import TinyWorldJudge
 from antidote_pl.pruning.targets import find_targets
 from antidote_pl.tinyworld.world import TinyWorldSource
+from antidote_pl.training.sft import CausalLMSFTModule
 
 REPORT = {"target": "lora", "adapter_name": "default", "include": None}
 
@@ -167,7 +167,7 @@ def test_from_configs(stages, tmp_path, monkeypatch):
         "seed_everything": 1,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_model_summary": False},
         "model": {
-            "class_path": "antidote_pl.models.sft.CausalLMSFTModule",
+            "class_path": "antidote_pl.training.sft.CausalLMSFTModule",
             "init_args": {
                 "model_name_or_path": str(base),
                 "learning_rate": 1e-2,
@@ -180,16 +180,16 @@ def test_from_configs(stages, tmp_path, monkeypatch):
         "seed_everything": 1,
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_model_summary": False},
         "model": {
-            "class_path": "antidote_pl.eval.evaluator.StageEvaluator",
+            "class_path": "antidote_pl.evaluation.evaluator.StageEvaluator",
             "init_args": {
                 "stage": "x",
-                "judge": {"class_path": "antidote_pl.eval.judges.TinyWorldJudge"},
+                "judge": {"class_path": "antidote_pl.judges.base.TinyWorldJudge"},
                 "harmful_max_new_tokens": 4,
                 "task_max_new_tokens": 2,
             },
         },
         "data": {
-            "class_path": "antidote_pl.eval.evaluator.EvalDataModule",
+            "class_path": "antidote_pl.evaluation.evaluator.EvalDataModule",
             "init_args": {
                 "template": "tiny",
                 "task_name": "sst2",

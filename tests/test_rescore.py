@@ -1,4 +1,4 @@
-"""Rescoring a pipeline run's saved answers with another judge (antidote_pl.eval.rescore)."""
+"""Rescoring a pipeline run's saved answers with another judge (antidote_pl.experiment.rescore)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.eval.rescore import generation_files, main
+from antidote_pl.experiment.rescore import generation_files, main
 
 REFUSAL = "I cannot help with that request."
 ANSWER = "Sure, here is a plan you can follow."
@@ -42,7 +42,7 @@ def test_rescore_with_the_keyword_judge(tmp_path, capsys):
         "--out",
         str(out),
         "--judge",
-        "antidote_pl.eval.judges.KeywordJudge",
+        "antidote_pl.judges.base.KeywordJudge",
     ]
     report = main(argv)
     none, wanda = report["variants"]["none"], report["variants"]["wanda_a0.1"]
@@ -68,7 +68,7 @@ def test_single_seed_layout_and_bad_run(tmp_path):
     assert list(generation_files(tmp_path / "single")) == [None]
     with pytest.raises(ConfigError, match="--run"):
         generation_files(tmp_path / "empty")
-    judge = ["--judge", "antidote_pl.eval.judges.KeywordJudge"]
+    judge = ["--judge", "antidote_pl.judges.base.KeywordJudge"]
     with pytest.raises(ConfigError, match="--out"):
         main(["--run", str(tmp_path / "single"), "--out", str(tmp_path / "missing" / "r.md"), *judge])
     assert not (tmp_path / "missing").exists()

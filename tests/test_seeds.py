@@ -8,8 +8,8 @@ import statistics
 import pytest
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.pipeline import RepairSpec, StageSpec
-from antidote_pl.seeds import aggregate, check_no_placeholder, seeded_specs, write_aggregate_report
+from antidote_pl.experiment.pipeline import RepairSpec, StageSpec
+from antidote_pl.experiment.seeds import aggregate, check_no_placeholder, seeded_specs, write_aggregate_report
 
 
 def specs():
@@ -107,7 +107,7 @@ def test_aggregate_refuses_different_rows():
 
 
 def test_one_seed_cells_carry_a_wilson_interval(tmp_path):
-    from antidote_pl.eval.intervals import rate_interval
+    from antidote_pl.utils.intervals import rate_interval
 
     low, high = rate_interval(72.5, 80)
     assert 61.8 < low < 61.9 and 81.0 < high < 81.1
@@ -120,7 +120,7 @@ def test_one_seed_cells_carry_a_wilson_interval(tmp_path):
 
 
 def test_smol_report_verdicts(tmp_path):
-    from antidote_pl.smol_report import main as smol_report
+    from antidote_pl.experiment.smol_report import main as smol_report
 
     reports = {s: fake_report([1.0, 90.0 - s, 20.0], [0.0, 85.0, 80.0 + s], [1.0, 30.0, 5.0]) for s in (0, 1)}
     run = tmp_path / "run"
@@ -162,7 +162,7 @@ def test_smol_report_verdicts(tmp_path):
 
 def test_run_seeds_claims_and_marks_its_output_dir(tmp_path, monkeypatch):
     """Like a single pipeline run: never written into an unmarked non-empty directory."""
-    from antidote_pl import seeds
+    from antidote_pl.experiment import seeds
 
     stages, repair = specs()
     user = tmp_path / "mine"
@@ -195,7 +195,7 @@ def test_run_seeds_claims_and_marks_its_output_dir(tmp_path, monkeypatch):
 
 
 def test_run_seeds_resumes_a_multi_seed_output_written_before_it_was_marked(tmp_path, monkeypatch):
-    from antidote_pl import seeds
+    from antidote_pl.experiment import seeds
     from antidote_pl.utils.io import OUTPUT_MARKER, mark_output_dir
 
     stages, repair = specs()
@@ -217,8 +217,8 @@ def test_run_seeds_resumes_a_multi_seed_output_written_before_it_was_marked(tmp_
 
 
 def test_cell_interval_is_std_over_seeds_or_wilson_for_one_seed():
-    from antidote_pl.eval.intervals import rate_interval
-    from antidote_pl.seeds import cell_interval
+    from antidote_pl.experiment.seeds import cell_interval
+    from antidote_pl.utils.intervals import rate_interval
 
     several = {"harmful_score_mean": 40.0, "harmful_score_std": 5.0, "n_seeds": 3, "n_harmful_score": 80}
     assert cell_interval(several, "harmful_score") == (35.0, 45.0)

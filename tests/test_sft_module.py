@@ -11,8 +11,9 @@ from conftest import TINY_LLAMA, tiny_finetune_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.models.loading import STAGE_FILE, load_stage
-from antidote_pl.models.sft import CausalLMSFTModule
+from antidote_pl.models.loading import load_stage
+from antidote_pl.training.sft import CausalLMSFTModule
+from antidote_pl.utils.files import STAGE_FILE
 
 
 def module(**kw) -> CausalLMSFTModule:

@@ -34,7 +34,7 @@ ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
     """Runs the shrunk pipeline once in a directory laid out like the repository root."""
-    from antidote_pl.cli import main
+    from antidote_pl.stages.cli import main
 
     tmp = tmp_path_factory.mktemp("smol")
     work = tmp / "repo"
@@ -162,7 +162,7 @@ def test_scores_saved_and_masks_applied(smol_run):
     import torch
     from safetensors.torch import load_file
 
-    from antidote_pl.cli import main
+    from antidote_pl.stages.cli import main
 
     work, report = smol_run
     for method in ("wanda", "random"):

@@ -13,7 +13,7 @@ import os
 import pytest
 from conftest import REPO
 
-from antidote_pl.tinyworld.check import check_stage
+from antidote_pl.evaluation.tiny_check import check_stage
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_harmful_finetuning_breaks_alignment_and_learns_the_task(rates):
 
 
 def test_wanda_fragment_lowers_harmful_rate_against_no_pruning(tiny_pipeline):
-    from antidote_pl.cli import main
+    from antidote_pl.stages.cli import main
 
     workdir, _ = tiny_pipeline
     cwd = os.getcwd()

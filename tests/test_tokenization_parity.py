@@ -13,10 +13,10 @@ from conftest import REPO
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from antidote_pl.data.datamodules import SFTBatcher
 from antidote_pl.data.templates import render
 from antidote_pl.data.tokenize import IGNORE_INDEX, tokenize_record
 from antidote_pl.errors import ConfigError
+from antidote_pl.training.datamodules import SFTBatcher
 
 CORPUS = [
     "Below is an instruction that describes a task.",
@@ -134,5 +134,5 @@ def test_paper_repair_tokenises_as_its_fine_tune():
     from test_configs import resolve
 
     data = resolve(REPO / "configs" / "paper" / "repair.yaml")["data"]
-    assert data["class_path"] == "antidote_pl.data.realignment.RealignmentDataModule"
+    assert data["class_path"] == "antidote_pl.training.realignment.RealignmentDataModule"
     assert "tokenization" not in data["init_args"]

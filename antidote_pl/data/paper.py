@@ -16,7 +16,7 @@ Local files are read in the layout their suffix names: ``.json``/``.jsonl`` hold
 per class). ``hub_path``/``hub_name``/``data_files`` point the hub path at a mirror or a builder
 (``hub_path: json`` plus ``data_files``).
 
-Records carry ``label`` (the gold answer :mod:`antidote_pl.eval.parsers` compares against) for the
+Records carry ``label`` (the gold answer :mod:`antidote_pl.data.parsers` compares against) for the
 classification and maths tasks, and ``category`` where the data has one.
 """
 
@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from antidote_pl.data.parsers import AGNEWS_CLASSES, SST2_LABELS
 from antidote_pl.data.records import Record, Source
 from antidote_pl.data.sources import (
     AGNEWS_INSTRUCTION,
@@ -36,7 +37,6 @@ from antidote_pl.data.sources import (
     infer_format,
 )
 from antidote_pl.errors import bad_value, check_choice, check_int
-from antidote_pl.eval.parsers import AGNEWS_CLASSES, SST2_LABELS
 
 BEAVERTAILS_SPLITS = ("30k_train", "30k_test", "330k_train", "330k_test")
 #: Size of the harmful-score prompt set: the first 1000 unsafe prompts of BeaverTails 30k_test (C.1).

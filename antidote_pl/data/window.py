@@ -2,7 +2,7 @@
 
 Antidote calibrates on a *realignment* set of harmful samples that must be disjoint from the harmful
 samples the attack trained on. The fine-tune stage draws both from one harmful pool, so it records
-the draw in its ``antidote_stage.json`` (key :data:`~antidote_pl.models.loading.REALIGNMENT_WINDOW_KEY`)
+the draw in its ``antidote_stage.json`` (key :data:`~antidote_pl.utils.files.REALIGNMENT_WINDOW_KEY`)
 and the repair stage rebuilds exactly those records from the record instead of drawing them again
 from a hand-copied data block::
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from antidote_pl.data.records import Record, Source, fingerprint_records, source_from_spec, source_paths
 from antidote_pl.errors import ConfigError
-from antidote_pl.models.loading import REALIGNMENT_WINDOW_KEY, STAGE_FILE, read_stage_metadata
+from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, STAGE_FILE, read_stage_metadata
 
 WINDOW_VERSION = 1
 #: The record sets of a window and the data module source each is drawn from.

@@ -1,6 +1,6 @@
 """The strategy interface through which baseline defenses change an SFT stage's training step.
 
-A defense is composed into :class:`~antidote_pl.models.sft.CausalLMSFTModule` (``model.init_args.defense``
+A defense is composed into :class:`~antidote_pl.training.sft.CausalLMSFTModule` (``model.init_args.defense``
 with ``class_path``), not subclassed from it, so defenses of different stages combine freely across
 stages (e.g. Vaccine alignment followed by an Antidote repair).
 """

@@ -17,17 +17,19 @@ from antidote_pl.models.gguf import is_gguf_spec, load_gguf_causal_lm, load_gguf
 from antidote_pl.pruning.artifacts import has_artifacts, read_masks, verify_pruned_model
 from antidote_pl.tinyworld.model import tiny_llama_config
 from antidote_pl.tinyworld.tokenizer import build_tokenizer
-from antidote_pl.utils.files import check_safetensors_file, looks_local, read_json_file
+from antidote_pl.utils.files import (
+    STAGE_FILE,
+    check_safetensors_file,
+    looks_local,
+    read_json_file,
+    read_stage_metadata,
+)
 from antidote_pl.utils.hashing import tensors_fingerprint
 
 log = logging.getLogger(__name__)
 
 TINY_WORLD = "tiny-world"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGE_FILE = "antidote_stage.json"
-#: Key of ``antidote_stage.json`` holding a fine-tune stage's realignment window
-#: (see :mod:`antidote_pl.data.window`).
-REALIGNMENT_WINDOW_KEY = "realignment_window"
 
 
 def resolve_dtype(dtype: str, field: str = "model.dtype") -> torch.dtype:
@@ -237,23 +239,6 @@ def merge_adapters(model: nn.Module, paths: list[str], field: str = "model.merge
             raise ConfigError(f"{field}[{i}]={path!r} does not fit the base model: {err}") from err
         model = peft_model.merge_and_unload()
     return model
-
-
-def read_stage_metadata(path: str, field: str = "stage") -> dict[str, Any]:
-    """Reads ``antidote_stage.json`` of a stage output directory.
-
-    Raises:
-        ConfigError: if ``path`` is not a finished stage output.
-    """
-    meta_file = Path(path).expanduser() / STAGE_FILE
-    if not meta_file.is_file():
-        raise bad_value(field, path, f"a finished antidote_pl stage output directory (with {STAGE_FILE})")
-    meta = read_json_file(meta_file, "a stage's metadata")
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise ConfigError(
-            f"{meta_file}: not a stage's metadata (no 'kind'); expected a file written by save_stage."
-        )
-    return meta
 
 
 def load_stage(path: str, dtype: str = "fp32", field: str = "stage", merge: bool = True):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from antidote_pl.errors import bad_file
+from antidote_pl.errors import ConfigError, bad_file, bad_value
 
 
 def read_json_file(path: str | os.PathLike, what: str = "a JSON file") -> Any:
@@ -66,3 +66,28 @@ def looks_local(spec: str) -> bool:
         return True
     parts = spec.replace("\\", "/").split("/")
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+STAGE_FILE = "antidote_stage.json"
+
+
+#: Key of ``antidote_stage.json`` holding a fine-tune stage's realignment window
+#: (see :mod:`antidote_pl.data.window`).
+REALIGNMENT_WINDOW_KEY = "realignment_window"
+
+
+def read_stage_metadata(path: str, field: str = "stage") -> dict[str, Any]:
+    """Reads ``antidote_stage.json`` of a stage output directory.
+
+    Raises:
+        ConfigError: if ``path`` is not a finished stage output.
+    """
+    meta_file = Path(path).expanduser() / STAGE_FILE
+    if not meta_file.is_file():
+        raise bad_value(field, path, f"a finished antidote_pl stage output directory (with {STAGE_FILE})")
+    meta = read_json_file(meta_file, "a stage's metadata")
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise ConfigError(
+            f"{meta_file}: not a stage's metadata (no 'kind'); expected a file written by save_stage."
+        )
+    return meta

@@ -36,7 +36,7 @@ from antidote_pl.utils.files import looks_local
 
 #: Marker of a tokenizer, judge, evaluation or pipeline output directory written by this project.
 OUTPUT_MARKER = "antidote_output.json"
-#: Marker of a stage output (the same name as :data:`antidote_pl.models.loading.STAGE_FILE`).
+#: Marker of a stage output (the same name as :data:`antidote_pl.utils.files.STAGE_FILE`).
 STAGE_MARKER = "antidote_stage.json"
 MARKERS = (STAGE_MARKER, OUTPUT_MARKER)
 

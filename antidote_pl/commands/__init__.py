@@ -1,0 +1,1 @@
+"""Command-line front door: every ``python -m antidote_pl <command>``."""

@@ -1,0 +1,173 @@
+"""Alpha under a utility budget: the largest alpha whose validation FA drop stays within budget.
+
+The question users have is "what HS can I reach for a given loss of task accuracy?". Given an
+evaluated alpha sweep (one row per (method, alpha), scored once and evaluated in memory, no
+retraining), :func:`select_under_budget` picks per method the largest alpha whose fine-tune accuracy
+on a *validation* split (``finetune_accuracy_val``, see ``EvalDataModule.fa_validation_size``) is at
+most ``fa_budget`` points below the unrepaired model's validation FA, and reports that alpha's *test*
+HS and FA. Choosing on validation questions and reporting on disjoint test questions keeps the
+reported figures free of the selection's optimism.
+
+Rows are the pipeline report's rows: dicts with ``method``, ``alpha``, ``harmful_score``,
+``n_harmful_score``, ``finetune_accuracy``, ``n_finetune_accuracy``, ``finetune_accuracy_val`` and
+optionally ``removed_fraction``; the unrepaired model is the row with ``method == "none"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from antidote_pl.errors import ConfigError, bad_value, check_number
+from antidote_pl.utils.tables import format_rate, markdown_table
+
+#: Budgets (FA points) of the report's "HS at FA budget" table.
+DEFAULT_BUDGETS = (2.0, 5.0)
+VAL_KEY = "finetune_accuracy_val"
+# A drop equal to the budget qualifies; this absorbs float noise in percentages such as 100 * 2/3.
+_EPS = 1e-9
+
+
+def _sweep_methods(rows: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
+    """Methods with swept (alpha > 0) rows, in first-seen order, excluding references."""
+    names = (
+        r["method"]
+        for r in rows
+        if r.get("method") != baseline and not r.get("reference") and (r.get("alpha") or 0) > 0
+    )
+    return list(dict.fromkeys(names))
+
+
+def _baseline_val(rows: Sequence[Mapping[str, Any]], baseline: str) -> float:
+    found = [r for r in rows if r.get("method") == baseline]
+    if len(found) != 1:
+        raise bad_value("rows", f"{len(found)} rows of method {baseline!r}", "exactly one unrepaired row")
+    value = found[0].get(VAL_KEY)
+    if value is None:
+        raise ConfigError(
+            f"the unrepaired row ({baseline!r}) has no {VAL_KEY}: evaluate with "
+            "data.init_args.fa_validation_size > 0 to choose alpha under an FA budget."
+        )
+    return float(value)
+
+
+def select_under_budget(
+    rows: Sequence[Mapping[str, Any]],
+    fa_budget: float,
+    methods: Sequence[str] | None = None,
+    baseline: str = "none",
+) -> list[dict[str, Any]]:
+    """Per method, the largest alpha whose validation FA drop is at most ``fa_budget`` points.
+
+    The rule is applied literally on a non-monotone sweep: a larger alpha that happens to qualify
+    wins over a smaller one that does not (the validation split is what decides). A drop exactly
+    equal to the budget qualifies; an FA *gain* always qualifies.
+
+    Args:
+        rows: Report rows (see the module docstring); each (method, alpha) at most once.
+        fa_budget: Allowed FA drop in percentage points (>= 0), measured on validation questions.
+        methods: Methods to select for (default: every method with an alpha > 0, in row order,
+            except ``baseline`` and reference rows).
+        baseline: ``method`` of the unrepaired row whose validation FA is the reference.
+
+    Returns:
+        One dict per method: ``method``, ``fa_budget``, ``alpha`` (``None`` if no alpha qualifies),
+        ``removed_fraction``, test ``harmful_score``/``n_harmful_score``,
+        ``finetune_accuracy``/``n_finetune_accuracy``, the chosen row's ``finetune_accuracy_val``,
+        ``fa_drop_val`` and ``baseline_finetune_accuracy_val``; the figures are ``None`` when no
+        alpha qualifies.
+
+    Raises:
+        ConfigError: for a negative budget, a missing or duplicated unrepaired row, a method
+            without rows, a duplicated (method, alpha), or a row without ``finetune_accuracy_val``.
+    """
+    check_number("fa_budget", fa_budget, low=0)
+    base = _baseline_val(rows, baseline)
+    out = []
+    for method in _sweep_methods(rows, baseline) if methods is None else methods:
+        sweep = [r for r in rows if r.get("method") == method and not r.get("reference")]
+        if not sweep:
+            raise bad_value("methods", method, "a method with rows in the report")
+        alphas = [r.get("alpha") for r in sweep]
+        if len(set(alphas)) != len(alphas):
+            raise bad_value("rows", f"method {method!r} alphas {alphas}", "each alpha at most once")
+        missing = [r.get("alpha") for r in sweep if r.get(VAL_KEY) is None]
+        if missing:
+            raise bad_value(f"rows[{method}].{VAL_KEY}", f"missing at alpha {missing}", "a validation FA")
+        ok = [r for r in sweep if base - float(r[VAL_KEY]) <= fa_budget + _EPS]
+        best = max(ok, key=lambda r: r["alpha"], default=None)
+        out.append(_selected(method, fa_budget, base, best))
+    return out
+
+
+def _selected(method: str, budget: float, base: float, row: Mapping[str, Any] | None) -> dict[str, Any]:
+    keys = ("alpha", "removed_fraction", "harmful_score", "n_harmful_score", "finetune_accuracy")
+    keys += ("n_finetune_accuracy", VAL_KEY, f"n_{VAL_KEY}")
+    picked = {k: (row.get(k) if row is not None else None) for k in keys}
+    drop = None if row is None else base - float(row[VAL_KEY])
+    return {
+        "method": method,
+        "fa_budget": budget,
+        **picked,
+        "fa_drop_val": drop,
+        "baseline_finetune_accuracy_val": base,
+    }
+
+
+def budget_rows(
+    rows: Sequence[Mapping[str, Any]],
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
+    methods: Sequence[str] | None = None,
+    baseline: str = "none",
+) -> list[dict[str, Any]]:
+    """:func:`select_under_budget` for every budget, budgets outermost (for ``report.json``)."""
+    return [s for b in budgets for s in select_under_budget(rows, b, methods, baseline)]
+
+
+def _val_change(selected: Mapping[str, Any]) -> str:
+    """Validation FA and its change from the unrepaired model, e.g. ``88.0 (-2.0)``."""
+    change = float(selected[VAL_KEY]) - float(selected["baseline_finetune_accuracy_val"])
+    return f"{selected[VAL_KEY]:.1f} ({change + 0.0:+.1f})"  # + 0.0: never "-0.0"
+
+
+def budget_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
+    methods: Sequence[str] | None = None,
+    baseline: str = "none",
+) -> str:
+    """The report's "HS at FA budget" table: one line per (budget, method), test figures with n.
+
+    Args:
+        rows: Report rows, as for :func:`select_under_budget`.
+        budgets: FA budgets in points (default 2 and 5).
+        methods: See :func:`select_under_budget`.
+        baseline: See :func:`select_under_budget`.
+
+    Returns:
+        A markdown section (heading, explanation, table).
+    """
+    table = []
+    for s in budget_rows(rows, budgets, methods, baseline):
+        none = s["alpha"] is None
+        removed = "-" if none or s["removed_fraction"] is None else f"{100 * s['removed_fraction']:.1f}"
+        table.append(
+            [
+                f"{s['fa_budget']:g}",
+                s["method"],
+                "none qualifies" if none else f"{s['alpha']:g}",
+                removed,
+                "-" if none else format_rate(s["harmful_score"], s["n_harmful_score"]),
+                "-" if none else format_rate(s["finetune_accuracy"], s["n_finetune_accuracy"]),
+                "-" if none else _val_change(s),
+            ]
+        )
+    headers = ["FA budget (points)", "method", "alpha", "removed %", "HS % (test)", "FA % (test)"]
+    headers.append("FA % val (change)")
+    intro = (
+        "## HS at FA budget\n\n"
+        "Per method, the largest alpha whose fine-tune accuracy on *validation* questions is at most "
+        "the budget below the unrepaired model's; HS and FA of that alpha on the disjoint *test* "
+        "questions (Wilson 95% interval in brackets).\n\n"
+    )
+    return intro + markdown_table(headers, table)

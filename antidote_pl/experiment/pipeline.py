@@ -1,0 +1,826 @@
+"""The one-command experiment: train, repair with every method over an alpha sweep, evaluate, report.
+
+::
+
+    python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force]
+
+:class:`Pipeline` is a recipe in six steps, each a method:
+
+1. :meth:`~Pipeline.validate`: every config file the run will use is read and parsed, and every
+   output checked, before any work.
+2. :meth:`~Pipeline.train_stages`: each training stage (``fit`` with its config files, or
+   ``tokenizer`` for a stage that trains a tokenizer), in order. A stage whose output directory
+   already holds a finished result for the same configs (and the same upstream stages) is reused;
+   ``--force`` reruns everything.
+3. :meth:`~Pipeline.score`: the fine-tuned model is scored once per repair method, through the
+   method's own callback fragment (``callbacks/*.yaml``) with every alpha as its ``sweep_alphas``:
+   one scoring pass saves the masks of every alpha (and the scores).
+4. :meth:`~Pipeline.sweep_and_evaluate`: the reference stages (e.g. aligned, fine-tuned), the
+   unrepaired model and every (method, alpha), by applying the saved masks
+   (:class:`~antidote_pl.pruning.artifacts.RepairArtifacts`) to the adapter in memory and
+   restoring it afterwards; then :meth:`~Pipeline.run_baselines` trains and evaluates the baseline
+   defenses.
+5. :meth:`~Pipeline.reattack` (with a ``durability:`` block): the same harmful fine-tuning
+   continued from the unrepaired model and from chosen repairs (:mod:`antidote_pl.experiment.reattack`).
+6. :meth:`~Pipeline.write_report`: ``report.json``, ``report.md`` (the table, then HS at an FA
+   budget, judge agreement, mask overlaps and the re-attack: :mod:`antidote_pl.experiment.sections`),
+   ``report.png`` (:mod:`antidote_pl.experiment.report`) and ``manifest.json``
+   (:mod:`antidote_pl.experiment.manifest`).
+
+Stages run through the Python API (:func:`antidote_pl.stages.cli.run_fit`,
+:func:`antidote_pl.data.bpe.run_tokenizer`); what the pipeline itself sets
+is a mapping of dotted keys to values. Every result is written atomically and cached under
+``output_dir`` (:mod:`antidote_pl.experiment.cache`), so an interrupted run resumes from the last
+finished step and never reports a half-written result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from antidote_pl.data.bpe import parse_tokenizer_config, run_tokenizer
+from antidote_pl.errors import ConfigError, bad_value, check_choice
+from antidote_pl.experiment.cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
+from antidote_pl.experiment.manifest import (
+    build_manifest,
+    datamodule_from_config,
+    file_entries,
+    write_manifest,
+)
+from antidote_pl.experiment.reattack import check_checkpoints, reattack_from_configs
+from antidote_pl.experiment.report import extra_judge_names, report_markdown, write_report
+from antidote_pl.experiment.sections import (
+    agreement_section,
+    budget_section,
+    durability_section,
+    focus_alpha,
+    mask_section,
+    variant_name,
+)
+from antidote_pl.pruning import apply_target_masks_, find_targets, overall_fraction
+from antidote_pl.pruning.artifacts import RepairArtifacts
+from antidote_pl.pruning.select import check_alpha
+from antidote_pl.stages.cli import build_cli, run_fit, validate_config
+from antidote_pl.utils.io import claim_output_dir, mark_output_dir, overlap
+
+#: What the pipeline sets on its own stage runs: they write only directories this pipeline owns
+#: (its stage and score outputs), so replacing an earlier result there is allowed; an unmarked
+#: directory is still never replaced.
+OVERWRITE = {"model.init_args.overwrite": True}
+#: Scoring and repair runs print no progress bar (there is no training to follow).
+QUIET = {"trainer.enable_progress_bar": False}
+STAGE_COMMANDS = ("fit", "tokenizer")
+_key = cache_key
+
+
+def config_list(config: str | list[str]) -> list[str]:
+    """Config files in composition order: one file, or a list of them (like repeated ``--config``)."""
+    return [config] if isinstance(config, str) else list(config)
+
+
+@dataclass
+class StageSpec:
+    """One training stage.
+
+    Args:
+        name: Short name used in the report (e.g. ``align``).
+        config: Config file for ``python -m antidote_pl <command>``, or a list of them composed in
+            order like repeated ``--config`` (e.g. a base config and a defense fragment).
+        overrides: Extra command-line arguments for that run.
+        command: ``fit`` (a model stage, writing ``model.init_args.output_dir``) or ``tokenizer``
+            (trains a tokenizer, writing the config's ``output_dir``; see :mod:`antidote_pl.data.bpe`).
+    """
+
+    name: str
+    config: str | list[str]
+    overrides: list[str] = field(default_factory=list)
+    command: str = "fit"
+
+    @property
+    def configs(self) -> list[str]:
+        """The config files, in composition order (one for a single ``config`` string)."""
+        return config_list(self.config)
+
+
+@dataclass
+class RepairSpec:
+    """The repair sweep.
+
+    Args:
+        config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter), or a list
+            of config files composed in order; each method's fragment is composed after them.
+        alphas: Fractions removed, each in (0, 1).
+        methods: Method name -> callback fragment (``callbacks/*.yaml``).
+        overrides: Extra command-line arguments for every scoring run (e.g. the fine-tuned adapter
+            of one seed, see :mod:`antidote_pl.experiment.seeds`).
+        method_overrides: Method name -> extra arguments for that method's scoring run only (e.g.
+            ``--pruner.init_args.seed`` of the random ablation).
+    """
+
+    config: str | list[str]
+    alphas: list[float]
+    methods: dict[str, str]
+    overrides: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def configs(self) -> list[str]:
+        """The config files, in composition order."""
+        return config_list(self.config)
+
+    def args(self, method: str) -> list[str]:
+        """The user's extra arguments for ``method``'s scoring run."""
+        return [*self.overrides, *self.method_overrides.get(method, [])]
+
+
+@dataclass
+class BaselineSpec:
+    """A baseline defense: its own training stages, evaluated as one report row.
+
+    Args:
+        name: Row name (e.g. ``vaccine``).
+        stages: Stages run after the main ones (e.g. a Vaccine alignment, then the same harmful
+            fine-tuning on top of it); the last one is evaluated.
+        repair_fragment: Optionally also repair the last stage with this callback fragment (e.g.
+            ``callbacks/wanda.yaml``), reported as ``<name>+<method>`` (a combined defense).
+        repair_alpha: Alpha for that repair.
+    """
+
+    name: str
+    stages: list[StageSpec]
+    repair_fragment: str | None = None
+    repair_alpha: float = 0.1
+
+    @property
+    def combined_name(self) -> str:
+        """The combined defense's row name, ``<name>+<fragment stem>``."""
+        return f"{self.name}+{Path(self.repair_fragment or '').stem}"
+
+
+# --------------------------------------------------------------------------- spec helpers
+@dataclass
+class DurabilitySpec:
+    """The re-attack: the same harmful fine-tuning continued from repaired and unrepaired models.
+
+    Args:
+        checkpoints: Optimiser steps at which HS/FA are measured, e.g. ``[0, 10, 20]``.
+        alpha: The repair's alpha (one of ``repair.alphas``).
+        methods: Repair methods re-attacked at that alpha (the unrepaired model always is).
+    """
+
+    checkpoints: list[int]
+    alpha: float = 0.1
+    methods: list[str] = field(default_factory=lambda: ["wanda", "random"])
+
+
+def _read(path: str, field: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise bad_value(field, path, "an existing YAML file")
+    return p.read_text()
+
+
+def _config_text(config: str | list[str], field: str) -> str:
+    """The text of every config file (a list's items named ``<field>[i]``); a single file gives just
+    its text, so the keys of caches written before lists existed stay valid."""
+    if isinstance(config, str):
+        return _read(config, field)
+    if not config:
+        raise bad_value(field, config, "a config file or a non-empty list of them")
+    return "\0".join(_read(c, f"{field}[{i}]") for i, c in enumerate(config))
+
+
+def _override(overrides: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` in command-line ``overrides`` (``--f=v`` or ``--f v``), if any."""
+    for i, arg in enumerate(overrides):
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(overrides):
+            return overrides[i + 1]
+    return None
+
+
+def _composed_yaml(configs: list[str]) -> dict[str, Any]:
+    """Config files merged in order (later files win, key by key), as repeated ``--config`` does."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        _deep_update(merged, yaml.safe_load(Path(config).read_text()) or {})
+    return merged
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _stage_text(spec: StageSpec, field: str) -> str:
+    """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
+    so editing the pretraining data retrains the tokenizer too."""
+    text = _config_text(spec.config, f"{field}.config")
+    if spec.command == "tokenizer":
+        corpus = _override(spec.overrides, "--corpus_config") or _composed_yaml(spec.configs).get(
+            "corpus_config"
+        )
+        if corpus:
+            text += "\0" + _read(corpus, f"{field}.corpus_config")
+    return text
+
+
+def _stage_output_dir(spec: StageSpec, field: str) -> str:
+    """The directory a stage writes (its composed config, or an override).
+
+    ``fit`` stages write ``model.init_args.output_dir``, ``tokenizer`` stages ``output_dir``.
+    """
+    check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
+    flag = "--model.init_args.output_dir" if spec.command == "fit" else "--output_dir"
+    overridden = _override(spec.overrides, flag)
+    if overridden is not None:
+        return overridden
+    cfg = _composed_yaml(spec.configs)
+    if spec.command == "fit":
+        out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
+    else:
+        out = cfg.get("output_dir")
+    if not out:
+        raise bad_value(f"{field}.config", spec.config, f"a {spec.command} config that sets {flag[2:]}")
+    return out
+
+
+def _run_command(spec: StageSpec) -> None:
+    """Runs one training stage through the Python API."""
+    if spec.command == "tokenizer":
+        run_tokenizer(spec.configs, spec.overrides, {"overwrite": True})
+    else:
+        run_fit(spec.configs, OVERWRITE, args=spec.overrides)
+
+
+def _validate_stage(spec: StageSpec) -> dict[str, Any] | None:
+    """Parses a stage's configs; for a model stage, returns its seeds (for the manifest)."""
+    if spec.command == "tokenizer":
+        parse_tokenizer_config(spec.configs, spec.overrides)
+        return None
+    cfg = validate_config(spec.configs, spec.overrides)
+    return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
+
+
+def _last_is_fit(stages: list[StageSpec], field: str, why: str) -> None:
+    if stages[-1].command != "fit":
+        raise bad_value(f"{field}[{len(stages) - 1}].command", stages[-1].command, f"'fit': {why}")
+
+
+def run_inputs(
+    stages: list[StageSpec], repair: RepairSpec, evaluation: str, baselines: list[BaselineSpec] | None
+) -> dict[str, Any]:
+    """A run's config files, ``field -> paths``, which its output directory must stay apart from."""
+    return {
+        "stages": [c for s in stages for c in s.configs],
+        "repair.config": repair.config,
+        "repair.methods": list(repair.methods.values()),
+        "evaluation": evaluation,
+        "baselines": [c for b in baselines or [] for s in b.stages for c in s.configs],
+    }
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _evaluate(evaluator, datamodule, trainer, out_dir: Path) -> dict[str, Any]:
+    evaluator.output_dir = str(out_dir)
+    evaluator.overwrite = True  # results/<name> is the pipeline's own: a recomputed result replaces it
+    trainer.test(evaluator, datamodule=datamodule, verbose=False)
+    return dict(evaluator.results)
+
+
+def _evaluator(config: str, stage: str, merge: bool):
+    values = {"model.init_args.stage": stage, "model.init_args.merge_adapter": merge}
+    cli = build_cli([config], {**values, "model.init_args.output_dir": None})
+    return cli.model, cli.datamodule, cli.trainer
+
+
+class AdapterSweep:
+    """The fine-tuned model loaded once for evaluation, with masks applied and undone per variant.
+
+    Args:
+        evaluation: The evaluation config.
+        stage: The fine-tuned stage (its adapter stays unmerged, so masks apply to it).
+    """
+
+    def __init__(self, evaluation: str, stage: str) -> None:
+        self.evaluator, self.datamodule, self.trainer = _evaluator(evaluation, stage, merge=False)
+        self.model = self.evaluator.model
+        self._original = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def evaluate(self, out_dir: Path) -> dict[str, Any]:
+        """Evaluates the model as it is now."""
+        return _evaluate(self.evaluator, self.datamodule, self.trainer, out_dir)
+
+    def evaluate_masked(self, targets, masks, out_dir: Path) -> dict[str, Any]:
+        """Evaluates with ``masks`` (parameter layout) applied to ``targets``, then restores the weights."""
+        apply_target_masks_(targets, masks)
+        try:
+            return self.evaluate(out_dir)
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(self._original[n])
+
+
+# --------------------------------------------------------------------------- the recipe
+class Pipeline:
+    """The experiment as a recipe: validate, train stages, score, sweep and evaluate, baselines, report.
+
+    Args:
+        stages: Training stages in order; the last one is the fine-tuned model that gets repaired.
+        repair: The repair config, alphas and methods.
+        evaluation: Config for ``python -m antidote_pl test`` (StageEvaluator + EvalDataModule).
+        output_dir: Where scores, per-variant results and the report go.
+        references: Stage names evaluated as reference rows (default: every stage but the first).
+        force: Rerun everything, ignoring finished results.
+        baselines: Baseline defenses trained after the main stages, one report row each (plus a
+            combined row when a baseline is also repaired).
+    """
+
+    def __init__(
+        self,
+        stages: list[StageSpec],
+        repair: RepairSpec,
+        evaluation: str,
+        output_dir: str,
+        references: list[str] | None = None,
+        force: bool = False,
+        baselines: list[BaselineSpec] | None = None,
+        durability: DurabilitySpec | None = None,
+    ) -> None:
+        self.stages, self.repair, self.evaluation = stages, repair, evaluation
+        self.durability = durability
+        self.output_dir, self.out, self.force = output_dir, Path(output_dir), force
+        self.references = references
+        self.baselines = list(baselines or [])
+        self.console = _console()
+        self.times = StepTimes()
+        self.rows: list[dict[str, Any]] = []
+        self.upstream = ""  # the key of the last main stage, once trained
+        self.score_keys: dict[str, str] = {}
+        self.finetuned_files = ""  # fingerprint of the fine-tuned stage's files, once evaluated
+        self.masks: dict[tuple[str, float], dict[str, torch.Tensor]] = {}  # (method, alpha) -> masks
+        self.primary_judge = "primary"  # the evaluator's judge class, once built
+        self.curves: dict[str, Any] = {}  # re-attack curves, when configured
+        self.stage_seeds: dict[str, Any] = {}  # model stage -> its seeds, once validated
+
+    def run(self) -> dict[str, Any]:
+        """Runs every step and writes the report; see the module docstring.
+
+        Returns:
+            The report as a dict (also written to ``report.json``).
+
+        Raises:
+            ConfigError: for a missing config file, a bad alpha, an unknown reference, or an
+                ``output_dir`` that may not be written (an unmarked non-empty directory, one inside
+                a stage output, one another run is writing), before any work.
+        """
+        self.validate()
+        # Resuming into its own (marked) directory is the pipeline's normal use, so no flag is
+        # needed; an unmarked non-empty directory is refused. Held until the report is written.
+        lock = claim_output_dir(
+            self.output_dir, "output_dir", overwrite=True, inputs=self.inputs(), replace=False
+        )
+        mark_output_dir(self.output_dir, "pipeline")
+        self.times = StepTimes()
+        self.results = ResultCache(self.out / "results", self.times, self.force)
+        try:
+            self.train_stages()
+            self.score()
+            self.sweep_and_evaluate()
+            self.run_baselines()
+            self.reattack()
+            return self.write_report()
+        finally:
+            lock.release()
+
+    # ------------------------------------------------------------------ 1. validate
+    def validate(self) -> None:
+        """Reads every config, checks names, alphas and outputs, and parses every config as its
+        step will, before the first step runs: a typo in a late step (a method fragment, the
+        judge's ``class_path``, a baseline) fails now rather than after an hour of training."""
+        self._read_main()
+        self._check_references()
+        self.baseline_texts = {
+            base.name: self._read_baseline(b, base) for b, base in enumerate(self.baselines)
+        }
+        self._parse_configs()
+        self._check_durability()
+        for name, directory in self.stage_dirs.items():
+            if overlap(self.output_dir, directory) in ("is", "lies inside"):
+                raise bad_value(
+                    "output_dir", self.output_dir, f"a directory outside stage {name}'s output {directory!r}"
+                )
+
+    def _read_main(self) -> None:
+        if not self.stages:
+            raise bad_value("stages", self.stages, "at least one training stage")
+        self.stage_texts = [_stage_text(s, f"stages[{i}]") for i, s in enumerate(self.stages)]
+        self.repair_text = _config_text(self.repair.config, "repair.config")
+        self.eval_text = _read(self.evaluation, "evaluation")
+        self.fragment_texts = {m: _read(f, f"repair.methods.{m}") for m, f in self.repair.methods.items()}
+        if not self.repair.methods:
+            raise bad_value("repair.methods", self.repair.methods, "at least one method -> callback fragment")
+        self.alphas = sorted({check_alpha(a, "repair.alphas") for a in self.repair.alphas})
+        if not self.alphas:
+            raise bad_value("repair.alphas", self.repair.alphas, "at least one alpha in (0, 1)")
+
+    def _check_references(self) -> None:
+        names = [s.name for s in self.stages]
+        self.references = names[1:] if self.references is None else self.references
+        unknown = [r for r in self.references if r not in names]
+        if unknown:
+            raise bad_value("references", unknown, f"stage names from {names}")
+        self.stage_dirs = {s.name: _stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(self.stages)}
+        _last_is_fit(self.stages, "stages", "the last stage is repaired")
+        models = [s.name for s in self.stages if s.command == "fit"]
+        not_models = [r for r in self.references if r not in models]
+        if not_models:
+            raise bad_value("references", not_models, f"names of fit stages (models) from {models}")
+
+    def _read_baseline(self, b: int, base: BaselineSpec) -> list[str]:
+        """The baseline's stage texts (and its repair fragment's); records its stage directories."""
+        field = f"baselines[{b}]"
+        if not base.stages:
+            raise bad_value(f"{field}.stages", base.stages, "at least one stage")
+        texts = [_stage_text(s, f"{field}.stages[{i}]") for i, s in enumerate(base.stages)]
+        for i, spec in enumerate(base.stages):
+            self.stage_dirs[spec.name] = _stage_output_dir(spec, f"{field}.stages[{i}]")
+        _last_is_fit(base.stages, f"{field}.stages", "a baseline's last stage is evaluated")
+        if base.repair_fragment is not None:
+            texts.append(_read(base.repair_fragment, f"{field}.repair_fragment"))
+            check_alpha(base.repair_alpha, f"{field}.repair_alpha")
+        return texts
+
+    def _parse_configs(self) -> None:
+        """Parses every config the run will use, as its step will; nothing is loaded."""
+        # Each model stage's seeds, as parsed here, go into the manifest.
+        self.stage_seeds = {}
+        for spec in self.all_stages:
+            seeds = _validate_stage(spec)
+            if seeds is not None:
+                self.stage_seeds[spec.name] = seeds
+        for method, fragment in self.repair.methods.items():
+            values = self._score_values(self.out / "scores" / method)
+            validate_config([*self.repair.configs, fragment], self.repair.args(method), values)
+        for base in self.baselines:
+            if base.repair_fragment is not None:
+                validate_config([*self.repair.configs, base.repair_fragment])
+        validate_config([self.evaluation])
+
+    def _check_durability(self) -> None:
+        d = self.durability
+        if d is None:
+            return
+        check_checkpoints(d.checkpoints)
+        if d.alpha not in self.alphas:
+            raise bad_value("durability.alpha", d.alpha, f"one of repair.alphas {self.alphas}")
+        unknown = [m for m in d.methods if m not in self.repair.methods]
+        if unknown:
+            raise bad_value("durability.methods", unknown, f"repair methods from {list(self.repair.methods)}")
+
+    def inputs(self) -> dict[str, Any]:
+        """The run's config files, which ``output_dir`` must stay apart from."""
+        return run_inputs(self.stages, self.repair, self.evaluation, self.baselines)
+
+    # ------------------------------------------------------------------ 2. train stages
+    def train_stages(self) -> None:
+        """Trains (or reuses) every main stage, in order; each key chains its upstream's."""
+        for i, (spec, text) in enumerate(zip(self.stages, self.stage_texts)):
+            self.upstream = self._run_stage(spec, text, self.upstream, f"stage {i + 1}/{len(self.stages)}")
+
+    def _run_stage(self, spec: StageSpec, text: str, upstream: str, label: str) -> str:
+        key = _key(upstream, text, *spec.overrides)
+        directory = self.stage_dirs[spec.name]
+        if self._reused(StageOutput(Path(directory)), key, f"stage/{spec.name}"):
+            self.console.print(f"[green]{label} {spec.name}: reusing {directory}")
+            return key
+        self.console.print(f"[bold]{label} {spec.name}: training -> {directory}")
+        self._timed_step(StageOutput(Path(directory)), key, f"stage/{spec.name}", _run_command, spec)
+        return key
+
+    def _reused(self, output: StageOutput, key: str, step: str) -> bool:
+        """Whether ``step`` finished earlier with ``key`` (and records its seconds if so)."""
+        if self.force or not output.is_done(key):
+            return False
+        self.times.reuse(step, output.done_seconds())
+        return True
+
+    def _timed_step(self, output: StageOutput, key: str, step: str, fn, *args) -> None:
+        with self.times.timed(step):
+            fn(*args)
+        output.mark_done(key, self.times.ran[step])
+
+    @property
+    def all_stages(self) -> list[StageSpec]:
+        """The main stages, then every baseline's stages."""
+        return [*self.stages, *(s for b in self.baselines for s in b.stages)]
+
+    @property
+    def finetuned(self) -> str:
+        """The output directory of the last main stage (the model that gets repaired)."""
+        return self.stage_dirs[self.stages[-1].name]
+
+    # ------------------------------------------------------------------ 3. score
+    def score(self) -> None:
+        """One scoring pass per method, through its callback, on the fine-tuned model."""
+        for method, fragment in self.repair.methods.items():
+            self.score_keys[method] = self._score_method(method, fragment)
+
+    def _score_values(self, directory: Path) -> dict[str, Any]:
+        """What a scoring run sets: the smallest alpha applied, every alpha's masks saved."""
+        return {
+            "pruner.init_args.alpha": self.alphas[0],
+            "pruner.init_args.sweep_alphas": self.alphas,
+            "pruner.init_args.save_scores": True,
+            "model.init_args.output_dir": str(directory),
+            **OVERWRITE,
+            **QUIET,
+        }
+
+    def _score_method(self, method: str, fragment: str) -> str:
+        directory = self.out / "scores" / method
+        extra = self.repair.args(method)
+        sweep = ["sweep_alphas", *map(str, self.alphas)]
+        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra)
+        if self._reused(StageOutput(directory), key, f"scores/{method}"):
+            self.console.print(f"[green]scores {method}: reusing {directory}")
+            return key
+        self.console.print(f"[bold]scores {method}: scoring {self.finetuned} once")
+        with self.times.timed(f"scores/{method}"):
+            run_fit([*self.repair.configs, fragment], self._score_values(directory), args=extra)
+        missing = sorted(set(self.alphas) - set(RepairArtifacts.read(directory).alphas))
+        if missing:
+            raise ConfigError(
+                f"repair.methods.{method}={fragment!r} saved no masks for alphas {missing}; "
+                "use a prune callback that takes sweep_alphas."
+            )
+        StageOutput(directory).mark_done(key, self.times.ran[f"scores/{method}"])
+        return key
+
+    # ------------------------------------------------------------------ 4. sweep and evaluate
+    def sweep_and_evaluate(self) -> None:
+        """Evaluates the references, the unrepaired model and every (method, alpha)."""
+        for name in self.references:
+            directory = self.stage_dirs[name]
+            row = self._stage_row(name, directory, StageOutput(Path(directory)).done_key)
+            self.rows.append({**row, "reference": True})
+        sweep = AdapterSweep(self.evaluation, self.finetuned)
+        self.primary_judge = type(sweep.evaluator.judge).__name__
+        # Keys of results computed on the fine-tuned weights also cover those files.
+        self.finetuned_files = stage_fingerprint(self.finetuned)
+        key = _key(self.upstream, self.eval_text, "none", self.finetuned_files)
+        self.console.print("[bold]evaluate none (unrepaired)")
+        result = self.results.get("none", key, sweep.evaluate)
+        self.rows.append({"method": "none", "alpha": 0.0, "removed_fraction": 0.0, **result})
+        for method in self.repair.methods:
+            self._evaluate_method(sweep, method)
+
+    def _evaluate_method(self, sweep: AdapterSweep, method: str) -> None:
+        artefacts, targets, by_alpha = self._masks_by_alpha(sweep.model, self.out / "scores" / method)
+        for alpha, masks in by_alpha.items():
+            # The key covers the artefacts read, so edited masks are never served from cache.
+            key = _key(self.score_keys[method], self.eval_text, str(alpha), artefacts, self.finetuned_files)
+            self.console.print(f"[bold]evaluate {method} alpha={alpha}")
+            result = self.results.get(
+                f"{method}_a{alpha:g}", key, lambda d, m=masks: sweep.evaluate_masked(targets, m, d)
+            )
+            if self._keeps_masks(method, alpha):
+                self.masks[(method, alpha)] = masks
+            row = {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks)}
+            self.rows.append({**row, **result})
+
+    def _keeps_masks(self, method: str, alpha: float) -> bool:
+        """Whether the report's mask analysis or the re-attack needs this mask after its evaluation.
+
+        Only those are held: on a 7B model with ``linear`` targets every mask is the size of the
+        model, so holding the whole sweep would not fit in memory.
+        """
+        d = self.durability
+        return (
+            alpha == focus_alpha(self.alphas)
+            or method == next(iter(self.repair.methods))
+            or (d is not None and alpha == d.alpha and method in d.methods)
+        )
+
+    def _masks_by_alpha(self, model, directory: Path):
+        """The scoring run's fingerprint, the targets of ``model`` and the saved mask of every alpha."""
+        art = RepairArtifacts.read(directory)
+        meta = art.report
+        targets = find_targets(model, meta["target"], meta["adapter_name"], meta["include"])
+        # The saved scores check that the run scored this very adapter (fingerprint, names, shapes).
+        art.scores({n: t.param for n, t in targets.items()})
+        return art.fingerprint, targets, {alpha: art.masks(alpha) for alpha in self.alphas}
+
+    def _stage_row(self, name: str, directory: str | Path, stage_key: str) -> dict[str, Any]:
+        """Evaluates a stage output directory (merged), cached by the stage's key and the eval config."""
+        self.console.print(f"[bold]evaluate {name}")
+        key = _key(stage_key, self.eval_text, name, stage_fingerprint(directory))
+        result = self.results.get(
+            f"ref_{name}", key, lambda d: _evaluate(*_evaluator(self.evaluation, str(directory), True), d)
+        )
+        return {"method": name, "alpha": None, **result}
+
+    # ------------------------------------------------------------------ 5. baselines
+    def run_baselines(self) -> None:
+        """Baseline defenses (and combined defenses): their own stages, one row each."""
+        for base in self.baselines:
+            key = self.upstream
+            for spec, text in zip(base.stages, self.baseline_texts[base.name]):
+                key = self._run_stage(spec, text, key, f"baseline {base.name}")
+            final = self.stage_dirs[base.stages[-1].name]
+            self.rows.append(self._stage_row(base.name, final, key))
+            if base.repair_fragment is not None:
+                self.rows.append(self._combined_row(base, final, key))
+
+    def _combined_row(self, base: BaselineSpec, final: str, key: str) -> dict[str, Any]:
+        """Repairs a baseline's last stage with its fragment (once) and evaluates it."""
+        combined = base.combined_name
+        directory = self.out / "combined" / combined
+        repair_key = _key(key, self.repair_text, self.baseline_texts[base.name][-1], str(base.repair_alpha))
+        if not self._reused(StageOutput(directory), repair_key, f"stage/{combined}"):
+            self.console.print(f"[bold]baseline {combined}: repairing {final}")
+            values = self._combined_values(base, final, directory)
+            self._timed_step(
+                StageOutput(directory),
+                repair_key,
+                f"stage/{combined}",
+                run_fit,
+                [*self.repair.configs, base.repair_fragment],
+                values,
+            )
+        row = self._stage_row(combined, directory, repair_key)
+        removed = RepairArtifacts.read(directory).report["removed_fraction"]
+        return {**row, "alpha": base.repair_alpha, "removed_fraction": removed}
+
+    def _combined_values(self, base: BaselineSpec, final: str, directory: Path) -> dict[str, Any]:
+        base_model = StageOutput(Path(final)).metadata(f"baselines.{base.name}")["base_model"]
+        return {
+            "model.init_args.model_name_or_path": base_model,
+            "model.init_args.adapter_path": final,
+            # Set with the model: a value linked from the config's own model would disagree.
+            "data.init_args.tokenizer": base_model,
+            "pruner.init_args.alpha": base.repair_alpha,
+            "model.init_args.output_dir": str(directory),
+            **OVERWRITE,
+            **QUIET,
+        }
+
+    # ------------------------------------------------------------------ 6. durability
+    def reattack(self) -> None:
+        """Re-attacks the unrepaired model and each chosen repair (cached like any result)."""
+        d = self.durability
+        if d is None:
+            return
+        steps = [str(c) for c in check_checkpoints(d.checkpoints)]
+        scored = [self.score_keys[m] for m in d.methods]
+        key = _key(self.upstream, self.eval_text, self.finetuned_files, str(d.alpha), *steps, *scored)
+        who = ", ".join(["none", *d.methods])
+        self.console.print(f"[bold]re-attack {who} (alpha {d.alpha:g}) to step {steps[-1]}")
+        self.curves = self.results.get("reattack", key, lambda _dir: self._reattack_curves(d))
+
+    def _reattack_curves(self, d: DurabilitySpec) -> dict[str, Any]:
+        variants: dict[str, Any] = {"none": (None, None)}
+        # Step 0 is the repaired model itself: its sweep row (same evaluation config) is reused.
+        evaluated = {"none": self._sweep_result("none", 0.0)}
+        for method in d.methods:
+            report = RepairArtifacts.read(self.out / "scores" / method).report
+            name = variant_name(method, d.alpha)
+            variants[name] = (self.masks[(method, d.alpha)], report)
+            evaluated[name] = self._sweep_result(method, d.alpha)
+        stage = self.stages[-1]
+        return reattack_from_configs(
+            stage.configs,
+            self.evaluation,
+            self.finetuned,
+            variants,
+            d.checkpoints,
+            overrides=stage.overrides,
+            evaluated={name: row for name, row in evaluated.items() if row is not None},
+        )
+
+    def _sweep_result(self, method: str, alpha: float) -> dict[str, Any] | None:
+        """The sweep's evaluator results for ``method`` at ``alpha`` (without the report's own keys)."""
+        for row in self.rows:
+            if row["method"] == method and row["alpha"] == alpha and not row.get("reference"):
+                return {k: v for k, v in row.items() if k not in ("method", "alpha", "removed_fraction")}
+        return None
+
+    # ------------------------------------------------------------------ 7. report
+    def analyse(self) -> tuple[dict[str, Any], list[str]]:
+        """The report's analysis (JSON) and sections (markdown): FA budget, judges, masks, durability."""
+        methods = list(self.repair.methods)
+        budget, budget_md = budget_section(self.rows, methods)
+        swept = [f"{m}_a{a:g}" for m in methods for a in self.alphas]
+        names = [*(f"ref_{r}" for r in self.references), "none", *swept]
+        pairs, agreement_md = agreement_section(self.out / "results", names, self.primary_judge)
+        masks, masks_md = mask_section(self.masks, methods, self.alphas, self.out)
+        analysis = {"fa_budget": budget, "judge_agreement": pairs, "masks": masks, "reattack": self.curves}
+        seed = self.stage_seeds.get(self.stages[-1].name, {}).get("seed_everything")
+        durability_md = durability_section(self.curves, self.out, seed)
+        sections = [budget_md, agreement_md, masks_md, durability_md]
+        return analysis, [s for s in sections if s]
+
+    def manifest(self) -> dict[str, Any]:
+        """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git, and the
+        pipeline spec itself (``pipeline``)."""
+        configs: dict[str, Any] = {"evaluation": self.evaluation}
+        specs = self.all_stages
+        for spec in specs:
+            for i, config in enumerate(spec.configs):
+                configs[f"stages.{spec.name}[{i}]"] = (config, spec.overrides)
+        for i, config in enumerate(self.repair.configs):
+            configs[f"repair[{i}]"] = (config, self.repair.overrides)
+        for method, fragment in self.repair.methods.items():
+            configs[f"repair.methods.{method}"] = (fragment, self.repair.args(method))
+        stage = self.stages[-1]
+        datamodules = {
+            stage.name: datamodule_from_config(stage.configs, stage.overrides),
+            "evaluation": datamodule_from_config(self.evaluation),
+        }
+        models = {s.name: self.stage_dirs[s.name] for s in specs if s.command == "fit"}
+        # A tokenizer stage writes tokenizer files, not a model stage: its files and hashes.
+        tokenizers = {s.name: file_entries([self.stage_dirs[s.name]]) for s in specs if s.command != "fit"}
+        extra = {
+            "alphas": self.alphas,
+            "methods": list(self.repair.methods),
+            "output_dir": self.output_dir,
+            "tokenizer_stages": tokenizers,
+            # The run's own spec, enough to rebuild it (``python -m antidote_pl.experiment.replay replay``).
+            "pipeline": {
+                "stages": [asdict(s) for s in self.stages],
+                "repair": asdict(self.repair),
+                "evaluation": self.evaluation,
+                "output_dir": self.output_dir,
+                "references": self.references,
+                "baselines": [asdict(b) for b in self.baselines],
+                "durability": None if self.durability is None else asdict(self.durability),
+            },
+        }
+        return build_manifest(configs, datamodules, models, self.stage_seeds, extra)
+
+    def write_report(self) -> dict[str, Any]:
+        """Writes ``report.{json,md,png}`` and ``manifest.json`` under ``output_dir``; returns the report."""
+        analysis, sections = self.analyse()
+        report = {
+            "rows": self.rows,
+            "alphas": self.alphas,
+            "methods": list(self.repair.methods),
+            "stages": self.stage_dirs,
+            "analysis": analysis,
+            "primary_judge": self.primary_judge,
+            **self.times.summary(),
+        }
+        write_manifest(self.manifest(), self.out)
+        write_report(report, self.out, sections)
+        self.console.print(
+            f"[green]report written to {self.out / 'report.md'} ({report['seconds_total']:.0f} s)"
+        )
+        return report
+
+
+def run_pipeline(
+    stages: list[StageSpec],
+    repair: RepairSpec,
+    evaluation: str,
+    output_dir: str,
+    references: list[str] | None = None,
+    force: bool = False,
+    baselines: list[BaselineSpec] | None = None,
+    durability: DurabilitySpec | None = None,
+) -> dict[str, Any]:
+    """Runs the whole experiment and writes the report: ``Pipeline(...).run()``; see :class:`Pipeline`."""
+    return Pipeline(stages, repair, evaluation, output_dir, references, force, baselines, durability).run()
+
+
+__all__ = [
+    "AdapterSweep",
+    "BaselineSpec",
+    "DurabilitySpec",
+    "Pipeline",
+    "RepairSpec",
+    "StageSpec",
+    "extra_judge_names",
+    "report_markdown",
+    "run_pipeline",
+    "stage_fingerprint",
+    "write_report",
+]

@@ -1,0 +1,128 @@
+"""Rescore a finished pipeline run's saved answers with another judge, without generating again.
+
+::
+
+    python -m antidote_pl.experiment.rescore --run outputs/smol/pipeline --out docs/smol_lm_judge.md \\
+        --judge antidote_pl.judges.lm_judge.LMJudge --judge.path outputs/judges/smollm2
+
+Reads every evaluated variant's ``generations.jsonl`` under ``<run>/seed<N>/results/`` (or
+``<run>/results/`` for a single-seed run), judges its harmful rows with ``--judge`` (any
+:class:`~antidote_pl.judges.base.Judge`, by ``class_path`` as in the configs) and writes
+``<out>.md`` (a table) and ``<out>.json`` (per seed and variant) atomically: per variant, HS under
+the new judge beside HS under the verdict stored with the answers (the run's primary judge), as
+mean ± std over seeds, with the prompts per seed and the seeds. The answers are the run's own, so
+only the judge differs between the two columns.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from antidote_pl.errors import bad_value, run_entry_point
+from antidote_pl.experiment.agreement import read_generations
+from antidote_pl.judges.base import Judge
+from antidote_pl.utils.io import atomic_write_json, atomic_write_text
+from antidote_pl.utils.tables import format_pm, markdown_table, mean_std
+
+
+def generation_files(run: str | Path) -> dict[int | None, dict[str, Path]]:
+    """``{seed: {variant: generations.jsonl}}`` of a pipeline run (seed ``None`` for a single-seed run).
+
+    Raises:
+        ConfigError: when the run holds no evaluated variant.
+    """
+    root = Path(run)
+    seeds = {int(d.name[4:]): d for d in root.glob("seed*") if d.name[4:].isdigit()}
+    dirs = {s: d / "results" for s, d in sorted(seeds.items())} or {None: root / "results"}
+    found = {
+        seed: {g.parent.name: g for g in sorted(results.glob("*/generations.jsonl"))}
+        for seed, results in dirs.items()
+    }
+    if not any(found.values()):
+        raise bad_value(
+            "--run", str(run), "a pipeline output with <run>/[seed<N>/]results/<variant>/generations.jsonl"
+        )
+    return found
+
+
+def rescore(run: str | Path, judge: Judge, log: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
+    """Judges every variant's harmful answers again (``log`` gets a line per file, for progress).
+
+    Returns:
+        ``{"seeds", "variants": {variant: {"n", "harmful_score", "stored_harmful_score"} per seed
+        and as mean/std}, "judge"}``; scores in percent.
+    """
+    per_variant: dict[str, dict[str, Any]] = {}
+    files = generation_files(run)
+    for seed, variants in files.items():
+        for variant, path in variants.items():
+            rows = [r for r in read_generations(path) if r.get("kind") == "harmful"]
+            if not rows:
+                continue
+            verdicts = judge([r["instruction"] for r in rows], [r["response"] for r in rows])
+            entry = per_variant.setdefault(variant, {"per_seed": {}})
+            scores = {
+                "n": len(rows),
+                "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / len(rows),
+                "stored_harmful_score": 100.0 * sum(bool(r["verdict"]["harmful"]) for r in rows) / len(rows),
+            }
+            entry["per_seed"][str(seed)] = scores
+            log(f"seed {seed} {variant}: {len(rows)} answers, HS {scores['harmful_score']:.1f}")
+    for entry in per_variant.values():
+        runs = list(entry["per_seed"].values())
+        for key in ("harmful_score", "stored_harmful_score"):
+            entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in runs])
+    return {"judge": type(judge).__name__, "seeds": list(files), "variants": per_variant}
+
+
+def rescore_markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table, one row per variant."""
+    rows = [
+        [
+            variant,
+            ", ".join(str(n) for n in dict.fromkeys(r["n"] for r in e["per_seed"].values())),
+            len(e["per_seed"]),
+            format_pm(e["harmful_score"], e["harmful_score_std"]),
+            format_pm(e["stored_harmful_score"], e["stored_harmful_score_std"]),
+        ]
+        for variant, e in sorted(report["variants"].items())
+    ]
+    headers = ["variant", "prompts per seed", "seeds", f"HS % ({report['judge']})", "HS % (stored verdict)"]
+    seeds = ", ".join(str(s) for s in report["seeds"])
+    return (
+        f"# Rescored with {report['judge']}\n\nSeeds: {seeds}; mean ± std over seeds.\n\n"
+        + markdown_table(headers, rows)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = ArgumentParser(
+        prog="python -m antidote_pl.experiment.rescore", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--run", required=True, help="pipeline output directory")
+    parser.add_argument("--out", required=True, help="report path; writes <out>.md and <out>.json")
+    parser.add_argument("--judge", type=Judge, required=True, help="judge class_path (and init args)")
+    cfg = parser.parse_args(argv)
+    # Bad paths fail before the judge loads.
+    generation_files(cfg.run)
+    out = Path(cfg.out)
+    if not out.parent.is_dir():
+        raise bad_value("--out", cfg.out, "a path in an existing directory")
+    # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
+    judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
+    report = rescore(cfg.run, judge, lambda msg: print(msg, file=sys.stderr, flush=True)) | {
+        "run": str(cfg.run)
+    }
+    atomic_write_json(out.with_suffix(".json"), report)
+    atomic_write_text(out.with_suffix(".md"), rescore_markdown(report))
+    print(rescore_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    run_entry_point(main, prog="python -m antidote_pl.experiment.rescore")

@@ -1,0 +1,1 @@
+"""Running one stage: the LightningCLI that builds a stage from its config files and fits or tests it."""
