@@ -10,6 +10,8 @@ Families (one module each; no Lightning, peft, file I/O or model loading here):
   update has a low cosine with its projection onto the alignment subspace.
 * :mod:`~antidote_pl.repair.delta_wanda`: Antidote's Wanda score on the merged update
   ``dW = scale·B @ A``, its top fraction per row reset to zero.
+* :mod:`~antidote_pl.repair.safe_delta`: Safe Delta (arXiv 2505.12038), the update's entries kept
+  under an OBS safety-cost budget (Hessian of the aligned model's inputs), the rest compensated.
 
 Conventions: weights and updates are row layout ``[out, in]``; a LoRA target has ``A [r, in]``,
 ``B [out, r]`` and update ``scale · B @ A``. Math is done in fp32 and edited tensors are returned in
@@ -27,6 +29,7 @@ from antidote_pl.repair.delta_wanda import (
     lora_deltas,
 )
 from antidote_pl.repair.resta import add_safety_vector, alignment_delta, harm_delta, subtract_harm_vector
+from antidote_pl.repair.safe_delta import HessianAccumulator, safe_delta, safe_delta_layers
 from antidote_pl.repair.safelora import (
     PROJECTORS,
     SafeLoRAResult,
@@ -42,6 +45,7 @@ from antidote_pl.repair.safelora import (
 
 __all__ = [
     "PROJECTORS",
+    "HessianAccumulator",
     "SafeLoRAResult",
     "add_safety_vector",
     "alignment_delta",
@@ -56,6 +60,8 @@ __all__ = [
     "official_projector",
     "project_lora_b",
     "projection_cosines",
+    "safe_delta",
+    "safe_delta_layers",
     "safelora_projectors",
     "safelora_repair",
     "scale_lora",
