@@ -7,8 +7,8 @@ import yaml
 from conftest import REPO
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.experiment.pipeline import StageSpec, _key, _stage_output_dir, _stage_text
 from antidote_pl.experiment import pipeline
+from antidote_pl.experiment.pipeline import StageSpec, _key, _stage_output_dir, _stage_text
 
 ALIGN = str(REPO / "configs/tiny/align.yaml")
 

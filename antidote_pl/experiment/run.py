@@ -17,8 +17,8 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from antidote_pl.experiment.pipeline import BaselineSpec, DurabilitySpec, RepairSpec, StageSpec, run_pipeline
 from antidote_pl.experiment import pipeline
+from antidote_pl.experiment.pipeline import BaselineSpec, DurabilitySpec, RepairSpec, StageSpec, run_pipeline
 from antidote_pl.experiment.seeds import check_no_placeholder, run_seeds
 
 
