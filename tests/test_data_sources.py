@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import assert_schema
 
-from antidote_pl.data.sources import (
-    AGNEWS_INSTRUCTION,
-    GSM8K_OUTPUT_REPLACE,
-    SST2_INSTRUCTION,
-    HFSource,
-    LocalSource,
-    infer_format,
-)
+from antidote_pl.data.sources import HFSource, LocalSource, infer_format
+from antidote_pl.data.tasks.agnews import AGNEWS_INSTRUCTION
+from antidote_pl.data.tasks.gsm8k import GSM8K_OUTPUT_REPLACE
+from antidote_pl.data.tasks.sst2 import SST2_INSTRUCTION
 from antidote_pl.errors import ConfigError
 
 

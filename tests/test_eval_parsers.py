@@ -1,4 +1,4 @@
-"""Task parsers: fixed strings, and gold answers of the real test sets score 100%."""
+"""Built-in task parsers: fixed strings, and gold answers of the real test sets score 100%."""
 
 from __future__ import annotations
 
@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA
 
-from antidote_pl.data.parsers import (
-    AGNEWS_CLASSES,
-    GSM8K_ANSWER_PREFIX,
-    PARSERS,
-    get_parser,
-    gsm8k_gold,
-    is_correct,
-    parse_agnews,
-    parse_gsm8k,
-    parse_sst2,
-)
+from antidote_pl.data.tasks import get_task, is_correct, task_names
+from antidote_pl.data.tasks.agnews import AGNEWS_CLASSES, parse_agnews
+from antidote_pl.data.tasks.gsm8k import GSM8K_ANSWER_PREFIX, gsm8k_gold, parse_gsm8k
+from antidote_pl.data.tasks.sst2 import parse_sst2
 from antidote_pl.errors import ConfigError
 
 DATA = SHARED_DATA
@@ -106,9 +99,9 @@ def test_gsm8k_gold_and_is_correct():
 
 
 def test_unknown_task_and_bad_gold():
-    assert sorted(PARSERS) == ["agnews", "gsm8k", "sst2"]
+    assert task_names() == ("agnews", "gsm8k", "sst2")
     with pytest.raises(ConfigError, match="task='mnli'"):
-        get_parser("mnli")
+        get_task("mnli")
     with pytest.raises(ConfigError, match="task='mnli'"):
         is_correct("mnli", "x", "y")
     with pytest.raises(ConfigError, match="sst2 gold"):
@@ -145,4 +138,4 @@ def test_gsm8k_gold_scores_100():
         generation = row["answer"].replace("####", GSM8K_ANSWER_PREFIX + " ")
         assert is_correct("gsm8k", generation, gsm8k_gold(row["answer"])), row["answer"][-60:]
         # Without the phrase the last number is the gold one too.
-        assert get_parser("gsm8k")(row["answer"]) == gsm8k_gold(row["answer"])
+        assert get_task("gsm8k").parse(row["answer"]) == gsm8k_gold(row["answer"])

@@ -18,10 +18,11 @@ from antidote_pl.data.paper import (
     AlpacaEval,
     BeaverTails,
     SafetyTunedLlamas,
-    gsm8k_label,
 )
-from antidote_pl.data.parsers import AGNEWS_CLASSES, gsm8k_gold, is_correct
-from antidote_pl.data.sources import AGNEWS_INSTRUCTION, SST2_INSTRUCTION
+from antidote_pl.data.tasks import is_correct
+from antidote_pl.data.tasks.agnews import AGNEWS_CLASSES, AGNEWS_INSTRUCTION
+from antidote_pl.data.tasks.gsm8k import gsm8k_gold, gsm8k_label
+from antidote_pl.data.tasks.sst2 import SST2_INSTRUCTION
 from antidote_pl.errors import ConfigError
 from antidote_pl.training.datamodules import HarmfulFinetuneDataModule
 

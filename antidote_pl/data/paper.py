@@ -16,8 +16,10 @@ Local files are read in the layout their suffix names: ``.json``/``.jsonl`` hold
 per class). ``hub_path``/``hub_name``/``data_files`` point the hub path at a mirror or a builder
 (``hub_path: json`` plus ``data_files``).
 
-Records carry ``label`` (the gold answer :mod:`antidote_pl.data.parsers` compares against) for the
-classification and maths tasks, and ``category`` where the data has one.
+The task sources take everything task-specific (instruction, label words, answer rewriting, the
+``category`` name) from their :class:`~antidote_pl.data.tasks.Task`. Records carry ``label`` (the gold
+answer the task's parser is compared against) for the classification and maths tasks, and
+``category`` where the data has one.
 """
 
 from __future__ import annotations
@@ -26,16 +28,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from antidote_pl.data.parsers import AGNEWS_CLASSES, SST2_LABELS
 from antidote_pl.data.records import Record, Source
-from antidote_pl.data.sources import (
-    AGNEWS_INSTRUCTION,
-    GSM8K_OUTPUT_REPLACE,
-    SST2_INSTRUCTION,
-    HFSource,
-    LocalSource,
-    infer_format,
-)
+from antidote_pl.data.sources import HFSource, LocalSource, infer_format
+from antidote_pl.data.tasks import Task, get_task
+from antidote_pl.data.tasks.gsm8k import gsm8k_label
 from antidote_pl.errors import bad_value, check_choice, check_int
 
 BEAVERTAILS_SPLITS = ("30k_train", "30k_test", "330k_train", "330k_test")
@@ -271,6 +267,13 @@ def _label_map(labels: tuple[str, ...], first: int) -> dict[str, str]:
     return {str(i + first): label for i, label in enumerate(labels)}
 
 
+def _task_constants(task: Task) -> dict[str, str]:
+    """The fields every record of ``task`` shares: its instruction (if fixed) and its category."""
+    if task.instruction is None:
+        return {"category": task.name}
+    return {"instruction": task.instruction, "category": task.name}
+
+
 class SST2(PaperSource):
     """SST-2 sentiment as the official task records: ``input`` = sentence, ``output`` = ``label`` =
     ``"positive"``/``"negative"``, ``category`` = ``"sst2"`` (reference A.3, C.2).
@@ -309,10 +312,11 @@ class SST2(PaperSource):
         )
 
     def layout(self, local_format: str | None) -> Layout:
+        task = get_task("sst2")
         return Layout(
             fields={"input": "sentence", "output": "label"},
-            constants={"instruction": SST2_INSTRUCTION, "category": "sst2"},
-            label_map=_label_map(SST2_LABELS, 0),
+            constants=_task_constants(task),
+            label_map=_label_map(task.labels, 0),
         )
 
 
@@ -358,40 +362,28 @@ class AGNews(PaperSource):
         )
 
     def layout(self, local_format: str | None) -> Layout:
-        constants = {"instruction": AGNEWS_INSTRUCTION, "category": "agnews"}
+        task = get_task("agnews")
+        constants, classes = _task_constants(task), task.labels
         if local_format == "csv":
             # The hub's `text` is exactly title + " " + description of this file.
             return Layout(
                 fields={"input": ["title", "description"], "output": "class"},
                 constants=constants,
-                label_map=_label_map(AGNEWS_CLASSES, 1),
+                label_map=_label_map(classes, 1),
                 column_names=["class", "title", "description"],
             )
         if local_format == "tsv":
             return Layout(
                 fields={"input": "description", "output": "class"},
                 constants=constants,
-                label_map={name: name for name in AGNEWS_CLASSES},
+                label_map={name: name for name in classes},
                 column_names=["description", "class"],
             )
         return Layout(
             fields={"input": "text", "output": "label"},
             constants=constants,
-            label_map=_label_map(AGNEWS_CLASSES, 0),
+            label_map=_label_map(classes, 0),
         )
-
-
-def gsm8k_label(answer: str) -> str:
-    """The gold answer text of a GSM8K solution: what follows the last ``####``, without commas.
-
-    Raises:
-        ConfigError: if the solution has no ``####`` line.
-    """
-    _, sep, tail = answer.rpartition("####")
-    gold = tail.strip().replace(",", "")
-    if not sep or not gold:
-        raise bad_value("gsm8k answer", answer[-80:], "a solution ending in '#### <number>'")
-    return gold
 
 
 class GSM8K(PaperSource):
@@ -432,10 +424,11 @@ class GSM8K(PaperSource):
         )
 
     def layout(self, local_format: str | None) -> Layout:
+        task = get_task("gsm8k")
         return Layout(
             fields={"instruction": "question", "output": "answer", "label": "answer"},
-            constants={"category": "gsm8k"},
-            output_replace=dict(GSM8K_OUTPUT_REPLACE),
+            constants=_task_constants(task),
+            output_replace=dict(task.output_replace),
         )
 
     def finish(self, record: Record) -> Record:

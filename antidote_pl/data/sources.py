@@ -35,16 +35,6 @@ from typing import Any
 from antidote_pl.data.records import REQUIRED_FIELDS, Record, Source
 from antidote_pl.errors import ConfigError, bad_file, bad_value, check_int
 
-#: Instruction of the official SST-2 task records (``input`` = sentence, ``output`` = label word).
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
-#: Instruction of the official AG News task records (``input`` = title and description).
-AGNEWS_INSTRUCTION = (
-    "Categorize the news article given in the input into one of the 4 categories:\n\n"
-    "World\nSports\nBusiness\nSci/Tech\n"
-)
-#: ``output_replace`` of the official GSM8K task records.
-GSM8K_OUTPUT_REPLACE = {"####": "The final answer is: "}
-
 FORMATS = ("json", "jsonl", "csv", "tsv")
 
 
@@ -442,7 +432,8 @@ class LocalSource(_MappedSource):
     Example (SST-2 as in the official task file)::
 
         LocalSource("sst2/train.tsv", fields={"input": "sentence", "output": "label"},
-                    constants={"instruction": SST2_INSTRUCTION}, label_map={"0": "negative", "1": "positive"})
+                    constants={"instruction": "Analyze the sentiment ...", "category": "sst2"},
+                    label_map={"0": "negative", "1": "positive"})
 
     Args:
         path: File path.

@@ -18,8 +18,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from antidote_pl.data.parsers import get_parser, is_correct
 from antidote_pl.data.records import Record, Source, data_input_paths, fingerprint_records
+from antidote_pl.data.tasks import get_task, is_correct
 from antidote_pl.data.templates import get_template, render_prompt
 from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.evaluation.metrics import HarmfulScore, RateByCategory, TaskAccuracy
@@ -58,7 +58,8 @@ class EvalDataModule(L.LightningDataModule):
     Args:
         harmful: Harmful prompts (records; ``category`` is used for per-category rates).
         task: Task records with the gold answer in ``label``.
-        task_name: Parser for the task answers: ``sst2``, ``agnews`` or ``gsm8k``.
+        task_name: Name of the registered task (:mod:`antidote_pl.data.tasks`, e.g. ``sst2``) whose
+            parser scores the task answers; an unknown name is refused with the registered ones.
         template: Prompt template the model was trained with.
         harmful_limit: Use only the first N harmful prompts.
         task_limit: Use only the first N task records.
@@ -88,9 +89,7 @@ class EvalDataModule(L.LightningDataModule):
         if harmful is None and task is None:
             raise bad_value("data.harmful / data.task", None, "at least one prompt set")
         if task is not None:
-            if task_name is None:
-                raise bad_value("data.task_name", task_name, "a task with a parser (sst2, agnews, gsm8k)")
-            get_parser(task_name)  # fails now, before any model is loaded
+            get_task(task_name, field="data.task_name")  # fails now, before any model is loaded
         get_template(template, field="data.template")
         for field, value in (("data.harmful_limit", harmful_limit), ("data.task_limit", task_limit)):
             if value is not None and value <= 0:
