@@ -27,6 +27,7 @@ from antidote_pl.utils.io import (
     OutputLock,
     atomic_dir,
     atomic_write_text,
+    launch_rank_is_zero,
     overlap,
 )
 
@@ -282,6 +283,31 @@ def test_lock_of_another_host_is_respected(tmp_path):
     lock_file = tmp_path / ".out.lock"
     lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "x"}))
     refused(r"pid 1 on elsewhere", tmp_path, OutputLock(tmp_path / "out", "output_dir").acquire)
+
+
+def test_only_the_launch_rank_zero_takes_output_locks(monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    for key in ("NODE_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert launch_rank_is_zero()
+    # Lightning's rank: a Trainer's global rank, or the launcher's at import (below).
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert not launch_rank_is_zero()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setenv("NODE_RANK", "1")  # local rank 0 of a second node
+    assert not launch_rank_is_zero()
+    code = "from antidote_pl.utils.io import launch_rank_is_zero; print(launch_rank_is_zero())"
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "GROUP_RANK", "RANK")}
+    for local_rank, expected in (("0", "True"), ("1", "False")):
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, "LOCAL_RANK": local_rank},
+            capture_output=True,
+            text=True,
+        )
+        assert proc.stdout.strip() == expected, proc.stderr[-2000:]
 
 
 def test_lock_survives_pickling_for_spawned_ranks(tmp_path):
