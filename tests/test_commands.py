@@ -141,3 +141,18 @@ def test_no_submodule_entry_point_is_documented_or_left():
         if '__name__ == "__main__"' in p.read_text(encoding="utf-8")
     ]
     assert mains == ["antidote_pl/__main__.py"]
+
+
+def test_check_prints_one_row_per_stage(monkeypatch, capsys):
+    rates = {"harmful": 12.5, "refused": 80.0, "benign_refused": 2.0, "sentiment_accuracy": 95.25}
+    monkeypatch.setattr(check, "check_stage", lambda stage, seed: {"stage": stage, "seed": seed, **rates})
+    rows = run(["check", "out/a", "out/b", "--seed", "3"])
+    assert [(r["stage"], r["seed"]) for r in rows] == [("out/a", 3), ("out/b", 3)]
+    assert capsys.readouterr().out.splitlines() == [
+        "| stage | harmful % | refused % | benign refused % | sentiment acc % |",
+        "|---|---|---|---|---|",
+        "| out/a | 12.5 | 80.0 | 2.0 | 95.2 |",
+        "| out/b | 12.5 | 80.0 | 2.0 | 95.2 |",
+    ]
+    run(["check", "out/a", "--json", "true"])
+    assert '"sentiment_accuracy": 95.25' in capsys.readouterr().out

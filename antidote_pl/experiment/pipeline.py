@@ -2,7 +2,7 @@
 
 ::
 
-    python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force]
+    python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force true]
 
 :class:`Pipeline` is a recipe in six steps, each a method:
 
@@ -11,7 +11,7 @@
 2. :meth:`~Pipeline.train_stages`: each training stage (``fit`` with its config files, or
    ``tokenizer`` for a stage that trains a tokenizer), in order. A stage whose output directory
    already holds a finished result for the same configs (and the same upstream stages) is reused;
-   ``--force`` reruns everything.
+   ``--force true`` reruns everything.
 3. :meth:`~Pipeline.score`: the fine-tuned model is scored once per repair method, through the
    method's own callback fragment (``callbacks/*.yaml``) with every alpha as its ``sweep_alphas``:
    one scoring pass saves the masks of every alpha (and the scores).
