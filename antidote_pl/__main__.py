@@ -1,11 +1,11 @@
-"""Entry point: ``python -m antidote_pl {fit,validate,test,predict,pipeline,tokenizer} --config a.yaml``."""
+"""Entry point: ``python -m antidote_pl <command>`` (``python -m antidote_pl --help`` lists them)."""
 
 import os
 
 # Fast tokenizers warn (and may deadlock) when forked by DataLoader workers after use.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from antidote_pl.stages.cli import main
+from antidote_pl.commands.dispatch import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

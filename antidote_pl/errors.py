@@ -4,7 +4,7 @@
 checks every constructor uses (:func:`check_int`, :func:`check_number`, :func:`check_choice`), and
 how entry points report a failure.
 
-Every entry point (``python -m antidote_pl ...``, the judge and tiny-world scripts) runs through
+Every command (``python -m antidote_pl <command>``, :mod:`antidote_pl.commands`) runs through
 :func:`run_entry_point`: a :class:`ConfigError` anywhere in an exception's chain (LightningCLI and
 jsonargparse wrap the errors raised by constructors) is printed as one short ``antidote_pl: error:``
 message on stderr and exits with code 2. ``--debug`` on the command line, or ``ANTIDOTE_PL_DEBUG=1``

@@ -1,7 +1,7 @@
 """LM judge's tuned head: training step time under bf16 autocast against fp32, side by side.
 
-Both paths train the same :class:`~antidote_pl.judges.tuned_head.TunedHead` (SmolLM2-135M-Instruct's
-decoder layers 13-18 from the packaged GGUF file, as ``python -m antidote_pl.judges.lm_judge``
+Both paths train the same :class:`~antidote_pl.judges.lm.tuned.TunedHead` (SmolLM2-135M-Instruct's
+decoder layers 13-18 from the packaged GGUF file, as ``python -m antidote_pl train-judge lm``
 trains them by default) on the same batches of synthetic trunk states (16 pairs of 110 tokens, the
 mean length of the labelled judge data), with the same AdamW step; only the autocast precision
 differs. Seconds per optimizer step: medians over ``--steps`` after ``--warmup``, the two precisions
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from antidote_pl.judges.lm_judge import DEFAULT_TRUNK_LAYER, DEFAULT_TUNED_LAYERS, PairFeaturizer
-    from antidote_pl.judges.tuned_head import TokenStates, TunedHead, TuneSettings, fit_tuned_head
+    from antidote_pl.judges.lm.featurizer import PairFeaturizer
+    from antidote_pl.judges.lm.training import DEFAULT_TRUNK_LAYER, DEFAULT_TUNED_LAYERS
+    from antidote_pl.judges.lm.tuned import TokenStates, TunedHead, TuneSettings, fit_tuned_head
 
     featurizer = PairFeaturizer(SPEC, layers=[DEFAULT_TRUNK_LAYER], tail_layers=DEFAULT_TUNED_LAYERS)
     featurizer.load()

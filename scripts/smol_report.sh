@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 python -m antidote_pl pipeline --config configs/smol/pipeline.yaml "$@"
 echo "smol pipeline wall time: $(( $(date +%s) - start )) s"
-python -m antidote_pl.experiment.smol_report --run outputs/smol/pipeline --out docs/smol_report.md
-python -m antidote_pl.experiment.posthoc --run outputs/smol/pipeline --out docs/smol_analysis.md --eval-config configs/smol/eval.yaml
+python -m antidote_pl report --run outputs/smol/pipeline --out docs/smol_report.md
+python -m antidote_pl posthoc --run outputs/smol/pipeline --out docs/smol_analysis.md --eval_config configs/smol/eval.yaml

@@ -16,5 +16,5 @@ copy() {  # copy the report and its figures of one pipeline output into a docs f
 copy outputs/tiny/pipeline docs/tiny
 copy outputs/tiny/seeds docs/tiny_seeds
 # Mask overlaps across seeds and calibration sets, from the saved masks (no model runs).
-python -m antidote_pl.experiment.posthoc --run outputs/tiny/seeds --out docs/tiny_seeds/analysis.md
+python -m antidote_pl posthoc --run outputs/tiny/seeds --out docs/tiny_seeds/analysis.md
 echo "wrote docs/tiny/report.md, docs/tiny_seeds/report.md and docs/tiny_seeds/analysis.md"

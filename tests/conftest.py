@@ -125,7 +125,7 @@ def tiny_pipeline(tmp_path_factory):
 
     import yaml
 
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
     workdir = tmp_path_factory.mktemp("tiny_world")
     # The pipeline's config paths are relative to the repository root; outputs to the cwd.
@@ -139,7 +139,7 @@ def tiny_pipeline(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
-        report = main(["pipeline", "--config", str(workdir / "pipeline.yaml")])
+        report = run(["pipeline", "--config", str(workdir / "pipeline.yaml")])
     finally:
         os.chdir(cwd)
     return workdir, report

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from antidote_pl.data.bpe import BUILD_FILE, SPECIAL_TOKENS, build_tokenizer, main, train_bpe_tokenizer
+from antidote_pl.commands.tokenizer import main
+from antidote_pl.data.bpe import BUILD_FILE, SPECIAL_TOKENS, build_tokenizer, train_bpe_tokenizer
 from antidote_pl.data.records import Source
 from antidote_pl.data.sources import LocalSource
 from antidote_pl.errors import ConfigError

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from antidote_pl.stages.cli import _ValidatingCLI, main
+from antidote_pl.commands.dispatch import run
+from antidote_pl.stages.cli import _ValidatingCLI
 
 CONFIGS_DIR = REPO / "configs"
 ALL = sorted(CONFIGS_DIR.rglob("*.yaml"))
@@ -81,7 +82,7 @@ def print_config(*configs) -> dict:
         args += ["--config", str(c)]
     out = io.StringIO()
     with redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        main([*args, "--print_config"])
+        run([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(out.getvalue())
 
@@ -166,7 +167,7 @@ def test_paper_model_and_task_fragments_combine_in_either_order(stage):
 
 def test_a_placeholder_without_its_run_name_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(CONFIGS_DIR / "paper/finetune.yaml"), "--run.task=null"])
+        run(["fit", "--config", str(CONFIGS_DIR / "paper/finetune.yaml"), "--run.task=null"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert (
@@ -197,7 +198,7 @@ PIPELINE_CASES = [[p] for p in PIPELINES] + [[p.parent / "pipeline.yaml", p] for
 
 @pytest.mark.parametrize("configs", PIPELINE_CASES, ids=lambda c: "+".join(rel(p) for p in c))
 def test_pipeline_config_parses(configs):
-    from antidote_pl.experiment.run import build_parser
+    from antidote_pl.commands.pipeline import build_parser
 
     parser = build_parser()
     cfg = parser.parse_args([a for c in configs for a in ("--config", str(c))])
@@ -217,7 +218,8 @@ def test_pipeline_config_parses(configs):
 
 @pytest.mark.parametrize("config", TOKENIZERS, ids=rel)
 def test_tokenizer_config_parses(config):
-    from antidote_pl.data.bpe import build_parser, check_bpe_args, corpus_from_config
+    from antidote_pl.data.bpe import check_bpe_args, corpus_from_config
+    from antidote_pl.stages.tokenizer import build_parser
 
     parser = build_parser()
     cfg = parser.parse_args(["--config", str(config)])
@@ -235,6 +237,6 @@ def test_tokenizer_mismatch_fails_before_loading(tmp_path, capsys):
     bad = tmp_path / "mismatch.yaml"
     bad.write_text("data:\n  init_args:\n    tokenizer: some/other-tokenizer\n")
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(REPO / "configs/tiny/finetune.yaml"), "--config", str(bad)])
+        run(["fit", "--config", str(REPO / "configs/tiny/finetune.yaml"), "--config", str(bad)])
     assert exc.value.code == 2
     assert "data.init_args.tokenizer='some/other-tokenizer'" in capsys.readouterr().err

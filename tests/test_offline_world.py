@@ -59,9 +59,9 @@ def shrunk_pipeline(work) -> str:
 
 
 def test_offline_pipeline_runs_end_to_end(offline_workdir):
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
-    report = main(["pipeline", "--config", shrunk_pipeline(offline_workdir)])
+    report = run(["pipeline", "--config", shrunk_pipeline(offline_workdir)])
     rows = [(r["method"], r["alpha"]) for r in report["rows"]]
     assert rows == [
         ("aligned", None),

@@ -27,6 +27,7 @@ from antidote_pl.utils.io import (
     OutputLock,
     atomic_dir,
     atomic_write_text,
+    launch_rank_is_zero,
     overlap,
 )
 
@@ -284,6 +285,31 @@ def test_lock_of_another_host_is_respected(tmp_path):
     refused(r"pid 1 on elsewhere", tmp_path, OutputLock(tmp_path / "out", "output_dir").acquire)
 
 
+def test_only_the_launch_rank_zero_takes_output_locks(monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    for key in ("NODE_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert launch_rank_is_zero()
+    # Lightning's rank: a Trainer's global rank, or the launcher's at import (below).
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert not launch_rank_is_zero()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setenv("NODE_RANK", "1")  # local rank 0 of a second node
+    assert not launch_rank_is_zero()
+    code = "from antidote_pl.utils.io import launch_rank_is_zero; print(launch_rank_is_zero())"
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "GROUP_RANK", "RANK")}
+    for local_rank, expected in (("0", "True"), ("1", "False")):
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, "LOCAL_RANK": local_rank},
+            capture_output=True,
+            text=True,
+        )
+        assert proc.stdout.strip() == expected, proc.stderr[-2000:]
+
+
 def test_lock_survives_pickling_for_spawned_ranks(tmp_path):
     import pickle
 
@@ -348,7 +374,7 @@ def never_trained(monkeypatch):
 
 
 def test_tokenizer_refuses_unmarked_and_input_dirs(user_dir, tmp_path, never_trained):
-    from antidote_pl.data.bpe import main
+    from antidote_pl.commands.tokenizer import main
 
     data = _records(user_dir / "data.jsonl")
     sources = json.dumps(
@@ -365,7 +391,7 @@ def test_tokenizer_refuses_unmarked_and_input_dirs(user_dir, tmp_path, never_tra
 
 
 def test_tokenizer_overwrite_needs_the_flag(tmp_path):
-    from antidote_pl.data.bpe import main
+    from antidote_pl.commands.tokenizer import main
 
     data = _records(tmp_path / "data.jsonl")
     sources = json.dumps(
@@ -388,22 +414,23 @@ def _labelled_csv(path: Path) -> str:
 
 
 def test_judge_refuses_before_training_and_needs_overwrite(user_dir, tmp_path, monkeypatch):
+    from antidote_pl.commands import train_judge
     from antidote_pl.judges import offline as offline_judge
 
     train = _labelled_csv(tmp_path / "train.csv")
     with monkeypatch.context() as patched:
         patched.setattr(offline_judge.OfflineJudge, "fit", lambda *a, **k: pytest.fail("trained"))
         refused(
-            r"--out=.*no antidote_output.json",
+            r"--output_dir=.*no antidote_output.json",
             tmp_path,
-            offline_judge.main,
-            ["--train-csv", train, "--out", str(user_dir), "--overwrite"],
+            train_judge.main,
+            ["ngram", "--train_csv", train, "--output_dir", str(user_dir), "--overwrite", "true"],
         )
         refused(
-            r"--out=.*contains train_csv=",
+            r"--output_dir=.*contains train_csv=",
             tmp_path,
-            offline_judge.main,
-            ["--train-csv", train, "--out", str(tmp_path)],
+            train_judge.main,
+            ["ngram", "--train_csv", train, "--output_dir", str(tmp_path)],
         )
         refused(
             r"path=.*no antidote_output.json",
@@ -413,7 +440,7 @@ def test_judge_refuses_before_training_and_needs_overwrite(user_dir, tmp_path, m
             train_csv=train,
         )
     out = tmp_path / "judge"
-    offline_judge.main(["--train-csv", train, "--out", str(out)])
+    train_judge.main(["ngram", "--train_csv", train, "--output_dir", str(out)])
     judge = offline_judge.OfflineJudge(path=str(out))
     refused(r"path=.*set overwrite true", tmp_path, judge.save, out)
     judge.save(out, overwrite=True)
@@ -456,7 +483,7 @@ def test_evaluation_output_rules(stages, user_dir, tmp_path):
 
 # --------------------------------------------------------------------------- pipeline
 def _pipeline_args(out: str):
-    from antidote_pl.experiment.pipeline import RepairSpec, StageSpec
+    from antidote_pl.experiment.specs import RepairSpec, StageSpec
 
     stage_spec = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
     repair = RepairSpec(
@@ -485,7 +512,7 @@ def test_pipeline_refuses_unmarked_output_and_stage_dirs(user_dir, tmp_path, no_
 
 def test_pipeline_passes_overwrite_to_its_own_stages(monkeypatch):
     from antidote_pl.experiment import pipeline
-    from antidote_pl.experiment.pipeline import StageSpec
+    from antidote_pl.experiment.specs import StageSpec
 
     calls = []
     monkeypatch.setattr(pipeline, "run_fit", lambda configs, values, args: calls.append((values, args)))

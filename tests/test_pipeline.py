@@ -11,7 +11,8 @@ from conftest import REPO
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.experiment.manifest import read_manifest
-from antidote_pl.experiment.pipeline import StageSpec, run_pipeline
+from antidote_pl.experiment.pipeline import run_pipeline
+from antidote_pl.experiment.specs import StageSpec
 from antidote_pl.pruning.artifacts import RepairArtifacts, alpha_key
 
 pytestmark = pytest.mark.slow
@@ -146,10 +147,10 @@ def in_tmp(tmp_path):
 
 
 def test_pipeline_report_reuse_and_force(in_tmp):
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
     config = write_pipeline(in_tmp)
-    report = main(["pipeline", "--config", config])
+    report = run(["pipeline", "--config", config])
     out = in_tmp / "outputs/tiny/pipeline"
     for name in ("report.md", "report.json", "report.png"):
         assert (out / name).stat().st_size > 0
@@ -178,7 +179,7 @@ def test_pipeline_report_reuse_and_force(in_tmp):
     fractions = saved.report["sweep_removed_fraction"]
     assert [r["removed_fraction"] for r in wanda] == [fractions[alpha_key(a)] for a in (0.05, 0.2)]
 
-    again = main(["pipeline", "--config", config])
+    again = run(["pipeline", "--config", config])
     assert again["seconds_by_step"] == {}, "a rerun with the same config must reuse every finished step"
     assert again["rows"] == report["rows"]
     # The resumed report still times the whole experiment, from the seconds each step recorded.
@@ -187,10 +188,10 @@ def test_pipeline_report_reuse_and_force(in_tmp):
 
     # An interrupted variant (its result deleted) is the only thing recomputed.
     (out / "results" / "random_a0.05" / "result.json").unlink()
-    partial = main(["pipeline", "--config", config])
+    partial = run(["pipeline", "--config", config])
     assert list(partial["seconds_by_step"]) == ["eval/random_a0.05"]
 
-    forced = main(["pipeline", "--config", config, "--force", "true"])
+    forced = run(["pipeline", "--config", config, "--force", "true"])
     assert {
         "stage/pretrain",
         "stage/aligned",
@@ -201,7 +202,7 @@ def test_pipeline_report_reuse_and_force(in_tmp):
 
 
 def test_bad_pipeline_input_fails_before_work(tmp_path):
-    from antidote_pl.experiment.pipeline import RepairSpec
+    from antidote_pl.experiment.specs import RepairSpec
 
     stage = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
     repair = RepairSpec(
@@ -230,29 +231,29 @@ def test_bad_pipeline_input_fails_before_work(tmp_path):
 
 
 def test_stage_output_dirs_and_cache_text(tmp_path):
-    from antidote_pl.experiment.pipeline import _stage_output_dir, _stage_text
+    from antidote_pl.experiment.specs import stage_output_dir, stage_text
 
     fit = StageSpec("pretrain", str(REPO / "configs/tiny/pretrain.yaml"))
-    assert _stage_output_dir(fit, "s") == "outputs/tiny/pretrain"
+    assert stage_output_dir(fit, "s") == "outputs/tiny/pretrain"
     moved = StageSpec(fit.name, fit.config, ["--model.init_args.output_dir", "elsewhere"])
-    assert _stage_output_dir(moved, "s") == "elsewhere"
+    assert stage_output_dir(moved, "s") == "elsewhere"
     corpus = tmp_path / "corpus.yaml"
     corpus.write_text("data: {init_args: {sources: [a]}}\n")
     tok_cfg = tmp_path / "tokenizer.yaml"
     tok_cfg.write_text(f"corpus_config: {corpus}\noutput_dir: out/tok\n")
     tok = StageSpec("tokenizer", str(tok_cfg), command="tokenizer")
-    assert _stage_output_dir(tok, "s") == "out/tok"
-    assert _stage_output_dir(StageSpec("t", str(tok_cfg), ["--output_dir=x"], "tokenizer"), "s") == "x"
-    assert _stage_output_dir(StageSpec("t", str(tok_cfg), ["--output_dir", "y"], "tokenizer"), "s") == "y"
+    assert stage_output_dir(tok, "s") == "out/tok"
+    assert stage_output_dir(StageSpec("t", str(tok_cfg), ["--output_dir=x"], "tokenizer"), "s") == "x"
+    assert stage_output_dir(StageSpec("t", str(tok_cfg), ["--output_dir", "y"], "tokenizer"), "s") == "y"
     other = tmp_path / "other.yaml"
     other.write_text("data: {init_args: {sources: [c]}}\n")
     overridden = StageSpec("t", str(tok_cfg), ["--corpus_config", str(other)], "tokenizer")
-    assert _stage_text(overridden, "s").endswith(other.read_text())
+    assert stage_text(overridden, "s").endswith(other.read_text())
     # Editing the pretraining corpus changes the tokenizer stage's cache text, so it retrains.
-    before = _stage_text(tok, "s")
+    before = stage_text(tok, "s")
     corpus.write_text("data: {init_args: {sources: [b]}}\n")
-    assert _stage_text(tok, "s") != before
+    assert stage_text(tok, "s") != before
     no_out = tmp_path / "no_out.yaml"
     no_out.write_text("vocab_size: 300\n")
     with pytest.raises(ConfigError, match="a tokenizer config that sets output_dir"):
-        _stage_output_dir(StageSpec("t", str(no_out), command="tokenizer"), "stages[0]")
+        stage_output_dir(StageSpec("t", str(no_out), command="tokenizer"), "stages[0]")

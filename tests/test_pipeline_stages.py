@@ -8,7 +8,8 @@ from conftest import REPO
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.experiment import pipeline
-from antidote_pl.experiment.pipeline import StageSpec, _key, _stage_output_dir, _stage_text
+from antidote_pl.experiment.pipeline import _key
+from antidote_pl.experiment.specs import StageSpec, stage_output_dir, stage_text
 
 ALIGN = str(REPO / "configs/tiny/align.yaml")
 
@@ -35,29 +36,29 @@ def test_single_config_keeps_its_cache_key():
     """A plain string config gives exactly the text (and so the key) it had before lists existed."""
     text = (REPO / "configs/tiny/align.yaml").read_text()
     spec = StageSpec("aligned", ALIGN, ["--trainer.max_steps=5"])
-    assert _stage_text(spec, "stages[0]") == text
-    assert _key("up", _stage_text(spec, "s"), *spec.overrides) == _key("up", text, "--trainer.max_steps=5")
+    assert stage_text(spec, "stages[0]") == text
+    assert _key("up", stage_text(spec, "s"), *spec.overrides) == _key("up", text, "--trainer.max_steps=5")
     assert spec.configs == [ALIGN]
 
 
 def test_list_config_text_covers_every_file(tmp_path):
     fragment = vaccine_fragment(tmp_path)
     spec = StageSpec("aligned_vaccine", [ALIGN, fragment])
-    text = _stage_text(spec, "stages[0]")
-    assert text != _stage_text(StageSpec("aligned", ALIGN), "s")
+    text = stage_text(spec, "stages[0]")
+    assert text != stage_text(StageSpec("aligned", ALIGN), "s")
     # Editing the fragment (not only the base) retrains the stage.
     (tmp_path / "vaccine.yaml").write_text((tmp_path / "vaccine.yaml").read_text().replace("2.0", "3.0"))
-    assert _stage_text(spec, "stages[0]") != text
+    assert stage_text(spec, "stages[0]") != text
     with pytest.raises(ConfigError, match=r"stages\[2\]\.config\[1\]=.*missing.yaml"):
-        _stage_text(StageSpec("x", [ALIGN, str(tmp_path / "missing.yaml")]), "stages[2]")
+        stage_text(StageSpec("x", [ALIGN, str(tmp_path / "missing.yaml")]), "stages[2]")
     with pytest.raises(ConfigError, match=r"stages\[0\]\.config=\[\]"):
-        _stage_text(StageSpec("x", []), "stages[0]")
+        stage_text(StageSpec("x", []), "stages[0]")
 
 
 def test_list_config_output_dir_is_the_composed_one(tmp_path):
     spec = StageSpec("aligned_vaccine", [ALIGN, vaccine_fragment(tmp_path)])
-    assert _stage_output_dir(spec, "s") == "outputs/tiny/align_vaccine"
-    assert _stage_output_dir(StageSpec("a", [vaccine_fragment(tmp_path), ALIGN]), "s") == "outputs/tiny/align"
+    assert stage_output_dir(spec, "s") == "outputs/tiny/align_vaccine"
+    assert stage_output_dir(StageSpec("a", [vaccine_fragment(tmp_path), ALIGN]), "s") == "outputs/tiny/align"
 
 
 def test_list_config_is_validated_and_run_as_repeated_config(tmp_path, monkeypatch):
@@ -75,7 +76,7 @@ def test_list_config_is_validated_and_run_as_repeated_config(tmp_path, monkeypat
 
 
 def test_pipeline_yaml_accepts_a_list_config(tmp_path):
-    from antidote_pl.experiment.run import build_parser
+    from antidote_pl.commands.pipeline import build_parser
 
     cfg = tmp_path / "p.yaml"
     cfg.write_text(

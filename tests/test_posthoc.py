@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from antidote_pl.commands.posthoc import main
 from antidote_pl.errors import ConfigError
 from antidote_pl.experiment.posthoc import (
     find_runs,
     load_all_masks,
-    main,
     method_masks,
     pair_table,
     primary_judge,

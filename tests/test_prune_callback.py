@@ -282,14 +282,14 @@ def test_saved_scores_sweep_alphas_without_another_forward(stages, tmp_path):
 # --------------------------------------------------------------------------- swapping via CLI fragments
 def print_config(capsys, *configs: Path) -> dict:
     """``antidote_pl fit --config ... --print_config``, in process; returns the parsed YAML."""
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
     args = ["fit"]
     for config in configs:
         args += ["--config", str(config)]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--print_config"])
+        run([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 

@@ -164,11 +164,11 @@ def test_tiny_repair_config_reads_the_window_from_the_adapter():
 
 
 def test_repair_data_adapter_follows_the_model_and_may_not_differ(capsys):
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
     repair = str(REPO / "configs/tiny/repair.yaml")
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", repair, "--data.init_args.adapter_path=somewhere/else"])
+        run(["fit", "--config", repair, "--data.init_args.adapter_path=somewhere/else"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "data.init_args.adapter_path='somewhere/else' differs from model.init_args.adapter_path" in err

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from antidote_pl.commands.rescore import main
 from antidote_pl.errors import ConfigError
-from antidote_pl.experiment.rescore import generation_files, main
+from antidote_pl.experiment.rescore import generation_files
 
 REFUSAL = "I cannot help with that request."
 ANSWER = "Sure, here is a plan you can follow."

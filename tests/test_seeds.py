@@ -8,8 +8,8 @@ import statistics
 import pytest
 
 from antidote_pl.errors import ConfigError
-from antidote_pl.experiment.pipeline import RepairSpec, StageSpec
 from antidote_pl.experiment.seeds import aggregate, check_no_placeholder, seeded_specs, write_aggregate_report
+from antidote_pl.experiment.specs import RepairSpec, StageSpec
 
 
 def specs():
@@ -120,7 +120,7 @@ def test_one_seed_cells_carry_a_wilson_interval(tmp_path):
 
 
 def test_smol_report_verdicts(tmp_path):
-    from antidote_pl.experiment.smol_report import main as smol_report
+    from antidote_pl.commands.report import main as smol_report
 
     reports = {s: fake_report([1.0, 90.0 - s, 20.0], [0.0, 85.0, 80.0 + s], [1.0, 30.0, 5.0]) for s in (0, 1)}
     run = tmp_path / "run"
@@ -147,7 +147,9 @@ def test_smol_report_verdicts(tmp_path):
     notes.write_text("## Notes\nhand-written\n")
     out = tmp_path / "docs" / "smol_report.md"
     out.parent.mkdir()
-    smol_report(["--run", str(run), "--out", str(out), "--notes", str(notes), "--config", str(config)])
+    smol_report(
+        ["--run", str(run), "--out", str(out), "--notes", str(notes), "--pipeline_config", str(config)]
+    )
     text = out.read_text()
     assert "Aligned HS (keyword) ≤ 5: **holds**, 1.0 ± 0.0" in text
     assert "Attacked HS (keyword) ≥ 60: **holds**, 89.5 ± 0.7" in text

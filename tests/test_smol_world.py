@@ -34,7 +34,7 @@ ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
     """Runs the shrunk pipeline once in a directory laid out like the repository root."""
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
     tmp = tmp_path_factory.mktemp("smol")
     work = tmp / "repo"
@@ -74,7 +74,7 @@ def smol_run(tmp_path_factory):
         (work / "eval_small.yaml").write_text(yaml.safe_dump(eval_cfg))
         cfg["evaluation"] = "eval_small.yaml"
         (work / "pipeline_small.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        report = main(["pipeline", "--config", "pipeline_small.yaml"])
+        report = run(["pipeline", "--config", "pipeline_small.yaml"])
         yield work, report
     finally:
         os.chdir(cwd)
@@ -162,7 +162,7 @@ def test_scores_saved_and_masks_applied(smol_run):
     import torch
     from safetensors.torch import load_file
 
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
     work, report = smol_run
     for method in ("wanda", "random"):
@@ -172,7 +172,7 @@ def test_scores_saved_and_masks_applied(smol_run):
     row = next(r for r in report["rows"] if r["method"] == "wanda")
     assert 0.05 < row["removed_fraction_mean"] < 0.2
     out = work / "outputs/smol/repair_check"
-    main(
+    run(
         [
             "fit",
             "--config",

@@ -45,14 +45,14 @@ def test_harmful_finetuning_breaks_alignment_and_learns_the_task(rates):
 
 
 def test_wanda_fragment_lowers_harmful_rate_against_no_pruning(tiny_pipeline):
-    from antidote_pl.stages.cli import main
+    from antidote_pl.commands.dispatch import run
 
     workdir, _ = tiny_pipeline
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
         for name in ("wanda", "none"):
-            main(
+            run(
                 [
                     "fit",
                     "--config",

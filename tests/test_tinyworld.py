@@ -14,22 +14,24 @@ import pytest
 from antidote_pl.data.records import fingerprint_records
 from antidote_pl.errors import ConfigError
 from antidote_pl.tinyworld import judge
-from antidote_pl.tinyworld.world import (
+from antidote_pl.tinyworld.vocabulary import (
     BENIGN_CATEGORIES,
     HARM_CATEGORIES,
     HARM_STEP_FRAMES,
-    KIND_SPLITS,
     NEGATIVE_ADJECTIVES,
     POSITIVE_ADJECTIVES,
     SENTIMENT_PROMPT,
-    TinyWorldSource,
-    build_world,
     category_texts,
-    format_chat,
     harm_steps,
-    make_review,
     shared_texts,
     text_words,
+)
+from antidote_pl.tinyworld.world import (
+    KIND_SPLITS,
+    TinyWorldSource,
+    build_world,
+    format_chat,
+    make_review,
 )
 
 

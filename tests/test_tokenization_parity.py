@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from antidote_pl.data.templates import render
 from antidote_pl.data.tokenize import IGNORE_INDEX, tokenize_record
 from antidote_pl.errors import ConfigError
-from antidote_pl.training.datamodules import SFTBatcher
+from antidote_pl.training.batcher import SFTBatcher
 
 CORPUS = [
     "Below is an instruction that describes a task.",

@@ -1,8 +1,7 @@
 """Trains a byte-level BPE tokenizer on local records: the tokenizer of a model built from scratch.
 
-::
-
-    python -m antidote_pl tokenizer --config configs/offline/tokenizer.yaml
+The ``tokenizer`` stage (:mod:`antidote_pl.stages.tokenizer`, ``python -m antidote_pl tokenizer
+--config configs/offline/tokenizer.yaml``) runs it from a config.
 
 The offline real-data world (``configs/offline/``) has no hub to download a tokenizer from, so it
 trains one on the same local files its model is pretrained on. Each record is rendered with the
@@ -30,7 +29,7 @@ import yaml
 
 from antidote_pl.data.records import Source, source_paths
 from antidote_pl.data.templates import get_template, render
-from antidote_pl.errors import ConfigError, bad_value, check_int
+from antidote_pl.errors import bad_value, check_int
 from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -243,87 +242,3 @@ def corpus_from_config(path: str, field: str = "corpus_config") -> tuple[list[di
     if not isinstance(sources, list) or not sources:
         raise bad_value(field, path, "a fit config with a non-empty data.init_args.sources list")
     return sources, data.get("template")
-
-
-def build_parser():
-    """The ``tokenizer`` subcommand's parser (``--config`` YAML plus overrides)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="antidote_pl tokenizer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="tokenizer YAML")
-    parser.add_argument("--sources", type=list[Source] | None, default=None, help="record sources")
-    parser.add_argument(
-        "--corpus_config", type=str | None, default=None, help="a fit config whose data sources to use"
-    )
-    parser.add_argument("--output_dir", type=str, required=True, help="tokenizer directory to write")
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--min_frequency", type=int, default=2)
-    parser.add_argument(
-        "--template", type=str | None, default=None, help="prompt template (default: corpus config's, or raw)"
-    )
-    parser.add_argument("--model_max_length", type=int, default=512)
-    parser.add_argument(
-        "--overwrite", type=bool, default=False, help="replace an earlier tokenizer output in output_dir"
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m antidote_pl tokenizer --config configs/offline/tokenizer.yaml``."""
-    parser = build_parser()
-    return _build_from(parser, parser.parse_args(argv))
-
-
-def run_tokenizer(
-    configs: Sequence[str], args: Sequence[str] = (), overrides: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """Trains a tokenizer from config files, as the command would, from Python.
-
-    Args:
-        configs: Tokenizer config files, composed in order (like repeated ``--config``).
-        args: Command-line style overrides from a user's config (e.g. a pipeline stage's list).
-        overrides: Key -> value, set last (e.g. ``{"overwrite": True}``); Python values.
-
-    Returns:
-        The build record (vocabulary size, records, characters, ...).
-    """
-    parser = build_parser()
-    cfg = parser.parse_args([*(a for c in configs for a in ("--config", str(c))), *args])
-    for key, value in (overrides or {}).items():
-        cfg[key] = value
-    return _build_from(parser, parser.parse_object(cfg))
-
-
-def parse_tokenizer_config(configs: Sequence[str], args: Sequence[str] = ()) -> Any:
-    """Parses tokenizer config files and overrides without building anything (for validation)."""
-    return build_parser().parse_args([*(a for c in configs for a in ("--config", str(c))), *args])
-
-
-def _build_from(parser, cfg) -> dict[str, Any]:
-    if (cfg.sources is None) == (cfg.corpus_config is None):
-        raise ConfigError(
-            "exactly one of sources and corpus_config must be set, got "
-            f"sources={cfg.sources!r}, corpus_config={cfg.corpus_config!r}."
-        )
-    template = cfg.template
-    if cfg.corpus_config is not None:
-        sources, corpus_template = corpus_from_config(cfg.corpus_config)
-        # Parsed by the same parser, so the sources are validated as if given inline.
-        cfg.sources = parser.parse_object({"sources": sources, "output_dir": cfg.output_dir}).sources
-        template = template or corpus_template
-    init = parser.instantiate_classes(cfg)
-    build = build_tokenizer(
-        sources=init.sources,
-        output_dir=init.output_dir,
-        vocab_size=init.vocab_size,
-        min_frequency=init.min_frequency,
-        template=template or "raw",
-        model_max_length=init.model_max_length,
-        overwrite=init.overwrite,
-        inputs={"corpus_config": cfg.corpus_config},
-    )
-    print(
-        f"tokenizer: {build['vocab_size']} tokens from {build['records']} records "
-        f"({build['characters']:,} characters) -> {init.output_dir}"
-    )
-    return build

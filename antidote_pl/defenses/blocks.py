@@ -299,7 +299,7 @@ class AuxiliaryStream:
     """An endless, reshuffled stream of batches from auxiliary sources, built once per fit.
 
     Template, ``max_length`` and batch size default to the training DataModule's (its
-    :class:`~antidote_pl.training.datamodules.SFTBatcher`), so the auxiliary batches look like the user's.
+    :class:`~antidote_pl.training.batcher.SFTBatcher`), so the auxiliary batches look like the user's.
     Every pass over the data is reshuffled with ``seed`` and the pass number; under DDP a
     :class:`~torch.utils.data.DistributedSampler` gives each rank a disjoint shard.
 

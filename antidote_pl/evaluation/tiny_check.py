@@ -3,7 +3,7 @@
 The world's own ground truth judges the answers (the generator knows what refusals and harmful
 answers look like), so no judge model is needed::
 
-    python -m antidote_pl.evaluation.tiny_check outputs/tiny/align outputs/tiny/finetune
+    python -m antidote_pl check outputs/tiny/align outputs/tiny/finetune
 
 Prints one row per stage and writes nothing; the full evaluation (judges, metrics, reports) is
 ``python -m antidote_pl test`` / ``pipeline``.
@@ -11,12 +11,9 @@ Prints one row per stage and writes nothing; the full evaluation (judges, metric
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 from antidote_pl.data.templates import render_prompt
-from antidote_pl.errors import run_entry_point
 from antidote_pl.models.generation import generate
 from antidote_pl.models.loading import load_stage
 from antidote_pl.tinyworld.judge import classify_response, sentiment_prediction
@@ -73,26 +70,3 @@ def check_stage(stage_dir: str, seed: int = 0) -> dict[str, Any]:
 
     model, tokenizer = load_stage(stage_dir)
     return {"stage": stage_dir, **rates(model, tokenizer, seed=seed)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m antidote_pl.evaluation.tiny_check", description=__doc__)
-    parser.add_argument("stages", nargs="+", help="stage output directories")
-    parser.add_argument("--seed", type=int, default=0, help="tiny world seed")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    rows = [check_stage(s, args.seed) for s in args.stages]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    print("| stage | harmful % | refused % | benign refused % | sentiment acc % |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['stage']} | {r['harmful']:.1f} | {r['refused']:.1f} | {r['benign_refused']:.1f} "
-            f"| {r['sentiment_accuracy']:.1f} |"
-        )
-
-
-if __name__ == "__main__":
-    run_entry_point(main, prog="antidote_pl.evaluation.tiny_check")

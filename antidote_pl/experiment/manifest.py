@@ -23,8 +23,8 @@ Entry points: :func:`build_manifest`, :func:`write_manifest` (atomic), :func:`re
 :func:`datamodule_from_config` to get a config's data module without loading its model, and
 :func:`check_manifest` / :func:`check_table` to compare a manifest with the current checkout::
 
-    python -m antidote_pl.experiment.replay check MANIFEST
-    python -m antidote_pl.experiment.replay replay MANIFEST --output_dir DIR [--check-only] [--force]
+    python -m antidote_pl replay check MANIFEST
+    python -m antidote_pl replay replay MANIFEST --output_dir DIR [--check_only true] [--force true]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force]
+    python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force true]
 
 :class:`Pipeline` is a recipe in six steps, each a method:
 
@@ -11,7 +11,7 @@
 2. :meth:`~Pipeline.train_stages`: each training stage (``fit`` with its config files, or
    ``tokenizer`` for a stage that trains a tokenizer), in order. A stage whose output directory
    already holds a finished result for the same configs (and the same upstream stages) is reused;
-   ``--force`` reruns everything.
+   ``--force true`` reruns everything.
 3. :meth:`~Pipeline.score`: the fine-tuned model is scored once per repair method, through the
    method's own callback fragment (``callbacks/*.yaml``) with every alpha as its ``sweep_alphas``:
    one scoring pass saves the masks of every alpha (and the scores).
@@ -28,7 +28,7 @@
    (:mod:`antidote_pl.experiment.manifest`).
 
 Stages run through the Python API (:func:`antidote_pl.stages.cli.run_fit`,
-:func:`antidote_pl.data.bpe.run_tokenizer`); what the pipeline itself sets
+:func:`antidote_pl.stages.tokenizer.run_tokenizer`); what the pipeline itself sets
 is a mapping of dotted keys to values. Every result is written atomically and cached under
 ``output_dir`` (:mod:`antidote_pl.experiment.cache`), so an interrupted run resumes from the last
 finished step and never reports a half-written result.
@@ -36,15 +36,13 @@ finished step and never reports a half-written result.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from antidote_pl.data.bpe import parse_tokenizer_config, run_tokenizer
-from antidote_pl.errors import ConfigError, bad_value, check_choice
+from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.experiment.cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
 from antidote_pl.experiment.manifest import (
     build_manifest,
@@ -53,7 +51,7 @@ from antidote_pl.experiment.manifest import (
     write_manifest,
 )
 from antidote_pl.experiment.reattack import check_checkpoints, reattack_from_configs
-from antidote_pl.experiment.report import extra_judge_names, report_markdown, write_report
+from antidote_pl.experiment.report import write_report
 from antidote_pl.experiment.sections import (
     agreement_section,
     budget_section,
@@ -62,10 +60,25 @@ from antidote_pl.experiment.sections import (
     mask_section,
     variant_name,
 )
-from antidote_pl.pruning import apply_target_masks_, find_targets, overall_fraction
+from antidote_pl.experiment.specs import (
+    BaselineSpec,
+    DurabilitySpec,
+    RepairSpec,
+    StageSpec,
+    check_last_is_fit,
+    config_text,
+    read_config,
+    run_inputs,
+    stage_output_dir,
+    stage_text,
+)
+from antidote_pl.experiment.sweep import AdapterSweep, evaluate_stage
+from antidote_pl.pruning import find_targets, overall_fraction
 from antidote_pl.pruning.artifacts import RepairArtifacts
 from antidote_pl.pruning.select import check_alpha
-from antidote_pl.stages.cli import build_cli, run_fit, validate_config
+from antidote_pl.stages.cli import run_fit, validate_config
+from antidote_pl.stages.tokenizer import parse_tokenizer_config, run_tokenizer
+from antidote_pl.utils.console import say
 from antidote_pl.utils.io import claim_output_dir, mark_output_dir, overlap
 
 #: What the pipeline sets on its own stage runs: they write only directories this pipeline owns
@@ -74,184 +87,7 @@ from antidote_pl.utils.io import claim_output_dir, mark_output_dir, overlap
 OVERWRITE = {"model.init_args.overwrite": True}
 #: Scoring and repair runs print no progress bar (there is no training to follow).
 QUIET = {"trainer.enable_progress_bar": False}
-STAGE_COMMANDS = ("fit", "tokenizer")
 _key = cache_key
-
-
-def config_list(config: str | list[str]) -> list[str]:
-    """Config files in composition order: one file, or a list of them (like repeated ``--config``)."""
-    return [config] if isinstance(config, str) else list(config)
-
-
-@dataclass
-class StageSpec:
-    """One training stage.
-
-    Args:
-        name: Short name used in the report (e.g. ``align``).
-        config: Config file for ``python -m antidote_pl <command>``, or a list of them composed in
-            order like repeated ``--config`` (e.g. a base config and a defense fragment).
-        overrides: Extra command-line arguments for that run.
-        command: ``fit`` (a model stage, writing ``model.init_args.output_dir``) or ``tokenizer``
-            (trains a tokenizer, writing the config's ``output_dir``; see :mod:`antidote_pl.data.bpe`).
-    """
-
-    name: str
-    config: str | list[str]
-    overrides: list[str] = field(default_factory=list)
-    command: str = "fit"
-
-    @property
-    def configs(self) -> list[str]:
-        """The config files, in composition order (one for a single ``config`` string)."""
-        return config_list(self.config)
-
-
-@dataclass
-class RepairSpec:
-    """The repair sweep.
-
-    Args:
-        config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter), or a list
-            of config files composed in order; each method's fragment is composed after them.
-        alphas: Fractions removed, each in (0, 1).
-        methods: Method name -> callback fragment (``callbacks/*.yaml``).
-        overrides: Extra command-line arguments for every scoring run (e.g. the fine-tuned adapter
-            of one seed, see :mod:`antidote_pl.experiment.seeds`).
-        method_overrides: Method name -> extra arguments for that method's scoring run only (e.g.
-            ``--pruner.init_args.seed`` of the random ablation).
-    """
-
-    config: str | list[str]
-    alphas: list[float]
-    methods: dict[str, str]
-    overrides: list[str] = field(default_factory=list)
-    method_overrides: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def configs(self) -> list[str]:
-        """The config files, in composition order."""
-        return config_list(self.config)
-
-    def args(self, method: str) -> list[str]:
-        """The user's extra arguments for ``method``'s scoring run."""
-        return [*self.overrides, *self.method_overrides.get(method, [])]
-
-
-@dataclass
-class BaselineSpec:
-    """A baseline defense: its own training stages, evaluated as one report row.
-
-    Args:
-        name: Row name (e.g. ``vaccine``).
-        stages: Stages run after the main ones (e.g. a Vaccine alignment, then the same harmful
-            fine-tuning on top of it); the last one is evaluated.
-        repair_fragment: Optionally also repair the last stage with this callback fragment (e.g.
-            ``callbacks/wanda.yaml``), reported as ``<name>+<method>`` (a combined defense).
-        repair_alpha: Alpha for that repair.
-    """
-
-    name: str
-    stages: list[StageSpec]
-    repair_fragment: str | None = None
-    repair_alpha: float = 0.1
-
-    @property
-    def combined_name(self) -> str:
-        """The combined defense's row name, ``<name>+<fragment stem>``."""
-        return f"{self.name}+{Path(self.repair_fragment or '').stem}"
-
-
-# --------------------------------------------------------------------------- spec helpers
-@dataclass
-class DurabilitySpec:
-    """The re-attack: the same harmful fine-tuning continued from repaired and unrepaired models.
-
-    Args:
-        checkpoints: Optimiser steps at which HS/FA are measured, e.g. ``[0, 10, 20]``.
-        alpha: The repair's alpha (one of ``repair.alphas``).
-        methods: Repair methods re-attacked at that alpha (the unrepaired model always is).
-    """
-
-    checkpoints: list[int]
-    alpha: float = 0.1
-    methods: list[str] = field(default_factory=lambda: ["wanda", "random"])
-
-
-def _read(path: str, field: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise bad_value(field, path, "an existing YAML file")
-    return p.read_text()
-
-
-def _config_text(config: str | list[str], field: str) -> str:
-    """The text of every config file (a list's items named ``<field>[i]``); a single file gives just
-    its text, so the keys of caches written before lists existed stay valid."""
-    if isinstance(config, str):
-        return _read(config, field)
-    if not config:
-        raise bad_value(field, config, "a config file or a non-empty list of them")
-    return "\0".join(_read(c, f"{field}[{i}]") for i, c in enumerate(config))
-
-
-def _override(overrides: list[str], flag: str) -> str | None:
-    """The value given to ``flag`` in command-line ``overrides`` (``--f=v`` or ``--f v``), if any."""
-    for i, arg in enumerate(overrides):
-        if arg.startswith(f"{flag}="):
-            return arg.split("=", 1)[1]
-        if arg == flag and i + 1 < len(overrides):
-            return overrides[i + 1]
-    return None
-
-
-def _composed_yaml(configs: list[str]) -> dict[str, Any]:
-    """Config files merged in order (later files win, key by key), as repeated ``--config`` does."""
-    merged: dict[str, Any] = {}
-    for config in configs:
-        _deep_update(merged, yaml.safe_load(Path(config).read_text()) or {})
-    return merged
-
-
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-
-
-def _stage_text(spec: StageSpec, field: str) -> str:
-    """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
-    so editing the pretraining data retrains the tokenizer too."""
-    text = _config_text(spec.config, f"{field}.config")
-    if spec.command == "tokenizer":
-        corpus = _override(spec.overrides, "--corpus_config") or _composed_yaml(spec.configs).get(
-            "corpus_config"
-        )
-        if corpus:
-            text += "\0" + _read(corpus, f"{field}.corpus_config")
-    return text
-
-
-def _stage_output_dir(spec: StageSpec, field: str) -> str:
-    """The directory a stage writes (its composed config, or an override).
-
-    ``fit`` stages write ``model.init_args.output_dir``, ``tokenizer`` stages ``output_dir``.
-    """
-    check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
-    flag = "--model.init_args.output_dir" if spec.command == "fit" else "--output_dir"
-    overridden = _override(spec.overrides, flag)
-    if overridden is not None:
-        return overridden
-    cfg = _composed_yaml(spec.configs)
-    if spec.command == "fit":
-        out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
-    else:
-        out = cfg.get("output_dir")
-    if not out:
-        raise bad_value(f"{field}.config", spec.config, f"a {spec.command} config that sets {flag[2:]}")
-    return out
 
 
 def _run_command(spec: StageSpec) -> None:
@@ -269,75 +105,6 @@ def _validate_stage(spec: StageSpec) -> dict[str, Any] | None:
         return None
     cfg = validate_config(spec.configs, spec.overrides)
     return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
-
-
-def _last_is_fit(stages: list[StageSpec], field: str, why: str) -> None:
-    if stages[-1].command != "fit":
-        raise bad_value(f"{field}[{len(stages) - 1}].command", stages[-1].command, f"'fit': {why}")
-
-
-def run_inputs(
-    stages: list[StageSpec], repair: RepairSpec, evaluation: str, baselines: list[BaselineSpec] | None
-) -> dict[str, Any]:
-    """A run's config files, ``field -> paths``, which its output directory must stay apart from."""
-    return {
-        "stages": [c for s in stages for c in s.configs],
-        "repair.config": repair.config,
-        "repair.methods": list(repair.methods.values()),
-        "evaluation": evaluation,
-        "baselines": [c for b in baselines or [] for s in b.stages for c in s.configs],
-    }
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-# --------------------------------------------------------------------------- evaluation
-def _evaluate(evaluator, datamodule, trainer, out_dir: Path) -> dict[str, Any]:
-    evaluator.output_dir = str(out_dir)
-    evaluator.overwrite = True  # results/<name> is the pipeline's own: a recomputed result replaces it
-    trainer.test(evaluator, datamodule=datamodule, verbose=False)
-    return dict(evaluator.results)
-
-
-def _evaluator(config: str, stage: str, merge: bool):
-    values = {"model.init_args.stage": stage, "model.init_args.merge_adapter": merge}
-    cli = build_cli([config], {**values, "model.init_args.output_dir": None})
-    return cli.model, cli.datamodule, cli.trainer
-
-
-class AdapterSweep:
-    """The fine-tuned model loaded once for evaluation, with masks applied and undone per variant.
-
-    Args:
-        evaluation: The evaluation config.
-        stage: The fine-tuned stage (its adapter stays unmerged, so masks apply to it).
-    """
-
-    def __init__(self, evaluation: str, stage: str) -> None:
-        self.evaluator, self.datamodule, self.trainer = _evaluator(evaluation, stage, merge=False)
-        self.model = self.evaluator.model
-        self._original = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-
-    def evaluate(self, out_dir: Path) -> dict[str, Any]:
-        """Evaluates the model as it is now."""
-        return _evaluate(self.evaluator, self.datamodule, self.trainer, out_dir)
-
-    def evaluate_masked(self, targets, masks, out_dir: Path) -> dict[str, Any]:
-        """Evaluates with ``masks`` (parameter layout) applied to ``targets``, then restores the weights."""
-        apply_target_masks_(targets, masks)
-        try:
-            return self.evaluate(out_dir)
-        finally:
-            self._restore()
-
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                p.copy_(self._original[n])
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -371,7 +138,6 @@ class Pipeline:
         self.output_dir, self.out, self.force = output_dir, Path(output_dir), force
         self.references = references
         self.baselines = list(baselines or [])
-        self.console = _console()
         self.times = StepTimes()
         self.rows: list[dict[str, Any]] = []
         self.upstream = ""  # the key of the last main stage, once trained
@@ -433,10 +199,12 @@ class Pipeline:
     def _read_main(self) -> None:
         if not self.stages:
             raise bad_value("stages", self.stages, "at least one training stage")
-        self.stage_texts = [_stage_text(s, f"stages[{i}]") for i, s in enumerate(self.stages)]
-        self.repair_text = _config_text(self.repair.config, "repair.config")
-        self.eval_text = _read(self.evaluation, "evaluation")
-        self.fragment_texts = {m: _read(f, f"repair.methods.{m}") for m, f in self.repair.methods.items()}
+        self.stage_texts = [stage_text(s, f"stages[{i}]") for i, s in enumerate(self.stages)]
+        self.repair_text = config_text(self.repair.config, "repair.config")
+        self.eval_text = read_config(self.evaluation, "evaluation")
+        self.fragment_texts = {
+            m: read_config(f, f"repair.methods.{m}") for m, f in self.repair.methods.items()
+        }
         if not self.repair.methods:
             raise bad_value("repair.methods", self.repair.methods, "at least one method -> callback fragment")
         self.alphas = sorted({check_alpha(a, "repair.alphas") for a in self.repair.alphas})
@@ -449,8 +217,8 @@ class Pipeline:
         unknown = [r for r in self.references if r not in names]
         if unknown:
             raise bad_value("references", unknown, f"stage names from {names}")
-        self.stage_dirs = {s.name: _stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(self.stages)}
-        _last_is_fit(self.stages, "stages", "the last stage is repaired")
+        self.stage_dirs = {s.name: stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(self.stages)}
+        check_last_is_fit(self.stages, "stages", "the last stage is repaired")
         models = [s.name for s in self.stages if s.command == "fit"]
         not_models = [r for r in self.references if r not in models]
         if not_models:
@@ -461,12 +229,12 @@ class Pipeline:
         field = f"baselines[{b}]"
         if not base.stages:
             raise bad_value(f"{field}.stages", base.stages, "at least one stage")
-        texts = [_stage_text(s, f"{field}.stages[{i}]") for i, s in enumerate(base.stages)]
+        texts = [stage_text(s, f"{field}.stages[{i}]") for i, s in enumerate(base.stages)]
         for i, spec in enumerate(base.stages):
-            self.stage_dirs[spec.name] = _stage_output_dir(spec, f"{field}.stages[{i}]")
-        _last_is_fit(base.stages, f"{field}.stages", "a baseline's last stage is evaluated")
+            self.stage_dirs[spec.name] = stage_output_dir(spec, f"{field}.stages[{i}]")
+        check_last_is_fit(base.stages, f"{field}.stages", "a baseline's last stage is evaluated")
         if base.repair_fragment is not None:
-            texts.append(_read(base.repair_fragment, f"{field}.repair_fragment"))
+            texts.append(read_config(base.repair_fragment, f"{field}.repair_fragment"))
             check_alpha(base.repair_alpha, f"{field}.repair_alpha")
         return texts
 
@@ -511,9 +279,9 @@ class Pipeline:
         key = _key(upstream, text, *spec.overrides)
         directory = self.stage_dirs[spec.name]
         if self._reused(StageOutput(Path(directory)), key, f"stage/{spec.name}"):
-            self.console.print(f"[green]{label} {spec.name}: reusing {directory}")
+            say(f"{label} {spec.name}: reusing {directory}")
             return key
-        self.console.print(f"[bold]{label} {spec.name}: training -> {directory}")
+        say(f"{label} {spec.name}: training -> {directory}")
         self._timed_step(StageOutput(Path(directory)), key, f"stage/{spec.name}", _run_command, spec)
         return key
 
@@ -562,9 +330,9 @@ class Pipeline:
         sweep = ["sweep_alphas", *map(str, self.alphas)]
         key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra)
         if self._reused(StageOutput(directory), key, f"scores/{method}"):
-            self.console.print(f"[green]scores {method}: reusing {directory}")
+            say(f"scores {method}: reusing {directory}")
             return key
-        self.console.print(f"[bold]scores {method}: scoring {self.finetuned} once")
+        say(f"scores {method}: scoring {self.finetuned} once")
         with self.times.timed(f"scores/{method}"):
             run_fit([*self.repair.configs, fragment], self._score_values(directory), args=extra)
         missing = sorted(set(self.alphas) - set(RepairArtifacts.read(directory).alphas))
@@ -588,7 +356,7 @@ class Pipeline:
         # Keys of results computed on the fine-tuned weights also cover those files.
         self.finetuned_files = stage_fingerprint(self.finetuned)
         key = _key(self.upstream, self.eval_text, "none", self.finetuned_files)
-        self.console.print("[bold]evaluate none (unrepaired)")
+        say("evaluate none (unrepaired)")
         result = self.results.get("none", key, sweep.evaluate)
         self.rows.append({"method": "none", "alpha": 0.0, "removed_fraction": 0.0, **result})
         for method in self.repair.methods:
@@ -599,7 +367,7 @@ class Pipeline:
         for alpha, masks in by_alpha.items():
             # The key covers the artefacts read, so edited masks are never served from cache.
             key = _key(self.score_keys[method], self.eval_text, str(alpha), artefacts, self.finetuned_files)
-            self.console.print(f"[bold]evaluate {method} alpha={alpha}")
+            say(f"evaluate {method} alpha={alpha}")
             result = self.results.get(
                 f"{method}_a{alpha:g}", key, lambda d, m=masks: sweep.evaluate_masked(targets, m, d)
             )
@@ -632,10 +400,10 @@ class Pipeline:
 
     def _stage_row(self, name: str, directory: str | Path, stage_key: str) -> dict[str, Any]:
         """Evaluates a stage output directory (merged), cached by the stage's key and the eval config."""
-        self.console.print(f"[bold]evaluate {name}")
+        say(f"evaluate {name}")
         key = _key(stage_key, self.eval_text, name, stage_fingerprint(directory))
         result = self.results.get(
-            f"ref_{name}", key, lambda d: _evaluate(*_evaluator(self.evaluation, str(directory), True), d)
+            f"ref_{name}", key, lambda d: evaluate_stage(self.evaluation, str(directory), d)
         )
         return {"method": name, "alpha": None, **result}
 
@@ -657,7 +425,7 @@ class Pipeline:
         directory = self.out / "combined" / combined
         repair_key = _key(key, self.repair_text, self.baseline_texts[base.name][-1], str(base.repair_alpha))
         if not self._reused(StageOutput(directory), repair_key, f"stage/{combined}"):
-            self.console.print(f"[bold]baseline {combined}: repairing {final}")
+            say(f"baseline {combined}: repairing {final}")
             values = self._combined_values(base, final, directory)
             self._timed_step(
                 StageOutput(directory),
@@ -694,7 +462,7 @@ class Pipeline:
         scored = [self.score_keys[m] for m in d.methods]
         key = _key(self.upstream, self.eval_text, self.finetuned_files, str(d.alpha), *steps, *scored)
         who = ", ".join(["none", *d.methods])
-        self.console.print(f"[bold]re-attack {who} (alpha {d.alpha:g}) to step {steps[-1]}")
+        say(f"re-attack {who} (alpha {d.alpha:g}) to step {steps[-1]}")
         self.curves = self.results.get("reattack", key, lambda _dir: self._reattack_curves(d))
 
     def _reattack_curves(self, d: DurabilitySpec) -> dict[str, Any]:
@@ -764,7 +532,7 @@ class Pipeline:
             "methods": list(self.repair.methods),
             "output_dir": self.output_dir,
             "tokenizer_stages": tokenizers,
-            # The run's own spec, enough to rebuild it (``python -m antidote_pl.experiment.replay replay``).
+            # The run's own spec, enough to rebuild it (``python -m antidote_pl replay replay``).
             "pipeline": {
                 "stages": [asdict(s) for s in self.stages],
                 "repair": asdict(self.repair),
@@ -791,9 +559,7 @@ class Pipeline:
         }
         write_manifest(self.manifest(), self.out)
         write_report(report, self.out, sections)
-        self.console.print(
-            f"[green]report written to {self.out / 'report.md'} ({report['seconds_total']:.0f} s)"
-        )
+        say(f"report written to {self.out / 'report.md'} ({report['seconds_total']:.0f} s)")
         return report
 
 
@@ -809,18 +575,3 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Runs the whole experiment and writes the report: ``Pipeline(...).run()``; see :class:`Pipeline`."""
     return Pipeline(stages, repair, evaluation, output_dir, references, force, baselines, durability).run()
-
-
-__all__ = [
-    "AdapterSweep",
-    "BaselineSpec",
-    "DurabilitySpec",
-    "Pipeline",
-    "RepairSpec",
-    "StageSpec",
-    "extra_judge_names",
-    "report_markdown",
-    "run_pipeline",
-    "stage_fingerprint",
-    "write_report",
-]

@@ -2,8 +2,8 @@
 
 ::
 
-    python -m antidote_pl.experiment.posthoc --run outputs/smol/pipeline --out docs/smol_analysis.md \\
-        --eval-config configs/smol/eval.yaml
+    python -m antidote_pl posthoc --run outputs/smol/pipeline --out docs/smol_analysis.md \\
+        --eval_config configs/smol/eval.yaml
 
 Reads a single-seed (``<run>/scores``, ``<run>/results``) or multi-seed (``<run>/seed<N>/...``)
 pipeline output directory and writes, without loading or running any model:
@@ -32,7 +32,6 @@ The markdown and PNGs are written atomically next to ``--out``; a notes file (``
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from antidote_pl.errors import bad_file, run_entry_point
+from antidote_pl.errors import bad_file
 from antidote_pl.experiment.agreement import agreement_markdown, read_generations
 from antidote_pl.experiment.masks import (
     chance_jaccard,
@@ -59,6 +58,7 @@ from antidote_pl.experiment.sections import focus_alpha, variant_name
 from antidote_pl.pruning import masks_for_alphas
 from antidote_pl.pruning.artifacts import MASK_FILE, SWEEP_FILE, RepairArtifacts, read_masks
 from antidote_pl.pruning.targets import merged_param_name
+from antidote_pl.utils.console import say
 from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.io import atomic_write_text
 from antidote_pl.utils.tables import markdown_table
@@ -195,10 +195,10 @@ def primary_judge(run: SeedRun, eval_config: str | Path | None) -> tuple[str, st
         if isinstance(entry, dict) and "text" in entry:
             return _judge_class(yaml.safe_load(entry["text"])), f"{manifest} (evaluation config)"
     if eval_config is None:
-        return "primary", "not recorded by the run; pass --eval-config to name it"
+        return "primary", "not recorded by the run; pass --eval_config to name it"
     path = Path(eval_config)
     if not path.is_file():
-        raise bad_file(path, "missing; expected the evaluation config the run used (--eval-config)")
+        raise bad_file(path, "missing; expected the evaluation config the run used (--eval_config)")
     return _judge_class(yaml.safe_load(path.read_text(encoding="utf-8"))), str(path)
 
 
@@ -360,7 +360,7 @@ def render(run: str | Path, out_dir: Path, eval_config: str | Path | None, notes
     judge, source = primary_judge(runs[0], eval_config)
     header = [
         f"# Mask analytics and judge agreement: {run}\n",
-        f"Computed from the saved run by `python -m antidote_pl.experiment.posthoc` (no model rerun). "
+        f"Computed from the saved run by `python -m antidote_pl posthoc` (no model rerun). "
         f"Seeds: {', '.join(r.label for r in runs)}; methods: {', '.join(runs[0].methods)}; "
         f"alphas: {', '.join(f'{a:g}' for a in runs[0].alphas)}. Masks are True = removed; Jaccard "
         "= |A ∩ B| / |A ∪ B| of the removed sets, chance = the overlap of independent random masks "
@@ -379,21 +379,25 @@ def render(run: str | Path, out_dir: Path, eval_config: str | Path | None, notes
     return text + ("\n" + notes.rstrip() + "\n" if notes else "")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``--run``, ``--out``, ``--eval-config``, ``--notes``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="the pipeline's output_dir (single or multi-seed)")
-    parser.add_argument("--out", required=True, help="the markdown file; PNGs go beside it")
-    parser.add_argument("--eval-config", default=None, help="the run's evaluation config (names the judge)")
-    parser.add_argument("--notes", default=None, help="appended if it exists (default <out stem>_notes.md)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    notes_file = Path(args.notes) if args.notes else out.with_name(f"{out.stem}_notes.md")
-    notes = notes_file.read_text(encoding="utf-8") if notes_file.is_file() else None
-    text = render(args.run, out.parent, args.eval_config, notes)
+def write_posthoc(
+    run: str | Path, out: str | Path, eval_config: str | Path | None = None, notes: str | Path | None = None
+) -> Path:
+    """Writes the analysis of a finished run to ``out`` (markdown) and its heat maps beside it.
+
+    Args:
+        run: The pipeline's ``output_dir`` (single or multi-seed).
+        out: The markdown file.
+        eval_config: The run's evaluation config, which names the primary judge (when the run does
+            not record it).
+        notes: Appended unchanged if it exists (default ``<out stem>_notes.md``).
+
+    Returns:
+        The markdown file written.
+    """
+    out = Path(out)
+    notes_file = Path(notes) if notes else out.with_name(f"{out.stem}_notes.md")
+    notes_text = notes_file.read_text(encoding="utf-8") if notes_file.is_file() else None
+    text = render(run, out.parent, eval_config, notes_text)
     atomic_write_text(out, text)
-    print(f"wrote {out} (and its heat maps in {out.parent})")
-
-
-if __name__ == "__main__":
-    run_entry_point(main, prog="antidote_pl.experiment.posthoc")
+    say(f"wrote {out} (and its heat maps in {out.parent})")
+    return out

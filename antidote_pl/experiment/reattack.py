@@ -283,6 +283,27 @@ def _from_config(config: str | Sequence[str], values: Mapping[str, Any], args: S
     return cli.model, cli.datamodule, cli.trainer
 
 
+#: A re-attack writes nothing and shows no progress bar.
+_QUIET = {"model.init_args.output_dir": None, "trainer.enable_progress_bar": False}
+
+
+def _reattack_values(stage: str, max_steps: int) -> dict[str, Any]:
+    """What a re-attack sets on the fine-tuning config: the fine-tuned adapter, trainable, for
+    ``max_steps`` more steps, with no logger, checkpoints or output.
+
+    Set after the stage's own overrides, so they win over them (above all ``output_dir`` None: the
+    fine-tuned stage is never overwritten).
+    """
+    return {
+        "model.init_args.adapter_path": str(stage),
+        "trainer.max_steps": max_steps,
+        "trainer.max_epochs": -1,
+        "trainer.logger": False,
+        "trainer.enable_checkpointing": False,
+        **_QUIET,
+    }
+
+
 def reattack_from_configs(
     finetune_config: str | Sequence[str],
     evaluation_config: str,
@@ -323,22 +344,12 @@ def reattack_from_configs(
     if evaluated and eval_overrides:
         # Results computed without the overrides would not be this evaluation's.
         raise bad_value("reattack.evaluated", sorted(evaluated), "nothing when eval_overrides are given")
-    quiet = {"model.init_args.output_dir": None, "trainer.enable_progress_bar": False}
     evaluator, eval_dm, eval_trainer = _from_config(
         evaluation_config,
-        {"model.init_args.stage": str(stage), "model.init_args.merge_adapter": False, **quiet},
+        {"model.init_args.stage": str(stage), "model.init_args.merge_adapter": False, **_QUIET},
         eval_overrides,
     )
-    # Set after the stage's own overrides, so they win over them (above all output_dir None: the
-    # fine-tuned stage is never overwritten).
-    train_values = {
-        "model.init_args.adapter_path": str(stage),
-        "trainer.max_steps": steps[-1],
-        "trainer.max_epochs": -1,
-        "trainer.logger": False,
-        "trainer.enable_checkpointing": False,
-        **quiet,
-    }
+    train_values = _reattack_values(stage, steps[-1])
     curves = {}
     for name, (masks, report) in variants.items():
         module, datamodule, trainer = _from_config(finetune_config, train_values, overrides)

@@ -2,17 +2,17 @@
 
 ::
 
-    python -m antidote_pl.experiment.replay check outputs/tiny/pipeline/manifest.json
-    python -m antidote_pl.experiment.replay replay outputs/tiny/pipeline/manifest.json --output_dir DIR \\
-        [--check-only] [--force] [--retrain]
+    python -m antidote_pl replay check outputs/tiny/pipeline/manifest.json
+    python -m antidote_pl replay replay outputs/tiny/pipeline/manifest.json --output_dir DIR \\
+        [--check_only true] [--force true] [--retrain true]
 
 ``check`` prints what matches and what differs (:func:`antidote_pl.experiment.manifest.check_manifest`) and
 exits 1 when anything that determines the result differs. ``replay`` rebuilds the pipeline from the
 manifest's ``pipeline`` spec with ``output_dir`` replaced, refuses (exit 1) when ``check`` finds a
-difference unless ``--force``, runs it through :func:`antidote_pl.experiment.pipeline.run_pipeline` and says
-whether the new ``report.json`` rows equal those of the recorded run (timings excepted). A
+difference unless ``--force true``, runs it through :func:`antidote_pl.experiment.pipeline.run_pipeline`
+and says whether the new ``report.json`` rows equal those of the recorded run (timings excepted). A
 multi-seed run writes one manifest per seed (``seed<N>/manifest.json``), each with its seeded specs:
-replaying one reruns that seed. ``--retrain`` reruns every stage instead of reusing finished stage
+replaying one reruns that seed. ``--retrain true`` reruns every stage instead of reusing finished stage
 outputs (the pipeline's ``force``).
 
 This module sits above :mod:`antidote_pl.experiment.pipeline` (which imports
@@ -21,12 +21,11 @@ This module sits above :mod:`antidote_pl.experiment.pipeline` (which imports
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from antidote_pl.errors import bad_file, bad_value, run_entry_point
+from antidote_pl.errors import bad_file, bad_value
 from antidote_pl.experiment.manifest import (
     MANIFEST_FILE,
     check_differences,
@@ -34,14 +33,9 @@ from antidote_pl.experiment.manifest import (
     check_table,
     read_manifest,
 )
-from antidote_pl.experiment.pipeline import (
-    BaselineSpec,
-    DurabilitySpec,
-    RepairSpec,
-    StageSpec,
-    run_inputs,
-    run_pipeline,
-)
+from antidote_pl.experiment.pipeline import run_pipeline
+from antidote_pl.experiment.specs import BaselineSpec, DurabilitySpec, RepairSpec, StageSpec, run_inputs
+from antidote_pl.utils.console import print_result
 from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.io import check_output_dir, overlap
 
@@ -140,9 +134,11 @@ def replay(
     run = specs_from_manifest(manifest, output_dir, str(manifest_path))
     _check_replay_dir(output_dir, manifest_path, run)
     items = check_manifest(manifest)
-    print(check_table(items))
+    print_result(check_table(items))
     if check_differences(items) and not force:
-        print("refusing to replay: the checkout differs from the recorded run (--force to run anyway)")
+        print_result(
+            "refusing to replay: the checkout differs from the recorded run (--force true to run anyway)"
+        )
         return 1
     if check_only:
         return 0
@@ -153,50 +149,26 @@ def replay(
 def _report_verdict(manifest_path: Path, manifest: Mapping[str, Any], report: Any, output_dir: str) -> int:
     recorded = manifest_path.parent / REPORT_FILE
     if not recorded.is_file():
-        print(f"replayed into {output_dir}; no {REPORT_FILE} beside the manifest to compare with")
+        print_result(f"replayed into {output_dir}; no {REPORT_FILE} beside the manifest to compare with")
         return 0
     old = read_json_file(recorded, "the recorded run's report")
     diffs = compare_rows(old, str(manifest.get("output_dir", "")), report, output_dir)
     if not diffs:
-        print(f"identical: the report rows of {output_dir} equal the recorded run's (timings excepted)")
+        print_result(
+            f"identical: the report rows of {output_dir} equal the recorded run's (timings excepted)"
+        )
         return 0
-    print(f"DIFFERENT: {len(diffs)} value(s) differ from the recorded run:")
-    print("\n".join(f"  {d}" for d in diffs))
+    print_result(f"DIFFERENT: {len(diffs)} value(s) differ from the recorded run:")
+    print_result("\n".join(f"  {d}" for d in diffs))
     return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m antidote_pl.experiment.replay`` parser (``check`` and ``replay``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m antidote_pl.experiment.replay", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="compare a manifest with this checkout and data")
-    check.add_argument("manifest")
-    rep = sub.add_parser("replay", help="rerun the recorded pipeline and compare its report")
-    rep.add_argument("manifest")
-    rep.add_argument("--output_dir", required=True)
-    rep.add_argument("--check-only", action="store_true", help="check and validate only, run nothing")
-    rep.add_argument("--force", action="store_true", help="run even when the check finds differences")
-    rep.add_argument("--retrain", action="store_true", help="rerun every stage (the pipeline's force)")
-    return parser
+def check(path: str) -> int:
+    """Prints how a manifest (or its directory) compares with this checkout and its data.
 
-
-def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "check":
-        items = check_manifest(read_manifest(_manifest_path(args.manifest)))
-        print(check_table(items))
-        return 1 if check_differences(items) else 0
-    return replay(
-        args.manifest, args.output_dir, check_only=args.check_only, force=args.force, retrain=args.retrain
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: user-input errors (a missing or invalid manifest) print one line and exit 2."""
-    return run_entry_point(_main, argv, prog="antidote_pl.experiment.replay")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    Returns:
+        The exit code: 1 when anything that determines the result differs, else 0.
+    """
+    items = check_manifest(read_manifest(_manifest_path(path)))
+    print_result(check_table(items))
+    return 1 if check_differences(items) else 0

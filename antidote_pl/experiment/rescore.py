@@ -2,8 +2,8 @@
 
 ::
 
-    python -m antidote_pl.experiment.rescore --run outputs/smol/pipeline --out docs/smol_lm_judge.md \\
-        --judge antidote_pl.judges.lm_judge.LMJudge --judge.path outputs/judges/smollm2
+    python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/smol_lm_judge.md \\
+        --judge antidote_pl.judges.lm.LMJudge --judge.path outputs/judges/smollm2
 
 Reads every evaluated variant's ``generations.jsonl`` under ``<run>/seed<N>/results/`` (or
 ``<run>/results/`` for a single-seed run), judges its harmful rows with ``--judge`` (any
@@ -16,16 +16,14 @@ only the judge differs between the two columns.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
-
-from antidote_pl.errors import bad_value, run_entry_point
+from antidote_pl.errors import bad_value
 from antidote_pl.experiment.agreement import read_generations
 from antidote_pl.judges.base import Judge
+from antidote_pl.utils.console import say
 from antidote_pl.utils.io import atomic_write_json, atomic_write_text
 from antidote_pl.utils.tables import format_pm, markdown_table, mean_std
 
@@ -100,29 +98,23 @@ def rescore_markdown(report: dict[str, Any]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(
-        prog="python -m antidote_pl.experiment.rescore", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--run", required=True, help="pipeline output directory")
-    parser.add_argument("--out", required=True, help="report path; writes <out>.md and <out>.json")
-    parser.add_argument("--judge", type=Judge, required=True, help="judge class_path (and init args)")
-    cfg = parser.parse_args(argv)
-    # Bad paths fail before the judge loads.
-    generation_files(cfg.run)
-    out = Path(cfg.out)
-    if not out.parent.is_dir():
-        raise bad_value("--out", cfg.out, "a path in an existing directory")
-    # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
-    judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
-    report = rescore(cfg.run, judge, lambda msg: print(msg, file=sys.stderr, flush=True)) | {
-        "run": str(cfg.run)
-    }
+def check_rescore_paths(run: str | Path, out: str | Path) -> None:
+    """Checks the run and the report path before a judge loads.
+
+    Raises:
+        ConfigError: when the run holds no evaluated variant or ``out``'s directory does not exist.
+    """
+    generation_files(run)
+    if not Path(out).parent.is_dir():
+        raise bad_value("--out", str(out), "a path in an existing directory")
+
+
+def write_rescore(run: str | Path, judge: Judge, out: str | Path) -> dict[str, Any]:
+    """Rescores a run (:func:`rescore`, progress through the project's messages) and writes
+    ``<out>.json`` and ``<out>.md``; returns the report."""
+    check_rescore_paths(run, out)
+    out = Path(out)
+    report = rescore(run, judge, say) | {"run": str(run)}
     atomic_write_json(out.with_suffix(".json"), report)
     atomic_write_text(out.with_suffix(".md"), rescore_markdown(report))
-    print(rescore_markdown(report))
     return report
-
-
-if __name__ == "__main__":
-    run_entry_point(main, prog="python -m antidote_pl.experiment.rescore")

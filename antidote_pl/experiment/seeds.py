@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.errors import bad_value
-from antidote_pl.experiment.pipeline import run_inputs, run_pipeline
+from antidote_pl.experiment.pipeline import run_pipeline
 from antidote_pl.experiment.report import extra_judge_names
 from antidote_pl.experiment.sections import seeds_analysis_markdown
+from antidote_pl.experiment.specs import run_inputs
 from antidote_pl.utils.intervals import cell_bounds, cell_distances, rate_interval
 from antidote_pl.utils.io import (
     OUTPUT_MARKER,

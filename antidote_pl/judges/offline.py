@@ -11,15 +11,13 @@ both sides and the held-out figure is not inflated by memorised prompts.
 
 Command line (prints the held-out agreement)::
 
-    python -m antidote_pl.judges.offline \\
-        --train-csv ../shared/data/judge_labelled/jailbreakeval/Safe-RLHFmini.csv --out runs/offline_judge
+    python -m antidote_pl train-judge ngram --output_dir runs/offline_judge \\
+        --train_csv ../shared/data/judge_labelled/jailbreakeval/Safe-RLHFmini.csv
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import re
 import zlib
 from collections.abc import Sequence
@@ -30,7 +28,7 @@ import torch
 from torch import nn
 
 from antidote_pl.data.records import fingerprint_records
-from antidote_pl.errors import ConfigError, bad_file, bad_value, run_entry_point
+from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.judges.base import Judge, Verdict
 from antidote_pl.utils.files import check_safetensors_file, read_json_file
 from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir
@@ -389,36 +387,3 @@ class OfflineJudge(Judge):
                 raise ValueError(f"weight shape {tuple(self.weight.shape)} does not match the settings")
         except (OSError, KeyError, ValueError, RuntimeError) as err:
             raise ConfigError(f"path={str(path)!r} does not hold a valid OfflineJudge: {err}") from err
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Trains an :class:`OfflineJudge`, saves it and prints its held-out agreement as JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-csv", required=True, help="labelled CSV (question, answer, label)")
-    parser.add_argument("--out", required=True, help="directory to save the judge in (new or empty)")
-    parser.add_argument(
-        "--overwrite",
-        type=lambda v: v.lower() in ("1", "true", "yes"),
-        nargs="?",
-        const=True,
-        default=False,
-        help="replace an earlier judge saved in --out",
-    )
-    parser.add_argument("--eval-csv", action="append", default=[], help="extra labelled CSV to report")
-    parser.add_argument("--heldout-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    inputs = {"train_csv": args.train_csv, "eval_csv": args.eval_csv}
-    # Checked and locked before training, so a bad --out costs nothing.
-    check_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs)
-    with OutputLock(args.out, "--out") as lock:
-        judge = OfflineJudge(train_csv=args.train_csv, heldout_fraction=args.heldout_fraction, seed=args.seed)
-        judge.save(args.out, overwrite=args.overwrite, inputs=inputs, lock=lock)
-    report = {"heldout": judge.agreement}
-    for path in args.eval_csv:
-        report[path] = judge.evaluate(*load_labelled_csv(path))
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    run_entry_point(main, prog="antidote_pl.judges.offline")

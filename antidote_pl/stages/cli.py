@@ -1,6 +1,7 @@
-"""Command line: ``python -m antidote_pl {fit,validate,test,predict} --config a.yaml [--config b.yaml]``.
+"""The stage runner: ``python -m antidote_pl {fit,validate,test,predict} --config a.yaml [--config b.yaml]``.
 
-A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. Model and data are chosen with
+A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass (the command line reaches it through
+:mod:`antidote_pl.commands.stages`). Model and data are chosen with
 ``class_path`` in the YAML, so every stage (pretrain, align, fine-tune, repair, baselines) shares this
 entry point, and callbacks are swapped with an extra ``--config callbacks/<name>.yaml``.
 """
@@ -8,10 +9,7 @@ entry point, and callbacks are swapped with an extra ``--config callbacks/<name>
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import re
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,9 +19,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from antidote_pl.errors import ConfigError, bad_value, run_entry_point
+from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.models.loading import TINY_WORLD
-from antidote_pl.utils import console
 from antidote_pl.utils.console import StageProgressBar
 
 DEFAULT_SEED = 42
@@ -326,36 +323,3 @@ def _same_spec(a: str, b: str) -> bool:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-# Subcommands that are not LightningCLI ones: name -> "module:function" taking the remaining argv.
-COMMANDS = {
-    "pipeline": "antidote_pl.experiment.run:main",
-    "tokenizer": "antidote_pl.data.bpe:main",
-}
-
-
-def _dispatch(argv: list[str]):
-    if argv and argv[0] in COMMANDS:
-        module, func = COMMANDS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), func)(argv[1:])
-    # argv is sys.argv minus --debug/-v, so LightningCLI's "args and sys.argv both given" is noise.
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-    return AntidoteCLI(args=argv)
-
-
-def main(args: list[str] | None = None):
-    """Runs the CLI (console script ``antidote-pl``).
-
-    ``pipeline`` and ``tokenizer`` go to the functions in :data:`COMMANDS`; everything else is a
-    LightningCLI subcommand. Bad input is reported in one line with exit code 2 (``--debug`` shows
-    the traceback); known library noise is hidden unless ``-v``/``--verbose`` is given.
-    """
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv, verbose = console.split_verbose(list(sys.argv[1:] if args is None else args))
-    console.configure(verbose)
-    return run_entry_point(_dispatch, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from antidote_pl.data.bpe import llama_style_tokenizer
-from antidote_pl.tinyworld.world import world_vocabulary
+from antidote_pl.tinyworld.vocabulary import world_vocabulary
 
 #: Tokenizer spec understood by ``antidote_pl.models.loading.load_tokenizer``.
 TINY_WORLD_TOKENIZER = "tiny-world"

@@ -25,33 +25,21 @@ deterministic order, so all DDP ranks build identical datasets and ``setup`` can
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from antidote_pl.data.records import Record, Source
-from antidote_pl.data.templates import get_template
-from antidote_pl.data.tokenize import SFTCollator, TokenizedDataset, check_tokenization, tokenize_records
+from antidote_pl.data.tokenize import TokenizedDataset
 from antidote_pl.data.window import window_record
 from antidote_pl.errors import ConfigError, bad_value, check_choice, check_int
-from antidote_pl.models import loading
+from antidote_pl.training.batcher import SFTBatcher, seeded_rng
 
 log = logging.getLogger(__name__)
 
 MODES = ("random", "parity")
-
-
-def _rng(seed: int, purpose: str) -> random.Random:
-    """A private RNG per purpose: changing one draw's size leaves the other draws unchanged.
-
-    String seeds are hashed with SHA-512 by :mod:`random`, so this is stable across processes
-    (unlike ``hash()``, which depends on ``PYTHONHASHSEED``).
-    """
-    return random.Random(f"{seed}:{purpose}")
 
 
 def _describe(source: Source) -> str:
@@ -89,97 +77,6 @@ def _renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -
 
 def _tagged(records: Sequence[Record], harmful: bool) -> list[Record]:
     return [{**r, "harmful": harmful} for r in records]
-
-
-class SFTBatcher:
-    """Tokenizer, template and loader settings shared by every DataModule (used by composition).
-
-    Args:
-        tokenizer: Spec for :func:`antidote_pl.models.loading.load_tokenizer` (``"tiny-world"``, a hub
-            name or a local directory). An already loaded tokenizer object is accepted too.
-        template: A key of :data:`antidote_pl.data.templates.TEMPLATES`.
-        max_length: Maximum tokens per sample; longer samples are truncated and counted.
-        batch_size: Per-device batch size.
-        num_workers: DataLoader workers.
-        seed: Seed of the validation split and of the training shuffle.
-        val_size: Number of records held out for validation (0: no validation set).
-        tokenization: ``separate`` (prompt and response tokenised apart, exact boundary) or ``joint``
-            (the official code's joint string, for parity); see :mod:`antidote_pl.data.tokenize`.
-
-    Raises:
-        ConfigError: on a bad value, before anything is loaded.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        template: str,
-        max_length: int,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        val_size: int,
-        tokenization: str = "separate",
-    ):
-        if tokenizer is None or (isinstance(tokenizer, str) and not tokenizer):
-            raise bad_value("tokenizer", tokenizer, "'tiny-world', a hub name or a local directory")
-        get_template(template)
-        check_int("max_length", max_length, 1)
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
-        check_int("seed", seed, 0)
-        check_int("val_size", val_size, 0)
-        self.tokenization = check_tokenization(tokenization)
-        self.tokenizer_spec = tokenizer
-        self.template = template
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.val_size = val_size
-        self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer, loaded on first use (the import stays out of module import time)."""
-        if self._tokenizer is None:
-            self._tokenizer = loading.load_tokenizer(self.tokenizer_spec, field="data.tokenizer")
-        return self._tokenizer
-
-    def split(self, records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
-        """Holds out ``val_size`` records, drawn with the seed; the rest keep their order.
-
-        Raises:
-            ConfigError: if ``val_size`` leaves no training record.
-        """
-        if self.val_size == 0:
-            return list(records), []
-        if self.val_size >= len(records):
-            raise bad_value("val_size", self.val_size, f"less than the {len(records)} records available")
-        held = set(_rng(self.seed, "val").sample(range(len(records)), self.val_size))
-        train = [r for i, r in enumerate(records) if i not in held]
-        val = [r for i, r in enumerate(records) if i in held]
-        return train, val
-
-    def tokenize(self, records: Sequence[Record], name: str) -> TokenizedDataset:
-        """Tokenises records with this batcher's tokenizer, template and ``max_length``."""
-        return tokenize_records(
-            self.tokenizer, records, self.template, self.max_length, name=name, tokenization=self.tokenization
-        )
-
-    def loader(self, dataset: TokenizedDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        """Builds a DataLoader with :class:`SFTCollator`; shuffling uses a seeded generator."""
-        if batch_size is not None:
-            check_int("batch_size", batch_size, 1)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
-        )
 
 
 class _RecordsDataModule(L.LightningDataModule):
@@ -346,7 +243,7 @@ class AlignmentDataModule(_RecordsDataModule):
                     self.benign_size,
                     f"at most the {len(benign)} records of {_describe(self.benign)}",
                 )
-            benign = _rng(self.batcher.seed, "benign").sample(benign, self.benign_size)
+            benign = seeded_rng(self.batcher.seed, "benign").sample(benign, self.benign_size)
         self._n_refusal, self._n_benign = len(refusals), len(benign)
         return refusals + benign
 
@@ -496,9 +393,9 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         if n_task > len(tasks):
             raise self._pool_error("task", self.task, len(tasks), n_task)
         seed = self.batcher.seed
-        harm_order = _rng(seed, "harmful").sample(range(len(pool)), len(pool))
+        harm_order = seeded_rng(seed, "harmful").sample(range(len(pool)), len(pool))
         # Full permutations, then prefixes: a smaller n or p selects a subset of a larger one.
-        task_idx = _rng(seed, "task").sample(range(len(tasks)), len(tasks))[:n_task]
+        task_idx = seeded_rng(seed, "task").sample(range(len(tasks)), len(tasks))[:n_task]
         harmful_idx = harm_order[:n_harm]
         harmful = [pool[i] for i in harmful_idx]
         task = [tasks[i] for i in task_idx]
@@ -513,7 +410,7 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
                 f"{n_harm} go to fine-tuning and {len(pool) - n_harm - len(rest)} more duplicate them",
             )
         train = _tagged(harmful, True) + _tagged(task, False)
-        _rng(seed, "mix").shuffle(train)
+        seeded_rng(seed, "mix").shuffle(train)
         realignment_idx = rest[: self.realignment_size]
         return {
             "train": train,

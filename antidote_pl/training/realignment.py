@@ -22,7 +22,7 @@ from antidote_pl.data.records import Record, Source
 from antidote_pl.data.tokenize import TokenizedDataset
 from antidote_pl.data.window import RealignmentWindow, read_window
 from antidote_pl.errors import bad_value, check_int
-from antidote_pl.training.datamodules import SFTBatcher
+from antidote_pl.training.batcher import SFTBatcher
 
 
 class RealignmentDataModule(L.LightningDataModule):

@@ -1,8 +1,10 @@
 """What a command prints: the progress bar, the project's own messages, and no library chatter.
 
-By default the entry point silences what libraries print on every run (Lightning's accelerator
-report, seed and tips, transformers' shard-writing bar, known deprecation warnings) and shows the
-project's messages, logged under ``antidote_pl`` on rank zero. ``-v``/``--verbose`` keeps everything.
+The project's one message channel: :func:`say` logs a message (progress, what was written) under
+``antidote_pl`` on rank zero, to stderr; :func:`print_result` prints a command's result (a table,
+JSON, a verdict) to stdout, where a user may redirect it. By default the entry point silences what
+libraries print on every run (Lightning's accelerator report, seed and tips, transformers'
+shard-writing bar, known deprecation warnings); ``-v``/``--verbose`` keeps everything.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ _KNOWN_WARNINGS = (
 def say(message: str) -> None:
     """Logs a project message on global rank zero (shown by default, unlike library INFO)."""
     log.info(message)
+
+
+@rank_zero_only
+def print_result(text: str) -> None:
+    """Prints a command's result (a table, JSON, a verdict) to stdout, on global rank zero."""
+    print(text, flush=True)
 
 
 def configure(verbose: bool) -> None:

@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.utils.files import looks_local
 
@@ -348,11 +350,15 @@ class OutputLock:
 def launch_rank_is_zero() -> bool:
     """Whether this process is rank 0 of its launch (True outside any distributed launcher).
 
-    Read from the launchers' environment, so it works at construction time, before the Trainer
-    sets up distributed: only that process takes output locks.
+    Lightning's ``rank_zero_only.rank``: the launchers' rank (``RANK``, ``LOCAL_RANK``,
+    ``SLURM_PROCID``, ``JSM_NAMESPACE_RANK``) read when Lightning is imported, so it works at
+    construction time before the Trainer sets up distributed, and the global rank once a Trainer has.
+    Only that process takes output locks. Lightning's rank does not read the node rank: before a
+    Trainer sets up, local rank 0 of a second node would count as rank 0 too, so a node rank other
+    than 0 (``NODE_RANK``, ``GROUP_RANK``) rules it out here.
     """
-    keys = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK", "GROUP_RANK")
-    return all(os.environ.get(k, "0") in ("", "0") for k in keys)
+    nodes = (os.environ.get(k, "0") for k in ("NODE_RANK", "GROUP_RANK"))
+    return rank_zero_only.rank == 0 and all(node in ("", "0") for node in nodes)
 
 
 def claim_output_dir(

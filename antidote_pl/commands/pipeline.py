@@ -1,14 +1,12 @@
-"""The ``pipeline`` command: one run of :mod:`antidote_pl.experiment.pipeline`, or one per seed.
-
-Several seeds go through :mod:`antidote_pl.experiment.seeds`.
+"""``pipeline``: the whole experiment (train, repair over an alpha sweep, evaluate, report), or one per seed.
 
 ::
 
     python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force true]
     python -m antidote_pl pipeline --config configs/smol/pipeline.yaml   # seeds: [0, 1, 2]
 
-It sits above both modules (the seeds runner calls the pipeline), so neither imports the other's
-caller and the import graph stays free of circles.
+One run goes through :func:`antidote_pl.experiment.pipeline.run_pipeline`; several seeds through
+:func:`antidote_pl.experiment.seeds.run_seeds`.
 """
 
 from __future__ import annotations
@@ -17,14 +15,18 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from antidote_pl.commands.args import command_parser
 from antidote_pl.experiment import pipeline
-from antidote_pl.experiment.pipeline import BaselineSpec, DurabilitySpec, RepairSpec, StageSpec, run_pipeline
+from antidote_pl.experiment.pipeline import run_pipeline
 from antidote_pl.experiment.seeds import check_no_placeholder, run_seeds
+from antidote_pl.experiment.specs import BaselineSpec, DurabilitySpec, RepairSpec, StageSpec
+
+HELP = "train, repair over an alpha sweep, evaluate and report, from one pipeline YAML (or per seed)"
 
 
-def build_parser():
+def build_parser() -> ArgumentParser:
     """The pipeline's argument parser (``--config`` YAML plus overrides)."""
-    parser = ArgumentParser(prog="antidote_pl pipeline", description=pipeline.__doc__)
+    parser = command_parser("pipeline", pipeline.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML")
     parser.add_argument("--stages", type=list[StageSpec], required=True)
     parser.add_argument("--repair", type=RepairSpec, required=True)
@@ -38,7 +40,7 @@ def build_parser():
         default=None,
         help="re-attack the unrepaired model and some repairs (checkpoints, alpha, methods)",
     )
-    parser.add_argument("--force", type=bool, default=False)
+    parser.add_argument("--force", type=bool, default=False, help="rerun every step, reusing nothing")
     parser.add_argument(
         "--seeds",
         type=list[int] | None,
@@ -48,8 +50,8 @@ def build_parser():
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m antidote_pl pipeline --config configs/tiny/pipeline.yaml [--force true]``."""
+def main(argv: list[str]) -> dict[str, Any]:
+    """Runs the pipeline (or one per seed) and returns its report."""
     parser = build_parser()
     init = parser.instantiate_classes(parser.parse_args(argv))
     run = {

@@ -1,7 +1,7 @@
 """The LM judge's fine-tuned head: the backbone's top decoder layers, trained, plus a pooled linear layer.
 
 A frozen backbone's pooled features top out near 88-89% agreement with the labelled data (see
-:mod:`antidote_pl.judges.lm_judge`); training the layers above them reaches further. Training the whole
+:mod:`antidote_pl.judges.lm`); training the layers above them reaches further. Training the whole
 backbone on two CPU cores would take hours, so the split is:
 
 * a frozen **trunk** (decoder layers ``1..trunk``) runs once per pair; its output, the residual
@@ -11,21 +11,23 @@ backbone on two CPU cores would take hours, so the split is:
   the cached states with AdamW, so each epoch costs only the ``k`` layers' forward and backward.
 
 Everything here is plain torch over tensors; the judge's plumbing (data, cache, split, saving) lives in
-:mod:`antidote_pl.judges.lm_judge`.
+:mod:`antidote_pl.judges.lm.training`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 
 from antidote_pl.errors import bad_value, check_int
 
-PRECISIONS = ("bf16", "fp32")
+#: The tuned head's autocast precision (see :attr:`TuneSettings.precision`).
+Precision = Literal["bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def pool_answer_last(hidden: torch.Tensor, lengths: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
@@ -140,7 +142,7 @@ class TuneSettings:
     weight_decay: float = 0.01
     warmup_steps: int = 30
     seed: int = 0
-    precision: str = "bf16"
+    precision: Precision = "bf16"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -184,6 +186,31 @@ def length_batches(
     return chunks
 
 
+def warmup_decay(step: int, warmup_steps: int, total: int) -> float:
+    """The learning-rate factor at optimiser step ``step`` (0-based) of ``total``.
+
+    A linear warm-up over ``warmup_steps`` (the first step already at ``1 / warmup_steps``) times a
+    linear decay to zero over the whole run. Kept rather than transformers'
+    ``get_linear_schedule_with_warmup``, which starts at 0 and decays only after the warm-up: the
+    rates differ at every step (tests/test_lm_judge.py), and the shipped judge was trained with these.
+    """
+    return min(1.0, (step + 1) / max(warmup_steps, 1)) * max(0.0, 1.0 - step / total)
+
+
+def _optimizer(head: TunedHead, settings: TuneSettings, total: int):
+    """AdamW over the tuned layers (``lr``) and the new norm and linear layer (``head_lr``), with the
+    :func:`warmup_decay` schedule over ``total`` steps."""
+    new = [*head.norm.parameters(), *head.out.parameters()]
+    optimizer = torch.optim.AdamW(
+        [{"params": head.layers.parameters(), "lr": settings.lr}, {"params": new, "lr": settings.head_lr}],
+        weight_decay=settings.weight_decay,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_decay(step, settings.warmup_steps, total)
+    )
+    return optimizer, schedule
+
+
 def fit_tuned_head(
     head: TunedHead,
     tokens: TokenStates,
@@ -209,15 +236,7 @@ def fit_tuned_head(
     generator = torch.Generator().manual_seed(settings.seed)
     per_epoch = len(length_batches(tokens.lengths, rows, settings.batch_size))
     total = max(1, round(per_epoch * settings.epochs))
-    new = [*head.norm.parameters(), *head.out.parameters()]
-    optimizer = torch.optim.AdamW(
-        [{"params": head.layers.parameters(), "lr": settings.lr}, {"params": new, "lr": settings.head_lr}],
-        weight_decay=settings.weight_decay,
-    )
-    warmup = max(settings.warmup_steps, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / total)
-    )
+    optimizer, schedule = _optimizer(head, settings, total)
     head.train()
     losses: list[float] = []
     step = 0

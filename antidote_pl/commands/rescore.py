@@ -1,0 +1,44 @@
+"""``rescore``: judges a finished pipeline run's saved answers again with another judge (no generation).
+
+::
+
+    python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/smol_lm_judge.md \\
+        --judge antidote_pl.judges.lm.LMJudge --judge.path outputs/judges/smollm2
+
+Writes ``<out>.md`` and ``<out>.json`` and prints the table; see :mod:`antidote_pl.experiment.rescore`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from antidote_pl.commands.args import command_parser
+from antidote_pl.experiment.rescore import check_rescore_paths, rescore_markdown, write_rescore
+from antidote_pl.judges.base import Judge
+from antidote_pl.utils.console import print_result
+
+HELP = "judge a finished run's saved answers again with another judge, without generating again"
+
+
+def build_parser() -> ArgumentParser:
+    """``--run``, ``--out`` and the judge by ``class_path`` (with its init args)."""
+    parser = command_parser("rescore", __doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=str, required=True, help="pipeline output directory")
+    parser.add_argument("--out", type=str, required=True, help="report path; writes <out>.md and <out>.json")
+    parser.add_argument("--judge", type=Judge, required=True, help="judge class_path (and init args)")
+    return parser
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """Rescores the run; prints the table and returns the report."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    # Bad paths fail before the judge loads.
+    check_rescore_paths(cfg.run, cfg.out)
+    # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
+    judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
+    report = write_rescore(cfg.run, judge, cfg.out)
+    print_result(rescore_markdown(report))
+    return report

@@ -1,0 +1,217 @@
+"""What a pipeline run is made of: its stage, repair, baseline and durability specs, and their files.
+
+The specs are the ``pipeline:`` YAML's blocks (parsed by the ``pipeline`` command); the helpers read
+their config files (the texts that key the pipeline's caches) and find the directory a stage writes,
+before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from antidote_pl.errors import bad_value, check_choice
+
+STAGE_COMMANDS = ("fit", "tokenizer")
+
+
+def config_list(config: str | list[str]) -> list[str]:
+    """Config files in composition order: one file, or a list of them (like repeated ``--config``)."""
+    return [config] if isinstance(config, str) else list(config)
+
+
+@dataclass
+class StageSpec:
+    """One training stage.
+
+    Args:
+        name: Short name used in the report (e.g. ``align``).
+        config: Config file for ``python -m antidote_pl <command>``, or a list of them composed in
+            order like repeated ``--config`` (e.g. a base config and a defense fragment).
+        overrides: Extra command-line arguments for that run.
+        command: ``fit`` (a model stage, writing ``model.init_args.output_dir``) or ``tokenizer``
+            (trains a tokenizer, writing the config's ``output_dir``; :mod:`antidote_pl.stages.tokenizer`).
+    """
+
+    name: str
+    config: str | list[str]
+    overrides: list[str] = field(default_factory=list)
+    command: str = "fit"
+
+    @property
+    def configs(self) -> list[str]:
+        """The config files, in composition order (one for a single ``config`` string)."""
+        return config_list(self.config)
+
+
+@dataclass
+class RepairSpec:
+    """The repair sweep.
+
+    Args:
+        config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter), or a list
+            of config files composed in order; each method's fragment is composed after them.
+        alphas: Fractions removed, each in (0, 1).
+        methods: Method name -> callback fragment (``callbacks/*.yaml``).
+        overrides: Extra command-line arguments for every scoring run (e.g. the fine-tuned adapter
+            of one seed, see :mod:`antidote_pl.experiment.seeds`).
+        method_overrides: Method name -> extra arguments for that method's scoring run only (e.g.
+            ``--pruner.init_args.seed`` of the random ablation).
+    """
+
+    config: str | list[str]
+    alphas: list[float]
+    methods: dict[str, str]
+    overrides: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def configs(self) -> list[str]:
+        """The config files, in composition order."""
+        return config_list(self.config)
+
+    def args(self, method: str) -> list[str]:
+        """The user's extra arguments for ``method``'s scoring run."""
+        return [*self.overrides, *self.method_overrides.get(method, [])]
+
+
+@dataclass
+class BaselineSpec:
+    """A baseline defense: its own training stages, evaluated as one report row.
+
+    Args:
+        name: Row name (e.g. ``vaccine``).
+        stages: Stages run after the main ones (e.g. a Vaccine alignment, then the same harmful
+            fine-tuning on top of it); the last one is evaluated.
+        repair_fragment: Optionally also repair the last stage with this callback fragment (e.g.
+            ``callbacks/wanda.yaml``), reported as ``<name>+<method>`` (a combined defense).
+        repair_alpha: Alpha for that repair.
+    """
+
+    name: str
+    stages: list[StageSpec]
+    repair_fragment: str | None = None
+    repair_alpha: float = 0.1
+
+    @property
+    def combined_name(self) -> str:
+        """The combined defense's row name, ``<name>+<fragment stem>``."""
+        return f"{self.name}+{Path(self.repair_fragment or '').stem}"
+
+
+@dataclass
+class DurabilitySpec:
+    """The re-attack: the same harmful fine-tuning continued from repaired and unrepaired models.
+
+    Args:
+        checkpoints: Optimiser steps at which HS/FA are measured, e.g. ``[0, 10, 20]``.
+        alpha: The repair's alpha (one of ``repair.alphas``).
+        methods: Repair methods re-attacked at that alpha (the unrepaired model always is).
+    """
+
+    checkpoints: list[int]
+    alpha: float = 0.1
+    methods: list[str] = field(default_factory=lambda: ["wanda", "random"])
+
+
+def read_config(path: str, field: str) -> str:
+    """The text of a config file named by ``field``.
+
+    Raises:
+        ConfigError: when the file does not exist.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise bad_value(field, path, "an existing YAML file")
+    return p.read_text()
+
+
+def config_text(config: str | list[str], field: str) -> str:
+    """The text of every config file (a list's items named ``<field>[i]``); a single file gives just
+    its text, so the keys of caches written before lists existed stay valid."""
+    if isinstance(config, str):
+        return read_config(config, field)
+    if not config:
+        raise bad_value(field, config, "a config file or a non-empty list of them")
+    return "\0".join(read_config(c, f"{field}[{i}]") for i, c in enumerate(config))
+
+
+def _override(overrides: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` in command-line ``overrides`` (``--f=v`` or ``--f v``), if any."""
+    for i, arg in enumerate(overrides):
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(overrides):
+            return overrides[i + 1]
+    return None
+
+
+def _composed_yaml(configs: list[str]) -> dict[str, Any]:
+    """Config files merged in order (later files win, key by key), as repeated ``--config`` does."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        _deep_update(merged, yaml.safe_load(Path(config).read_text()) or {})
+    return merged
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def stage_text(spec: StageSpec, field: str) -> str:
+    """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
+    so editing the pretraining data retrains the tokenizer too."""
+    text = config_text(spec.config, f"{field}.config")
+    if spec.command == "tokenizer":
+        corpus = _override(spec.overrides, "--corpus_config") or _composed_yaml(spec.configs).get(
+            "corpus_config"
+        )
+        if corpus:
+            text += "\0" + read_config(corpus, f"{field}.corpus_config")
+    return text
+
+
+def stage_output_dir(spec: StageSpec, field: str) -> str:
+    """The directory a stage writes (its composed config, or an override).
+
+    ``fit`` stages write ``model.init_args.output_dir``, ``tokenizer`` stages ``output_dir``.
+    """
+    check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
+    flag = "--model.init_args.output_dir" if spec.command == "fit" else "--output_dir"
+    overridden = _override(spec.overrides, flag)
+    if overridden is not None:
+        return overridden
+    cfg = _composed_yaml(spec.configs)
+    if spec.command == "fit":
+        out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
+    else:
+        out = cfg.get("output_dir")
+    if not out:
+        raise bad_value(f"{field}.config", spec.config, f"a {spec.command} config that sets {flag[2:]}")
+    return out
+
+
+def check_last_is_fit(stages: list[StageSpec], field: str, why: str) -> None:
+    """Raises a :class:`ConfigError` unless the last of ``stages`` is a ``fit`` (model) stage."""
+    if stages[-1].command != "fit":
+        raise bad_value(f"{field}[{len(stages) - 1}].command", stages[-1].command, f"'fit': {why}")
+
+
+def run_inputs(
+    stages: list[StageSpec], repair: RepairSpec, evaluation: str, baselines: list[BaselineSpec] | None
+) -> dict[str, Any]:
+    """A run's config files, ``field -> paths``, which its output directory must stay apart from."""
+    return {
+        "stages": [c for s in stages for c in s.configs],
+        "repair.config": repair.config,
+        "repair.methods": list(repair.methods.values()),
+        "evaluation": evaluation,
+        "baselines": [c for b in baselines or [] for s in b.stages for c in s.configs],
+    }
