@@ -112,15 +112,23 @@ class DeltaScalingCallback(BaseRepairCallback):
 
     Args:
         value: ``lambda`` in [0, 1].
-        **kwargs: See :class:`BaseRepairCallback`.
+        sweep_values: See :class:`BaseRepairCallback`.
+        adapter_name: See :class:`BaseRepairCallback`.
+        output_dir: See :class:`BaseRepairCallback`.
     """
 
     method = "delta_scaling"
     knob = "lambda"
     neutral = 1.0
 
-    def __init__(self, value: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(value, **kwargs)
+    def __init__(
+        self,
+        value: float = 0.5,
+        sweep_values: list[float] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__(value, sweep_values, adapter_name, output_dir)
 
     def check_value(self, value: Any, field: str) -> float:
         check_number(field, value, low=0.0, high=1.0)
@@ -138,15 +146,24 @@ class RestaCallback(BaseRepairCallback):
     Args:
         value: ``beta`` >= 0 (0: the fine-tuned model).
         pre_alignment: The model before alignment (null: :func:`find_pre_alignment`).
-        **kwargs: See :class:`BaseRepairCallback`.
+        sweep_values: See :class:`BaseRepairCallback`.
+        adapter_name: See :class:`BaseRepairCallback`.
+        output_dir: See :class:`BaseRepairCallback`.
     """
 
     method = "resta"
     knob = "beta"
     neutral = 0.0
 
-    def __init__(self, value: float = 1.0, pre_alignment: str | None = None, **kwargs: Any) -> None:
-        super().__init__(value, **kwargs)
+    def __init__(
+        self,
+        value: float = 1.0,
+        pre_alignment: str | None = None,
+        sweep_values: list[float] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__(value, sweep_values, adapter_name, output_dir)
         self.pre_alignment = check_pre_alignment(pre_alignment)
 
     def check_value(self, value: Any, field: str) -> float:
@@ -179,7 +196,9 @@ class SafeLoRACallback(BaseRepairCallback):
         projector: ``official`` or ``exact``.
         rank: Rank of the exact projector (null: chosen by ``energy``).
         energy: Fraction of V's squared singular values the exact projector keeps (null: ``rank``).
-        **kwargs: See :class:`BaseRepairCallback`.
+        sweep_values: See :class:`BaseRepairCallback`.
+        adapter_name: See :class:`BaseRepairCallback`.
+        output_dir: See :class:`BaseRepairCallback`.
     """
 
     method = "safelora"
@@ -193,9 +212,11 @@ class SafeLoRACallback(BaseRepairCallback):
         projector: str = "official",
         rank: int | None = None,
         energy: float | None = None,
-        **kwargs: Any,
+        sweep_values: list[float] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
     ) -> None:
-        super().__init__(value, **kwargs)
+        super().__init__(value, sweep_values, adapter_name, output_dir)
         check_choice("projector", projector, PROJECTORS)
         self.pre_alignment = check_pre_alignment(pre_alignment)
         self.projector, self.rank, self.energy = projector, rank, energy

@@ -73,7 +73,9 @@ class RefusalRealignCallback(BaseRepairCallback):
         batch_size: Pairs per step (null: all ``k`` in one batch).
         refusal_tokens: New tokens of each aligned-model refusal.
         seed: Seed of the data order and of dropout.
-        **kwargs: See :class:`BaseRepairCallback`.
+        sweep_values: See :class:`BaseRepairCallback`.
+        adapter_name: See :class:`BaseRepairCallback`.
+        output_dir: See :class:`BaseRepairCallback`.
     """
 
     method = "refusal_realign"
@@ -88,9 +90,11 @@ class RefusalRealignCallback(BaseRepairCallback):
         batch_size: int | None = None,
         refusal_tokens: int = 32,
         seed: int = 0,
-        **kwargs: Any,
+        sweep_values: list[float] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
     ) -> None:
-        super().__init__(value, **kwargs)
+        super().__init__(value, sweep_values, adapter_name, output_dir)
         check_int("k", k, 1)
         check_number("learning_rate", learning_rate, low=0.0, low_open=True)
         if batch_size is not None:

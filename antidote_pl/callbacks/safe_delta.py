@@ -62,7 +62,9 @@ class SafeDeltaCallback(BaseRepairCallback):
         percdamp: Damping of ``H`` (fraction of its mean diagonal), as the official code.
         protect_fraction: Fraction of each group's most sensitive entries never kept (official 0.15).
         batch_size: Calibration batch size (null: the data module's).
-        **kwargs: See :class:`BaseRepairCallback`.
+        sweep_values: See :class:`BaseRepairCallback`.
+        adapter_name: See :class:`BaseRepairCallback`.
+        output_dir: See :class:`BaseRepairCallback`.
     """
 
     method = "safe_delta"
@@ -77,9 +79,11 @@ class SafeDeltaCallback(BaseRepairCallback):
         percdamp: float = 0.01,
         protect_fraction: float = 0.15,
         batch_size: int | None = None,
-        **kwargs: Any,
+        sweep_values: list[float] | None = None,
+        adapter_name: str = "default",
+        output_dir: str | None = None,
     ) -> None:
-        super().__init__(value, **kwargs)
+        super().__init__(value, sweep_values, adapter_name, output_dir)
         if calibration_size is not None:
             check_int("calibration_size", calibration_size, 1)
         check_int("refusal_tokens", refusal_tokens, 1)
