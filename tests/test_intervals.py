@@ -78,3 +78,15 @@ def test_cell_bounds_is_std_over_seeds_or_wilson_for_one_seed():
     _, high = rate_interval(0.0, 80)
     assert cell_distances(0.0, None, 1, 80) == (0.0, high)  # clamped, never negative
     assert cell_distances(40.0, 5.0, 2, 80) == (5.0, 5.0)
+
+
+def test_seed_cells_follow_the_one_interval_rule():
+    from antidote_pl.utils.tables import format_over_seeds, format_seed_cell
+
+    assert format_over_seeds([40.0, 60.0]) == "50.0 ± 14.1"
+    # One seed: the Wilson interval over its items (5 of 10: 23.659-76.341), never "± 0.0".
+    assert format_over_seeds([50.0, None], count=10) == "50.0 [23.7, 76.3]"
+    assert format_seed_cell(50.0, 0.0, 1, 10) == "50.0 [23.7, 76.3]"
+    # No item count (an overlap, not a rate over items): the value, said to be one seed's.
+    assert format_over_seeds([0.5], digits=3) == "0.500 (1 seed)"
+    assert format_over_seeds([None]) == format_seed_cell(None, None, 0) == "n/a"

@@ -112,3 +112,25 @@ def test_seeds_summary_writes_the_reattack_plot_it_links(tmp_path):
     assert "| none | 3 | 95.0 ± 0.0 | 81.5 ± 0.7 | 2 |" in md
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "](" not in seeds_analysis_markdown(by_seed)  # no plot asked, none linked
+
+
+def test_single_seed_cells_across_seeds_carry_a_wilson_interval_not_pm_zero():
+    """A method that qualifies in 1 of 3 seeds, a re-attack point one seed reached and an overlap one
+    seed measured: no "x ± 0.0" anywhere (issue #24)."""
+    chosen = {**_selection(0.1, 50.0, 100.0), "n_harmful_score": 10, "n_finetune_accuracy": 10}
+    by_seed = {
+        0: {"fa_budget": [_selection(None, None, None)]},
+        1: {
+            "fa_budget": [chosen],
+            "masks": {"alpha": 0.1, "jaccard": {"wanda a0.1": {"wanda a0.1": 1.0, "magnitude a0.1": 0.5}}},
+            "reattack": {"wanda a0.1": [_point(0, 50.0, 0.0)]},
+        },
+        2: {"fa_budget": [_selection(None, None, None)], "reattack": {"wanda a0.1": [_point(0, 30.0, 10.0)]}},
+    }
+    by_seed[1]["reattack"]["wanda a0.1"].append(_point(5, 50.0, 100.0))
+    md = seeds_analysis_markdown(by_seed)
+    assert "± 0.0" not in md and "±" in md  # the two-seed re-attack point keeps its std
+    # Wilson 95% of 5/10: 23.659-76.341; of 10/10: 72.247-100; of 0/10: 0-27.753 (test_known_values).
+    assert "| 2 | wanda | - / 0.1 / - | 1 of 3 | 50.0 [23.7, 76.3] | 100.0 [72.2, 100.0] |" in md
+    assert "| wanda a0.1 | 5 | 50.0 [23.7, 76.3] | 100.0 [72.2, 100.0] | 1 |" in md
+    assert "| wanda a0.1 | magnitude a0.1 | 0.500 (1 seed) | 1 |" in md

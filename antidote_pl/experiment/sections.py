@@ -29,9 +29,11 @@ from antidote_pl.experiment.agreement import (
 from antidote_pl.experiment.budget import DEFAULT_BUDGETS, budget_markdown, budget_rows
 from antidote_pl.experiment.masks import jaccard_matrix, mask_analytics_markdown
 from antidote_pl.experiment.reattack import reattack_markdown, write_reattack_plot
-from antidote_pl.utils.tables import format_mean_std, format_pm, markdown_table, mean_std
+from antidote_pl.utils.tables import format_over_seeds, format_seed_cell, markdown_table, mean_std
 
 Masks = Mapping[str, torch.Tensor]
+#: How a cell over seeds reads when only one seed contributes to it.
+ONE_SEED_RULE = "a cell with one seed: the value and its 95% Wilson interval over the items"
 #: The report's heat maps and cross-method overlaps use this alpha when the sweep has it.
 PREFERRED_ALPHA = 0.1
 
@@ -123,6 +125,12 @@ def seeds_analysis_markdown(
     return "".join(f"\n{s}" for s in sections if s)
 
 
+def _common_count(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
+    """The item count ``key`` shared by ``rows`` (``None`` when missing or different)."""
+    counts = {r.get(key) for r in rows}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def _budget_across_seeds(by_seed: Mapping[Any, Sequence[Mapping[str, Any]]]) -> str:
     if not by_seed:
         return ""
@@ -139,14 +147,19 @@ def _budget_across_seeds(by_seed: Mapping[Any, Sequence[Mapping[str, Any]]]) -> 
                 method,
                 " / ".join("-" if s["alpha"] is None else f"{s['alpha']:g}" for s in sels),
                 f"{len(chosen)} of {len(sels)}",
-                format_mean_std([s["harmful_score"] for s in chosen]),
-                format_mean_std([s["finetune_accuracy"] for s in chosen]),
+                format_over_seeds(
+                    [s["harmful_score"] for s in chosen], _common_count(chosen, "n_harmful_score")
+                ),
+                format_over_seeds(
+                    [s["finetune_accuracy"] for s in chosen], _common_count(chosen, "n_finetune_accuracy")
+                ),
             ]
         )
     headers = ["FA budget", "method", "alpha per seed", "seeds with an alpha", "HS % (test)", "FA % (test)"]
     intro = (
         "## HS at FA budget, across seeds\n\nPer seed, the largest alpha whose validation FA stays within "
-        "the budget; HS and FA on the test questions, mean ± std over the seeds where an alpha qualifies.\n\n"
+        "the budget; HS and FA on the test questions, mean ± std over the seeds where an alpha qualifies "
+        f"({ONE_SEED_RULE}).\n\n"
     )
     return intro + markdown_table(headers, body)
 
@@ -160,10 +173,11 @@ def _overlap_across_seeds(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
     body = []
     for other in [n for n in first["jaccard"][anchor] if n != anchor]:
         values = [m["jaccard"].get(anchor, {}).get(other) for m in by_seed.values()]
-        body.append([anchor, other, format_mean_std([v for v in values if v is not None], 3), len(values)])
+        body.append([anchor, other, format_over_seeds(values, None, 3), len(values)])
     intro = (
         f"## Mask overlap across seeds\n\nJaccard overlap of the removed sets with {anchor}, within each "
-        "seed (alpha as in each seed's mask section), mean ± std over seeds.\n\n"
+        "seed (alpha as in each seed's mask section), mean ± std over seeds (a value seen in one seed only "
+        "is marked (1 seed): an overlap is no rate over items, so it has no Wilson interval).\n\n"
     )
     return intro + markdown_table(["mask", "other mask", "Jaccard", "seeds"], body)
 
@@ -205,8 +219,15 @@ def _reattack_across_seeds(
         [
             variant,
             p["step"],
-            format_pm(p["harmful_score"], p.get("harmful_score_std")),
-            format_pm(p["finetune_accuracy"], p.get("finetune_accuracy_std")),
+            format_seed_cell(
+                p["harmful_score"], p.get("harmful_score_std"), p["n_seeds"], p.get("n_harmful_score")
+            ),
+            format_seed_cell(
+                p["finetune_accuracy"],
+                p.get("finetune_accuracy_std"),
+                p["n_seeds"],
+                p.get("n_finetune_accuracy"),
+            ),
             p["n_seeds"],
         ]
         for variant, curve in curves.items()
@@ -214,7 +235,7 @@ def _reattack_across_seeds(
     ]
     intro = (
         "## Durability (re-attack), across seeds\n\nThe same harmful fine-tuning continued from each "
-        "variant; HS and FA mean ± std over seeds.\n\n"
+        f"variant; HS and FA mean ± std over seeds ({ONE_SEED_RULE}).\n\n"
     )
     text = intro + markdown_table(["variant", "steps", "HS %", "FA %", "seeds"], body)
     if plot is not None:

@@ -1,4 +1,8 @@
-"""Confidence intervals for the rates a report shows (HS, FA, coherence): every figure carries one."""
+"""Confidence intervals for the rates a report shows (HS, FA, coherence): every figure carries one.
+
+One rule for every table and plot: a cell over several seeds shows ``mean ± std`` over the seeds; a
+cell of one seed shows the 95% Wilson interval over its items (:func:`cell_bounds`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,18 @@ import math
 from antidote_pl.errors import check_int
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_bounds(p: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` (a fraction) over ``n`` trials, as fractions.
+
+    ``n`` may be an *effective* number of trials (not an integer), e.g. the item count divided by a
+    design effect (:func:`clustered_rate_interval`).
+    """
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -25,11 +41,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     """
     check_int("n", n, 1)
     check_int("successes", successes, 0, n)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+    low, high = wilson_bounds(successes / n, n, z)
+    return 100 * low, 100 * high
 
 
 def rate_interval(rate_percent: float | None, n: int | None) -> tuple[float, float] | None:
