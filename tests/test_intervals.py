@@ -90,3 +90,28 @@ def test_seed_cells_follow_the_one_interval_rule():
     # No item count (an overlap, not a rate over items): the value, said to be one seed's.
     assert format_over_seeds([0.5], digits=3) == "0.500 (1 seed)"
     assert format_over_seeds([None]) == format_seed_cell(None, None, 0) == "n/a"
+
+
+@pytest.mark.parametrize(
+    ("k1", "n1", "k2", "n2", "low", "high"),
+    # Newcombe (1998a), method 10 (hybrid score), published examples.
+    [(56, 70, 48, 80, 5.24, 33.39), (9, 10, 3, 10, 17.05, 80.90), (5, 56, 0, 29, -3.81, 19.26)],
+)
+def test_difference_interval_matches_newcombes_examples(k1, n1, k2, n2, low, high):
+    from antidote_pl.utils.intervals import difference_interval
+
+    assert difference_interval(k1, n1, k2, n2) == pytest.approx((low, high), abs=0.01)
+
+
+def test_paired_difference_interval_matches_newcombes_examples_and_checks_input():
+    from antidote_pl.utils.intervals import paired_difference_interval
+
+    def table(a, b, c, d):
+        return [True] * (a + b) + [False] * (c + d), [True] * a + [False] * b + [True] * c + [False] * d
+
+    # Newcombe (1998b), method 10, example (c): 53 both, 1 neither: 0 with -0.0729-0.0729.
+    assert paired_difference_interval(*table(53, 0, 0, 1)) == pytest.approx((-7.29, 7.29), abs=0.01)
+    with pytest.raises(ConfigError, match="as many as first"):
+        paired_difference_interval([True], [True, False])
+    with pytest.raises(ConfigError, match="n=0"):
+        paired_difference_interval([], [])

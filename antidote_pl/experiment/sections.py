@@ -26,7 +26,7 @@ from antidote_pl.experiment.agreement import (
     pairwise_agreement,
     read_generations,
 )
-from antidote_pl.experiment.budget import DEFAULT_BUDGETS, budget_markdown, budget_rows
+from antidote_pl.experiment.budget import DEFAULT_BUDGETS, budget_rows, selections_markdown
 from antidote_pl.experiment.masks import jaccard_matrix, mask_analytics_markdown
 from antidote_pl.experiment.reattack import reattack_markdown, write_reattack_plot
 from antidote_pl.utils.tables import format_over_seeds, format_seed_cell, markdown_table, mean_std
@@ -50,11 +50,43 @@ def variant_name(method: str, alpha: float) -> str:
     return f"{method} a{alpha:g}"
 
 
-def budget_section(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> tuple[list | None, str]:
-    """HS at an FA budget per method, or ``(None, "")`` when the rows carry no validation FA."""
+def budget_section(
+    rows: Sequence[Mapping[str, Any]], methods: Sequence[str], results_dir: Path | None = None
+) -> tuple[list | None, str]:
+    """HS at an FA budget per method, or ``(None, "")`` when the rows carry no validation FA.
+
+    With ``results_dir`` (the run's ``results/``), the per-question validation outcomes in each
+    variant's ``generations.jsonl`` make the interval of each choice's FA drop the paired one
+    (:mod:`antidote_pl.experiment.budget`); without it, or where a file is missing, the unpaired one.
+    """
     if not any(r.get("finetune_accuracy_val") is not None for r in rows if r.get("method") == "none"):
         return None, ""
-    return budget_rows(rows, DEFAULT_BUDGETS, methods), budget_markdown(rows, DEFAULT_BUDGETS, methods)
+    outcomes = {} if results_dir is None else validation_outcomes(results_dir, rows)
+    selections = budget_rows(rows, DEFAULT_BUDGETS, methods, val_outcomes=outcomes)
+    return selections, selections_markdown(selections)
+
+
+def result_name(method: str, alpha: float | None) -> str:
+    """The ``results/`` directory of a sweep row: ``none`` for the unrepaired row, else
+    ``<method>_a<alpha>``."""
+    return "none" if method == "none" else f"{method}_a{alpha:g}"
+
+
+def validation_outcomes(results_dir: Path, rows: Sequence[Mapping[str, Any]]) -> dict[tuple, dict]:
+    """``(method, alpha)`` -> ``{question index: correct}`` of the validation questions (``kind ==
+    "task_val"``) in each sweep row's ``generations.jsonl`` (rows without one are left out)."""
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("reference") or row.get("alpha") is None:
+            continue
+        path = Path(results_dir) / result_name(row["method"], row["alpha"]) / "generations.jsonl"
+        if path.is_file():
+            found = {
+                g["index"]: bool(g["correct"]) for g in read_generations(path) if g.get("kind") == "task_val"
+            }
+            if found:
+                out[(row["method"], row["alpha"])] = found
+    return out
 
 
 def agreement_section(results_dir: Path, names: Sequence[str], primary: str) -> tuple[list, str]:
@@ -131,6 +163,12 @@ def _common_count(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
     return counts.pop() if len(counts) == 1 else None
 
 
+def _noise_limited_seeds(chosen: Sequence[Mapping[str, Any]]) -> str:
+    """How many seeds' choices were noise-limited (``-`` for reports written before it was recorded)."""
+    flags = [s["noise_limited"] for s in chosen if s.get("noise_limited") is not None]
+    return f"{sum(flags)} of {len(flags)}" if flags else "-"
+
+
 def _budget_across_seeds(by_seed: Mapping[Any, Sequence[Mapping[str, Any]]]) -> str:
     if not by_seed:
         return ""
@@ -153,13 +191,16 @@ def _budget_across_seeds(by_seed: Mapping[Any, Sequence[Mapping[str, Any]]]) -> 
                 format_over_seeds(
                     [s["finetune_accuracy"] for s in chosen], _common_count(chosen, "n_finetune_accuracy")
                 ),
+                _noise_limited_seeds(chosen),
             ]
         )
     headers = ["FA budget", "method", "alpha per seed", "seeds with an alpha", "HS % (test)", "FA % (test)"]
+    headers.append("noise-limited choices")
     intro = (
         "## HS at FA budget, across seeds\n\nPer seed, the largest alpha whose validation FA stays within "
         "the budget; HS and FA on the test questions, mean ± std over the seeds where an alpha qualifies "
-        f"({ONE_SEED_RULE}).\n\n"
+        f"({ONE_SEED_RULE}). Noise-limited: the seed's 95% interval of the validation FA drop is wider "
+        "than the budget, so its choice is decided by validation noise as much as by the budget.\n\n"
     )
     return intro + markdown_table(headers, body)
 

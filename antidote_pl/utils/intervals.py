@@ -1,14 +1,17 @@
 """Confidence intervals for the rates a report shows (HS, FA, coherence): every figure carries one.
 
 One rule for every table and plot: a cell over several seeds shows ``mean ± std`` over the seeds; a
-cell of one seed shows the 95% Wilson interval over its items (:func:`cell_bounds`).
+cell of one seed shows the 95% Wilson interval over its items (:func:`cell_bounds`). Differences of
+two rates (the FA drop that decides an FA budget) use Newcombe's intervals
+(:func:`difference_interval`, :func:`paired_difference_interval`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from antidote_pl.errors import check_int
+from antidote_pl.errors import bad_value, check_int
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -83,3 +86,79 @@ def cell_distances(value: float, std: float | None, n_seeds: int, count: int | N
     """
     low, high = cell_bounds(value, std, n_seeds, count)
     return max(0.0, value - low), max(0.0, high - value)
+
+
+# ------------------------------------------------------------------ differences of two proportions
+def _square_and_add(
+    p1: float, ci1: tuple[float, float], p2: float, ci2: tuple[float, float], phi: float
+) -> tuple[float, float]:
+    """Newcombe's square-and-add of two Wilson intervals around ``p1 - p2`` (fractions).
+
+    ``phi`` is the correlation of the two estimates (0 for independent samples).
+    """
+    (l1, u1), (l2, u2) = ci1, ci2
+    below = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    above = (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2
+    # With |phi| <= 1 both are >= 0 up to float rounding.
+    return p1 - p2 - math.sqrt(max(below, 0.0)), p1 - p2 + math.sqrt(max(above, 0.0))
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval of ``k1/n1 - k2/n2`` for two *independent* samples, in percentage points.
+
+    Newcombe's hybrid score interval (Newcombe 1998, Statistics in Medicine 17:873, method 10): the
+    Wilson intervals of the two proportions combined by square-and-add. Applied to two rates on the
+    *same* items it ignores their positive correlation and so is wider (conservative) than the
+    paired interval (:func:`paired_difference_interval`), which needs the per-item outcomes.
+    """
+    check_int("n1", n1, 1)
+    check_int("k1", k1, 0, n1)
+    check_int("n2", n2, 1)
+    check_int("k2", k2, 0, n2)
+    p1, p2 = k1 / n1, k2 / n2
+    low, high = _square_and_add(p1, wilson_bounds(p1, n1, z), p2, wilson_bounds(p2, n2, z), 0.0)
+    return 100 * low, 100 * high
+
+
+def paired_difference_interval(
+    first: Sequence[bool], second: Sequence[bool], z: float = Z95
+) -> tuple[float, float]:
+    """95% interval of ``rate(first) - rate(second)`` for two outcomes on the *same* items, in points.
+
+    Newcombe's interval for paired proportions (Newcombe 1998, Statistics in Medicine 17:2635,
+    method 10): the Wilson intervals of the two rates combined by square-and-add with the
+    correlation ``phi`` of the 2x2 table ``a`` (both true), ``b`` (first only), ``c`` (second only),
+    ``d`` (neither): ``phi = C / sqrt((a+b)(c+d)(a+c)(b+d))`` with ``C = ad - bc - n/2`` when
+    ``ad - bc > n/2``, ``0`` when ``0 <= ad - bc <= n/2`` and ``ad - bc`` when it is negative (the
+    paper's continuity correction of ``phi``); ``phi = 0`` when a margin is empty.
+
+    Args:
+        first: Per-item outcomes of the first rate (e.g. the unrepaired model's correct answers).
+        second: The same items' outcomes of the second rate, in the same order.
+        z: Normal quantile (default: 95%).
+
+    Raises:
+        ConfigError: for no items, or sequences of different lengths.
+    """
+    if len(first) != len(second):
+        raise bad_value("second", f"{len(second)} outcomes", f"as many as first ({len(first)})")
+    n = len(first)
+    check_int("n", n, 1)
+    a = sum(1 for x, y in zip(first, second) if x and y)
+    b = sum(1 for x, y in zip(first, second) if x and not y)
+    c = sum(1 for x, y in zip(first, second) if y and not x)
+    d = n - a - b - c
+    p1, p2 = (a + b) / n, (a + c) / n
+    low, high = _square_and_add(
+        p1, wilson_bounds(p1, n, z), p2, wilson_bounds(p2, n, z), _paired_phi(a, b, c, d)
+    )
+    return 100 * low, 100 * high
+
+
+def _paired_phi(a: int, b: int, c: int, d: int) -> float:
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    if margins == 0:
+        return 0.0
+    cross, half_n = a * d - b * c, (a + b + c + d) / 2
+    corrected = cross - half_n if cross > half_n else (cross if cross < 0 else 0.0)
+    return corrected / math.sqrt(margins)
