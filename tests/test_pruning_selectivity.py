@@ -19,6 +19,7 @@ from antidote_pl.pruning import (
     layer_of,
     load_tensors,
     masks_for_alphas,
+    removed_count,
     run_calibration,
     select_masks,
     target_weights,
@@ -153,6 +154,30 @@ def test_layer_budget_differs_from_per_tensor_when_layers_are_uneven():
     # Layer 0's two largest entries are both in tensor a: b keeps everything, unlike per tensor.
     assert layer["m.layers.0.a.weight"].tolist() == [[F, F], [T, T]]
     assert not layer["m.layers.0.b.weight"].any()
+
+
+def test_layer_budget_ranks_each_lora_factor_apart():
+    """A layer whose lora_A scores are 1000x its lora_B scores: ranked together, A would lose the whole
+    budget and B nothing; per factor, each loses alpha of its own entries (the exact count rule)."""
+    lora = "model.layers.0.self_attn.{}.lora_{}.default.weight"
+    torch.manual_seed(0)
+    scores = {}
+    for module in ("q_proj", "v_proj"):
+        scores[lora.format(module, "A")] = 1000 * (1 + torch.rand(8, 64))  # [r, in]
+        scores[lora.format(module, "B")] = 1 + torch.rand(64, 8)  # [out, r]
+    scores["model.layers.1.mlp.up_proj.weight"] = torch.rand(4, 4)  # not LoRA: ranked as before
+    for alpha in (0.1, 0.25):
+        masks = masks_for_alphas(scores, [alpha], "layer")[alpha]
+        for factor in ("A", "B"):
+            names = [lora.format(m, factor) for m in ("q_proj", "v_proj")]
+            removed = sum(int(masks[n].sum()) for n in names)
+            assert removed == removed_count(2 * 512, alpha)  # 1024 entries per factor and layer
+        assert int(masks["model.layers.1.mlp.up_proj.weight"].sum()) == removed_count(16, alpha)
+    # The two factors are ranked jointly across the layer's modules: a module whose A scores are all
+    # higher takes that factor's budget first.
+    scores[lora.format("q_proj", "A")] += 5000
+    masks = masks_for_alphas(scores, [0.25], "layer")[0.25]
+    assert int(masks[lora.format("q_proj", "A")].sum()) == 256 and not masks[lora.format("v_proj", "A")].any()
 
 
 def test_layer_of_names_the_transformer_layer():

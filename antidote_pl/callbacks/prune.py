@@ -72,7 +72,8 @@ class BasePruneCallback(Callback):
         alpha: Fraction of target weights removed, in (0, 1).
         target: ``lora`` (the fine-tuning LoRA's A and B, official), ``lora_delta`` (the effective
             update scale*B*A) or ``linear`` (weights of a fully fine-tuned model).
-        scope: ``row`` (per output row, official), ``matrix`` or ``global``.
+        scope: ``row`` (per output row, official), ``matrix``, ``layer`` (per transformer layer, each
+            LoRA factor apart) or ``global``.
         include: Optional module-name substrings restricting the targets.
         adapter_name: peft adapter to prune.
         output_dir: Where masks and the pruned model go; defaults to the model's ``output_dir``.
