@@ -4,6 +4,8 @@ per tensor and per layer. Known scores give known masks; the callback matches th
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -12,8 +14,10 @@ from conftest import make_stages, quiet_trainer_kwargs, tiny_finetune_data
 from antidote_pl.callbacks import WandaPruneCallback
 from antidote_pl.errors import ConfigError
 from antidote_pl.pruning import (
+    ActivationStats,
     batch_token_mask,
     collect,
+    contrast_statistic,
     contrastive_scores,
     find_targets,
     layer_of,
@@ -204,13 +208,13 @@ def repair_masks(stages, root, **kw) -> dict[str, torch.Tensor]:
     return load_tensors(root / "out" / "mask.safetensors")
 
 
-def pure_scores(stages, loader, **calibration) -> dict[str, torch.Tensor]:
+def pure_scores(stages, loader, statistic="sample_mean", **calibration) -> dict[str, torch.Tensor]:
     base, adapter = stages
     model = CausalLMSFTModule(model_name_or_path=str(base), adapter_path=str(adapter)).model
     targets = find_targets(model, "lora")
     with collect(model, targets) as stats:
         run_calibration(model, loader, stats, **calibration)
-    return wanda_scores(target_weights(targets), stats)
+    return wanda_scores(target_weights(targets), stats, statistic)
 
 
 def assert_same(got, want):
@@ -218,13 +222,55 @@ def assert_same(got, want):
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
-def test_callback_contrast_is_the_pure_contrast(stages, tmp_path):
+def test_callback_contrast_is_the_pure_contrast_on_per_token_statistics(stages, tmp_path):
     data = tiny_finetune_data()
-    harm = pure_scores(stages, data.realignment_dataloader())
-    benign = pure_scores(stages, data.task_calibration_dataloader())
+    harm = pure_scores(stages, data.realignment_dataloader(), "token_mean")
+    benign = pure_scores(stages, data.task_calibration_dataloader(), "token_mean")
     got = repair_masks(stages, tmp_path, contrast_lambda=2.0)
     assert_same(got, masks_for_alphas(contrastive_scores(harm, benign, 2.0), [0.25])[0.25])
     assert any(not torch.equal(got[n], m) for n, m in select_masks(harm, 0.25).items())
+    # The per-sample statistics the contrast used before (sets of different lengths) pick another mask.
+    old = contrastive_scores(
+        pure_scores(stages, data.realignment_dataloader()),
+        pure_scores(stages, data.task_calibration_dataloader()),
+        2.0,
+    )
+    assert any(not torch.equal(got[n], m) for n, m in select_masks(old, 0.25).items())
+    report = json.loads((tmp_path / "out" / "mask.json").read_text())
+    assert report["statistic"] == "sample_mean" and report["contrast_statistic"] == "token_mean"
+
+
+def _stats(x: torch.Tensor) -> ActivationStats:
+    stats = ActivationStats({"w": x.shape[-1]})
+    stats.update("w", x)
+    return stats
+
+
+def test_contrast_lambda_does_not_depend_on_the_benign_sets_length():
+    """Every benign sample repeated twice in length: the per-token contrast keeps its mask, the
+    per-sample one (the old behaviour) weighs the benign side sqrt(2) more and flips it.
+
+    One weight row of ones; harm activations [2.0, 1.8, 0, 0] give Wanda scores [2.0, 1.8, 0, 0],
+    benign ones [0.18, 0, 0, 0] give [0.18, 0, 0, 0]; with lambda 1 the contrast is [1.82, 1.8, ...]
+    and alpha 0.25 removes entry 0. Doubled in length, the per-sample benign score is 0.18 * sqrt(2)
+    = 0.255, the contrast [1.745, 1.8, ...] and entry 1 is removed instead.
+    """
+    weights = {"w": torch.ones(1, 4)}
+    harm = _stats(torch.tensor([[[2.0, 1.8, 0.0, 0.0]]]))
+    benign_sample = torch.tensor([[[0.18, 0.0, 0.0, 0.0]], [[0.18, 0.0, 0.0, 0.0]]])  # 2 samples, 1 token
+    short, long = _stats(benign_sample), _stats(torch.cat([benign_sample, benign_sample], dim=1))
+
+    def removed(benign, statistic):
+        scores = contrastive_scores(
+            wanda_scores(weights, harm, statistic), wanda_scores(weights, benign, statistic), 1.0
+        )
+        return select_masks(scores, 0.25)["w"][0].nonzero().flatten().tolist()
+
+    per_token = contrast_statistic("sample_mean")
+    assert per_token == "token_mean" and contrast_statistic("sample_token_mean") == "sample_token_mean"
+    assert removed(short, per_token) == removed(long, per_token) == [0]
+    assert removed(short, "sample_token_mean") == removed(long, "sample_token_mean") == [0]
+    assert removed(short, "sample_mean") == [0] and removed(long, "sample_mean") == [1]
 
 
 def test_callback_decisive_is_the_pure_decisive_statistic(stages, tmp_path):
