@@ -115,3 +115,21 @@ def test_paired_difference_interval_matches_newcombes_examples_and_checks_input(
         paired_difference_interval([True], [True, False])
     with pytest.raises(ConfigError, match="n=0"):
         paired_difference_interval([], [])
+
+
+def test_clustered_rate_interval_by_hand():
+    from antidote_pl.utils.intervals import clustered_rate_interval
+
+    # Singletons: exactly the plain Wilson interval (design effect 1).
+    assert clustered_rate_interval([1] * 5 + [0] * 5, [1] * 10) == (*wilson_interval(5, 10), 1.0)
+    # Two clusters of 4, one all positive, one all negative: p = 0.5, variance (2^2 + 2^2) / 8^2 =
+    # 0.125 against 0.25 / 8 = 0.03125: design effect 4, i.e. the Wilson interval of 1 of 2.
+    low, high, deff = clustered_rate_interval([4, 0], [4, 4])
+    assert deff == pytest.approx(4.0) and (low, high) == pytest.approx(wilson_interval(1, 2))
+    # Every item positive: the items of a cluster count as one (mean cluster size 30 / 3 = 10).
+    low, high, deff = clustered_rate_interval([10, 10, 10], [10, 10, 10])
+    assert deff == 10.0 and (low, high) == pytest.approx(wilson_interval(3, 3))
+    with pytest.raises(ConfigError, match="successes"):
+        clustered_rate_interval([5], [4])
+    with pytest.raises(ConfigError, match="sizes"):
+        clustered_rate_interval([1, 1], [2])

@@ -24,6 +24,7 @@ from antidote_pl.experiment.agreement import (
     agreement_markdown,
     judge_verdicts,
     pairwise_agreement,
+    prompt_keys,
     read_generations,
 )
 from antidote_pl.experiment.budget import DEFAULT_BUDGETS, budget_rows, selections_markdown
@@ -101,7 +102,7 @@ def agreement_section(results_dir: Path, names: Sequence[str], primary: str) -> 
             rows += read_generations(path)
     if not rows:
         return [], ""
-    pairs = pairwise_agreement(judge_verdicts(rows, primary))
+    pairs = pairwise_agreement(judge_verdicts(rows, primary), prompt_keys(rows))
     return pairs, agreement_markdown(rows, primary)
 
 

@@ -3,7 +3,9 @@
 One rule for every table and plot: a cell over several seeds shows ``mean ± std`` over the seeds; a
 cell of one seed shows the 95% Wilson interval over its items (:func:`cell_bounds`). Differences of
 two rates (the FA drop that decides an FA budget) use Newcombe's intervals
-(:func:`difference_interval`, :func:`paired_difference_interval`).
+(:func:`difference_interval`, :func:`paired_difference_interval`); a rate pooled over items that
+come in clusters (one prompt judged in many variants) uses a design-effect-widened Wilson interval
+(:func:`clustered_rate_interval`).
 """
 
 from __future__ import annotations
@@ -162,3 +164,46 @@ def _paired_phi(a: int, b: int, c: int, d: int) -> float:
     cross, half_n = a * d - b * c, (a + b + c + d) / 2
     corrected = cross - half_n if cross > half_n else (cross if cross < 0 else 0.0)
     return corrected / math.sqrt(margins)
+
+
+# ------------------------------------------------------------------ one rate over clustered items
+def clustered_rate_interval(
+    successes: Sequence[int], sizes: Sequence[int], z: float = Z95
+) -> tuple[float, float, float]:
+    """Wilson interval of a pooled rate whose items come in clusters (e.g. one prompt judged in many
+    variants), widened by the design effect of the clustering; in percent.
+
+    The rate is ``p = sum(successes) / n`` over ``n = sum(sizes)`` items. Its variance, clustered by
+    the ratio-estimator (linearisation) formula ``V = sum_i (y_i - p m_i)^2 / n^2`` (cluster ``i``
+    with ``y_i`` successes of ``m_i`` items), is compared with the independent-items variance
+    ``p(1-p)/n``: the design effect ``deff = V / (p(1-p)/n)`` (at least 1, so clustering never
+    narrows the interval) gives an effective count ``n / deff``, and the interval is the Wilson one
+    over that count. Singleton clusters give ``deff = 1``: exactly the plain Wilson interval. When
+    ``p`` is 0 or 1 the variance ratio is undefined; ``deff`` is then the mean cluster size (items
+    of one cluster counted as one, the most correlated case), so 100% agreement over 300 prompts
+    in 38 variants is an interval over 300 prompts, not over 11,400 answers.
+
+    Args:
+        successes: Successes per cluster.
+        sizes: Items per cluster (each >= 1), same order.
+        z: Normal quantile (default: 95%).
+
+    Returns:
+        ``(low, high, deff)``; low and high in percent.
+    """
+    if len(successes) != len(sizes) or not sizes:
+        raise bad_value(
+            "sizes", f"{len(sizes)} clusters", f"one per successes entry ({len(successes)}), >= 1"
+        )
+    for y, m in zip(successes, sizes):
+        check_int("sizes[i]", m, 1)
+        check_int("successes[i]", y, 0, m)
+    n = sum(sizes)
+    p = sum(successes) / n
+    if p in (0.0, 1.0):
+        deff = n / len(sizes)
+    else:
+        variance = sum((y - p * m) ** 2 for y, m in zip(successes, sizes)) / (n * n)
+        deff = max(1.0, variance / (p * (1 - p) / n))
+    low, high = wilson_bounds(p, n / deff, z)
+    return 100 * low, 100 * high, deff
