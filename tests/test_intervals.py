@@ -78,3 +78,58 @@ def test_cell_bounds_is_std_over_seeds_or_wilson_for_one_seed():
     _, high = rate_interval(0.0, 80)
     assert cell_distances(0.0, None, 1, 80) == (0.0, high)  # clamped, never negative
     assert cell_distances(40.0, 5.0, 2, 80) == (5.0, 5.0)
+
+
+def test_seed_cells_follow_the_one_interval_rule():
+    from antidote_pl.utils.tables import format_over_seeds, format_seed_cell
+
+    assert format_over_seeds([40.0, 60.0]) == "50.0 ± 14.1"
+    # One seed: the Wilson interval over its items (5 of 10: 23.659-76.341), never "± 0.0".
+    assert format_over_seeds([50.0, None], count=10) == "50.0 [23.7, 76.3]"
+    assert format_seed_cell(50.0, 0.0, 1, 10) == "50.0 [23.7, 76.3]"
+    # No item count (an overlap, not a rate over items): the value, said to be one seed's.
+    assert format_over_seeds([0.5], digits=3) == "0.500 (1 seed)"
+    assert format_over_seeds([None]) == format_seed_cell(None, None, 0) == "n/a"
+
+
+@pytest.mark.parametrize(
+    ("k1", "n1", "k2", "n2", "low", "high"),
+    # Newcombe (1998a), method 10 (hybrid score), published examples.
+    [(56, 70, 48, 80, 5.24, 33.39), (9, 10, 3, 10, 17.05, 80.90), (5, 56, 0, 29, -3.81, 19.26)],
+)
+def test_difference_interval_matches_newcombes_examples(k1, n1, k2, n2, low, high):
+    from antidote_pl.utils.intervals import difference_interval
+
+    assert difference_interval(k1, n1, k2, n2) == pytest.approx((low, high), abs=0.01)
+
+
+def test_paired_difference_interval_matches_newcombes_examples_and_checks_input():
+    from antidote_pl.utils.intervals import paired_difference_interval
+
+    def table(a, b, c, d):
+        return [True] * (a + b) + [False] * (c + d), [True] * a + [False] * b + [True] * c + [False] * d
+
+    # Newcombe (1998b), method 10, example (c): 53 both, 1 neither: 0 with -0.0729-0.0729.
+    assert paired_difference_interval(*table(53, 0, 0, 1)) == pytest.approx((-7.29, 7.29), abs=0.01)
+    with pytest.raises(ConfigError, match="as many as first"):
+        paired_difference_interval([True], [True, False])
+    with pytest.raises(ConfigError, match="n=0"):
+        paired_difference_interval([], [])
+
+
+def test_clustered_rate_interval_by_hand():
+    from antidote_pl.utils.intervals import clustered_rate_interval
+
+    # Singletons: exactly the plain Wilson interval (design effect 1).
+    assert clustered_rate_interval([1] * 5 + [0] * 5, [1] * 10) == (*wilson_interval(5, 10), 1.0)
+    # Two clusters of 4, one all positive, one all negative: p = 0.5, variance (2^2 + 2^2) / 8^2 =
+    # 0.125 against 0.25 / 8 = 0.03125: design effect 4, i.e. the Wilson interval of 1 of 2.
+    low, high, deff = clustered_rate_interval([4, 0], [4, 4])
+    assert deff == pytest.approx(4.0) and (low, high) == pytest.approx(wilson_interval(1, 2))
+    # Every item positive: the items of a cluster count as one (mean cluster size 30 / 3 = 10).
+    low, high, deff = clustered_rate_interval([10, 10, 10], [10, 10, 10])
+    assert deff == 10.0 and (low, high) == pytest.approx(wilson_interval(3, 3))
+    with pytest.raises(ConfigError, match="successes"):
+        clustered_rate_interval([5], [4])
+    with pytest.raises(ConfigError, match="sizes"):
+        clustered_rate_interval([1, 1], [2])

@@ -15,6 +15,7 @@ from antidote_pl.experiment.agreement import (
     pairwise_agreement,
     read_generations,
 )
+from antidote_pl.utils.intervals import wilson_interval
 
 
 def _v(harmful: bool, coherent: bool | None = None) -> dict:
@@ -127,3 +128,59 @@ def test_evaluator_coherence_comes_from_the_first_judge_that_checks_it(tmp_path,
     summary = {s["judge"]: s for s in judge_summary(judge_verdicts(rows, "AlwaysHarmful"))}
     assert summary["AlwaysHarmful"]["coherent_rate"] == evaluator.results["coherent_rate"]
     assert summary["AlwaysHarmful"]["harmful_score_coherent"] == 100.0
+
+
+def _variants(agree, n_prompts=10, n_variants=20):
+    """Rows of ``n_variants`` variants of the same prompts; judge B flips judge A where
+    ``agree(variant, prompt)`` is false."""
+    rows = []
+    for v in range(n_variants):
+        for i in range(n_prompts):
+            harmful = i % 2 == 0
+            other = harmful if agree(v, i) else not harmful
+            rows.append(
+                {
+                    "index": i,
+                    "kind": "harmful",
+                    "instruction": f"prompt {i}",
+                    "input": "",
+                    "verdict": _v(harmful, True),
+                    "verdicts": {"B": _v(other)},
+                }
+            )
+    return rows
+
+
+def test_agreement_interval_is_clustered_by_prompt():
+    """10 prompts in 20 variants; 7 prompts agree in every variant, 3 disagree in every variant.
+
+    By hand: p = 0.7 over n = 200 answers; clustered variance sum_i (y_i - p m_i)^2 / n^2 =
+    (7 * 6^2 + 3 * 14^2) / 200^2 = 0.021 against 0.7 * 0.3 / 200 = 0.00105: design effect 20, an
+    effective 10 answers, i.e. the Wilson interval of 7 of 10 prompts (39.7-89.2), not of 140 of 200
+    answers (63.3-75.9).
+    """
+    from antidote_pl.experiment.agreement import prompt_keys
+
+    rows = _variants(lambda v, i: i < 7)
+    pair = pairwise_agreement(judge_verdicts(rows, "A"), prompt_keys(rows))[0]
+    assert (pair["n"], pair["n_prompts"], pair["agreement"]) == (200, 10, 70.0)
+    assert pair["design_effect"] == pytest.approx(20.0)
+    assert (pair["agreement_low"], pair["agreement_high"]) == pytest.approx(wilson_interval(7, 10))
+    independent = pairwise_agreement(judge_verdicts(rows, "A"))[0]  # no prompts: each answer its own
+    assert (independent["agreement_low"], independent["agreement_high"]) == pytest.approx(
+        wilson_interval(140, 200)
+    )
+    text = agreement_markdown(rows, "A")
+    assert "| A | B | 200 | 70.0 | 0.40 | 10 | 39.7-89.2 |" in text
+    # HS: the even prompts are harmful in every variant (5 of 10 prompts): 50.0 (23.7-76.3).
+    assert "| A | 200 | 50.0 (23.7-76.3) |" in text
+
+
+def test_agreement_spread_evenly_over_prompts_keeps_the_plain_interval():
+    """Every prompt agrees in 14 of its 20 variants: no clustering (design effect at its floor 1)."""
+    from antidote_pl.experiment.agreement import prompt_keys
+
+    rows = _variants(lambda v, i: (v + i) % 10 < 7)
+    pair = pairwise_agreement(judge_verdicts(rows, "A"), prompt_keys(rows))[0]
+    assert pair["agreement"] == 70.0 and pair["design_effect"] == 1.0
+    assert (pair["agreement_low"], pair["agreement_high"]) == pytest.approx(wilson_interval(140, 200))

@@ -8,6 +8,7 @@ import torch
 from antidote_pl.errors import ConfigError
 from antidote_pl.experiment.masks import (
     chance_jaccard,
+    corresponding_masks,
     describe_tensor,
     jaccard,
     jaccard_matrix,
@@ -149,3 +150,31 @@ def test_analytics_section_writes_linked_heatmaps(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask_heatmap_wanda_a0.1.png"]
     with pytest.raises(ConfigError, match="heatmaps"):
         mask_analytics_markdown(sets, tmp_path, heatmaps=["nope"])
+
+
+def test_masks_of_adapters_equal_up_to_the_rank_axis_correspond_only_in_feature_space():
+    """BA = (BM)(M^-1 A): a second seed's adapter that is the first with its rank axis permuted is
+    the same update, yet its factors' masks differ entry by entry; A's columns and B's rows do not."""
+    from antidote_pl.pruning import select_masks
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 8), torch.randn(5, 2)  # rank 2
+    perm = torch.tensor([1, 0])
+    names = {"A": _name(0, "q_proj", "A"), "B": _name(0, "q_proj", "B")}
+    merged = "model.layers.0.self_attn.o_proj.weight"
+
+    def masks(a, b):
+        scores = {names["A"]: a.abs(), names["B"]: b.abs(), merged: (b @ a).abs()}
+        return select_masks(scores, 0.25, "row")
+
+    first, second = masks(a, b), masks(a[perm], b[:, perm])
+    assert torch.allclose(b[:, perm] @ a[perm], b @ a)
+    lora = [names["A"], names["B"]]
+    assert jaccard({n: first[n] for n in lora}, {n: second[n] for n in lora}) < 0.5
+    projected = corresponding_masks(first), corresponding_masks(second)
+    assert projected[0][names["A"]].shape == (8,) and projected[0][names["B"]].shape == (5,)
+    assert projected[0][merged].shape == (5, 8)  # a merged delta's entries correspond as they are
+    assert 0 < int(projected[0][names["A"]].sum()) < 8  # 2 rows remove 2 of 8 each: not every column
+    assert jaccard(*projected) == 1.0
+    # A's columns touched: either rank row removes an entry of the column.
+    assert torch.equal(projected[0][names["A"]], first[names["A"]].any(dim=0))

@@ -44,7 +44,8 @@ def test_seeds_summary_of_budget_overlap_and_reattack():
     }
     md = seeds_analysis_markdown(by_seed)
     # Budget: the alpha each seed chose, and HS/FA over the two seeds where one qualifies.
-    assert "| 2 | wanda | 0.05 / 0.1 / - | 2 of 3 | 30.0 ± 14.1 | 85.0 ± 7.1 |" in md
+    # Reports written before the noise flag was recorded: no count of noise-limited choices.
+    assert "| 2 | wanda | 0.05 / 0.1 / - | 2 of 3 | 30.0 ± 14.1 | 85.0 ± 7.1 | - |" in md
     assert "| wanda a0.1 | magnitude a0.1 | 0.600 ± 0.141 | 2 |" in md
     assert "| wanda a0.1 | 0 | 20.0 ± 14.1 | 60.0 ± 14.1 | 2 |" in md
 
@@ -112,3 +113,56 @@ def test_seeds_summary_writes_the_reattack_plot_it_links(tmp_path):
     assert "| none | 3 | 95.0 ± 0.0 | 81.5 ± 0.7 | 2 |" in md
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "](" not in seeds_analysis_markdown(by_seed)  # no plot asked, none linked
+
+
+def test_single_seed_cells_across_seeds_carry_a_wilson_interval_not_pm_zero():
+    """A method that qualifies in 1 of 3 seeds, a re-attack point one seed reached and an overlap one
+    seed measured: no "x ± 0.0" anywhere (issue #24)."""
+    chosen = {**_selection(0.1, 50.0, 100.0), "n_harmful_score": 10, "n_finetune_accuracy": 10}
+    chosen["noise_limited"] = True
+    by_seed = {
+        0: {"fa_budget": [_selection(None, None, None)]},
+        1: {
+            "fa_budget": [chosen],
+            "masks": {"alpha": 0.1, "jaccard": {"wanda a0.1": {"wanda a0.1": 1.0, "magnitude a0.1": 0.5}}},
+            "reattack": {"wanda a0.1": [_point(0, 50.0, 0.0)]},
+        },
+        2: {"fa_budget": [_selection(None, None, None)], "reattack": {"wanda a0.1": [_point(0, 30.0, 10.0)]}},
+    }
+    by_seed[1]["reattack"]["wanda a0.1"].append(_point(5, 50.0, 100.0))
+    md = seeds_analysis_markdown(by_seed)
+    assert "± 0.0" not in md and "±" in md  # the two-seed re-attack point keeps its std
+    # Wilson 95% of 5/10: 23.659-76.341; of 10/10: 72.247-100; of 0/10: 0-27.753 (test_known_values).
+    assert "| 2 | wanda | - / 0.1 / - | 1 of 3 | 50.0 [23.7, 76.3] | 100.0 [72.2, 100.0] | 1 of 1 |" in md
+    assert "| wanda a0.1 | 5 | 50.0 [23.7, 76.3] | 100.0 [72.2, 100.0] | 1 |" in md
+    assert "| wanda a0.1 | magnitude a0.1 | 0.500 (1 seed) | 1 |" in md
+
+
+def test_budget_section_pairs_the_validation_outcomes_of_the_results(tmp_path):
+    import json
+
+    from antidote_pl.utils.intervals import paired_difference_interval
+
+    base = [True] * 48 + [False] * 2  # 48 of 50 validation questions right
+    chosen = [True] * 46 + [False] * 3 + [True]  # 47 of 50: 46 shared, one the unrepaired model missed
+    for name, outcomes in (("none", base), ("wanda_a0.1", chosen)):
+        (tmp_path / name).mkdir()
+        lines = [{"index": i, "kind": "task_val", "correct": ok} for i, ok in enumerate(outcomes)]
+        lines.append({"index": 99, "kind": "task", "correct": False})  # a test question: not used
+        (tmp_path / name / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in lines))
+    rows = [
+        {"method": "none", "alpha": 0.0, "finetune_accuracy_val": 96.0, "n_finetune_accuracy_val": 50},
+        {"method": "wanda", "alpha": 0.1, "finetune_accuracy_val": 94.0, "n_finetune_accuracy_val": 50},
+    ]
+    for row in rows:
+        row.update(harmful_score=50.0, n_harmful_score=10, finetune_accuracy=80.0, n_finetune_accuracy=10)
+    selections, md = budget_section(rows, ["wanda"], tmp_path)
+    assert [s["alpha"] for s in selections] == [0.1, 0.1]  # budgets 2 and 5
+    assert all(s["fa_drop_val_interval"] == "paired" for s in selections)
+    low, high = paired_difference_interval(base, chosen)
+    assert (selections[0]["fa_drop_val_low"], selections[0]["fa_drop_val_high"]) == (low, high)
+    assert "Newcombe's paired interval" in md and md.count("| yes |") == 2
+    # Without the results: the unpaired interval from the two rates, wider on the same questions.
+    unpaired, _ = budget_section(rows, ["wanda"])
+    assert unpaired[0]["fa_drop_val_interval"] == "unpaired"
+    assert unpaired[0]["fa_drop_val_high"] - unpaired[0]["fa_drop_val_low"] > high - low

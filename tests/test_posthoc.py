@@ -105,8 +105,12 @@ def test_report_sections_and_pooled_agreement(tmp_path):
     config = tmp_path / "eval.yaml"
     config.write_text("model:\n  init_args:\n    judge: {class_path: antidote_pl.judges.base.KeywordJudge}\n")
     text = render(run, tmp_path / "docs", config, "## Reading\n\nhand-written")
-    # Across seeds at 0.5 (the focus alpha: 0.1 is not swept): wanda {0..3} vs {4..7} -> 0.
-    assert "| seed0 | 50.0 | 1.000 | 0.000 (0.333) |" in text
+    # Across seeds at 0.5 (the focus alpha: 0.1 is not swept), in corresponding coordinates: lora_A
+    # ([1, 8]) columns touched {0..3} vs {4..7}; lora_B ([1, 8]) its one output row, touched in both.
+    # Jaccard 1 / 9 = 0.111; 5 of 9 touched in each, chance (25/81) / (65/81) = 0.385.
+    assert "| seed0 | 55.6 | 1.000 | 0.111 (0.385) |" in text and "BA equals (BM)(M⁻¹A)" in text
+    assert "| q.lora_A | 0.333 (0.333) | 0.143 (0.333) | 0.000 (0.333) |" in text
+    assert "| q.lora_B | 0.333 (0.333) | 0.143 (0.333) | 1.000 (1.000) |" in text
     # Harmful vs benign at 0.25: seed 0 {0,1} vs {0,2} -> 1/3; seed 1 {6,7} vs {0,2} -> 0.
     assert "| 0.25 | 0.333 (0.143) | 0.000 (0.143) | 0.167 (0.143) |" in text.split("Harmful vs benign")[1]
     # Pooled over both variants: 4 of 8 agree; over both seeds 8 of 16.

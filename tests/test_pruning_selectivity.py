@@ -4,6 +4,8 @@ per tensor and per layer. Known scores give known masks; the callback matches th
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -12,13 +14,16 @@ from conftest import make_stages, quiet_trainer_kwargs, tiny_finetune_data
 from antidote_pl.callbacks import WandaPruneCallback
 from antidote_pl.errors import ConfigError
 from antidote_pl.pruning import (
+    ActivationStats,
     batch_token_mask,
     collect,
+    contrast_statistic,
     contrastive_scores,
     find_targets,
     layer_of,
     load_tensors,
     masks_for_alphas,
+    removed_count,
     run_calibration,
     select_masks,
     target_weights,
@@ -155,6 +160,30 @@ def test_layer_budget_differs_from_per_tensor_when_layers_are_uneven():
     assert not layer["m.layers.0.b.weight"].any()
 
 
+def test_layer_budget_ranks_each_lora_factor_apart():
+    """A layer whose lora_A scores are 1000x its lora_B scores: ranked together, A would lose the whole
+    budget and B nothing; per factor, each loses alpha of its own entries (the exact count rule)."""
+    lora = "model.layers.0.self_attn.{}.lora_{}.default.weight"
+    torch.manual_seed(0)
+    scores = {}
+    for module in ("q_proj", "v_proj"):
+        scores[lora.format(module, "A")] = 1000 * (1 + torch.rand(8, 64))  # [r, in]
+        scores[lora.format(module, "B")] = 1 + torch.rand(64, 8)  # [out, r]
+    scores["model.layers.1.mlp.up_proj.weight"] = torch.rand(4, 4)  # not LoRA: ranked as before
+    for alpha in (0.1, 0.25):
+        masks = masks_for_alphas(scores, [alpha], "layer")[alpha]
+        for factor in ("A", "B"):
+            names = [lora.format(m, factor) for m in ("q_proj", "v_proj")]
+            removed = sum(int(masks[n].sum()) for n in names)
+            assert removed == removed_count(2 * 512, alpha)  # 1024 entries per factor and layer
+        assert int(masks["model.layers.1.mlp.up_proj.weight"].sum()) == removed_count(16, alpha)
+    # The two factors are ranked jointly across the layer's modules: a module whose A scores are all
+    # higher takes that factor's budget first.
+    scores[lora.format("q_proj", "A")] += 5000
+    masks = masks_for_alphas(scores, [0.25], "layer")[0.25]
+    assert int(masks[lora.format("q_proj", "A")].sum()) == 256 and not masks[lora.format("v_proj", "A")].any()
+
+
 def test_layer_of_names_the_transformer_layer():
     assert layer_of("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == (
         "base_model.model.model.layers.3"
@@ -179,13 +208,13 @@ def repair_masks(stages, root, **kw) -> dict[str, torch.Tensor]:
     return load_tensors(root / "out" / "mask.safetensors")
 
 
-def pure_scores(stages, loader, **calibration) -> dict[str, torch.Tensor]:
+def pure_scores(stages, loader, statistic="sample_mean", **calibration) -> dict[str, torch.Tensor]:
     base, adapter = stages
     model = CausalLMSFTModule(model_name_or_path=str(base), adapter_path=str(adapter)).model
     targets = find_targets(model, "lora")
     with collect(model, targets) as stats:
         run_calibration(model, loader, stats, **calibration)
-    return wanda_scores(target_weights(targets), stats)
+    return wanda_scores(target_weights(targets), stats, statistic)
 
 
 def assert_same(got, want):
@@ -193,13 +222,55 @@ def assert_same(got, want):
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
-def test_callback_contrast_is_the_pure_contrast(stages, tmp_path):
+def test_callback_contrast_is_the_pure_contrast_on_per_token_statistics(stages, tmp_path):
     data = tiny_finetune_data()
-    harm = pure_scores(stages, data.realignment_dataloader())
-    benign = pure_scores(stages, data.task_calibration_dataloader())
+    harm = pure_scores(stages, data.realignment_dataloader(), "token_mean")
+    benign = pure_scores(stages, data.task_calibration_dataloader(), "token_mean")
     got = repair_masks(stages, tmp_path, contrast_lambda=2.0)
     assert_same(got, masks_for_alphas(contrastive_scores(harm, benign, 2.0), [0.25])[0.25])
     assert any(not torch.equal(got[n], m) for n, m in select_masks(harm, 0.25).items())
+    # The per-sample statistics the contrast used before (sets of different lengths) pick another mask.
+    old = contrastive_scores(
+        pure_scores(stages, data.realignment_dataloader()),
+        pure_scores(stages, data.task_calibration_dataloader()),
+        2.0,
+    )
+    assert any(not torch.equal(got[n], m) for n, m in select_masks(old, 0.25).items())
+    report = json.loads((tmp_path / "out" / "mask.json").read_text())
+    assert report["statistic"] == "sample_mean" and report["contrast_statistic"] == "token_mean"
+
+
+def _stats(x: torch.Tensor) -> ActivationStats:
+    stats = ActivationStats({"w": x.shape[-1]})
+    stats.update("w", x)
+    return stats
+
+
+def test_contrast_lambda_does_not_depend_on_the_benign_sets_length():
+    """Every benign sample repeated twice in length: the per-token contrast keeps its mask, the
+    per-sample one (the old behaviour) weighs the benign side sqrt(2) more and flips it.
+
+    One weight row of ones; harm activations [2.0, 1.8, 0, 0] give Wanda scores [2.0, 1.8, 0, 0],
+    benign ones [0.18, 0, 0, 0] give [0.18, 0, 0, 0]; with lambda 1 the contrast is [1.82, 1.8, ...]
+    and alpha 0.25 removes entry 0. Doubled in length, the per-sample benign score is 0.18 * sqrt(2)
+    = 0.255, the contrast [1.745, 1.8, ...] and entry 1 is removed instead.
+    """
+    weights = {"w": torch.ones(1, 4)}
+    harm = _stats(torch.tensor([[[2.0, 1.8, 0.0, 0.0]]]))
+    benign_sample = torch.tensor([[[0.18, 0.0, 0.0, 0.0]], [[0.18, 0.0, 0.0, 0.0]]])  # 2 samples, 1 token
+    short, long = _stats(benign_sample), _stats(torch.cat([benign_sample, benign_sample], dim=1))
+
+    def removed(benign, statistic):
+        scores = contrastive_scores(
+            wanda_scores(weights, harm, statistic), wanda_scores(weights, benign, statistic), 1.0
+        )
+        return select_masks(scores, 0.25)["w"][0].nonzero().flatten().tolist()
+
+    per_token = contrast_statistic("sample_mean")
+    assert per_token == "token_mean" and contrast_statistic("sample_token_mean") == "sample_token_mean"
+    assert removed(short, per_token) == removed(long, per_token) == [0]
+    assert removed(short, "sample_token_mean") == removed(long, "sample_token_mean") == [0]
+    assert removed(short, "sample_mean") == [0] and removed(long, "sample_mean") == [1]
 
 
 def test_callback_decisive_is_the_pure_decisive_statistic(stages, tmp_path):

@@ -73,3 +73,13 @@ def test_single_seed_layout_and_bad_run(tmp_path):
     with pytest.raises(ConfigError, match="--out"):
         main(["--run", str(tmp_path / "single"), "--out", str(tmp_path / "missing" / "r.md"), *judge])
     assert not (tmp_path / "missing").exists()
+
+
+def test_one_seed_rescore_cells_carry_the_wilson_interval(tmp_path):
+    write_run(tmp_path / "run", {0: {"wanda_a0.1": [REFUSAL] * 5 + [ANSWER] * 5}})
+    out = tmp_path / "rescored.md"
+    main(
+        ["--run", str(tmp_path / "run"), "--out", str(out), "--judge", "antidote_pl.judges.base.KeywordJudge"]
+    )
+    # 5 of 10 harmful: Wilson 23.659-76.341; the stored verdicts, 10 of 10: 72.247-100.
+    assert "| wanda_a0.1 | 10 | 1 | 50.0 [23.7, 76.3] | 100.0 [72.2, 100.0] |" in out.read_text()

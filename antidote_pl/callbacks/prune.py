@@ -39,6 +39,7 @@ from antidote_pl.pruning import (
     TARGET_KINDS,
     apply_target_masks_,
     collect,
+    contrast_statistic,
     contrastive_scores,
     find_targets,
     magnitude_scores,
@@ -72,7 +73,8 @@ class BasePruneCallback(Callback):
         alpha: Fraction of target weights removed, in (0, 1).
         target: ``lora`` (the fine-tuning LoRA's A and B, official), ``lora_delta`` (the effective
             update scale*B*A) or ``linear`` (weights of a fully fine-tuned model).
-        scope: ``row`` (per output row, official), ``matrix`` or ``global``.
+        scope: ``row`` (per output row, official), ``matrix``, ``layer`` (per transformer layer, each
+            LoRA factor apart) or ``global``.
         include: Optional module-name substrings restricting the targets.
         adapter_name: peft adapter to prune.
         output_dir: Where masks and the pruned model go; defaults to the model's ``output_dir``.
@@ -240,7 +242,12 @@ class WandaPruneCallback(BasePruneCallback):
         protect_fraction: Never remove weights in the top fraction of a second Wanda score computed on
             the task calibration set ("harm minus utility" variant); 0 disables.
         contrast_lambda: Subtractive contrast: rank by ``S_calibration − λ·S_task``, the second a
-            Wanda score of the same targets on the task calibration set; 0 disables.
+            Wanda score of the same targets on the task calibration set; 0 disables. Both scores
+            use a *per-token* statistic (``sample_mean`` becomes ``token_mean``, i.e. each set's
+            per-sample statistic divided by its mean tokens per sample; see
+            :func:`~antidote_pl.pruning.scores.contrast_statistic`), so ``λ`` weighs a benign token
+            against a harmful one whatever the two sets' lengths: with per-sample statistics a set
+            of 108 tokens per sample against one of 60 turned ``λ = 1`` into about 0.75 per token.
         decisive_tokens: With ``token_mask: decisive``, the response tokens per sample counted
             besides the prompt (where a refusal or a compliance is decided).
         **kwargs: See :class:`BasePruneCallback`.
@@ -293,6 +300,8 @@ class WandaPruneCallback(BasePruneCallback):
             "token_mask": self.token_mask,
             "protect_fraction": self.protect_fraction,
             "contrast_lambda": self.contrast_lambda,
+            # The statistic both sides of the contrast were compared on (None without a contrast).
+            "contrast_statistic": contrast_statistic(self.statistic) if self.contrast_lambda > 0 else None,
             "decisive_tokens": self.decisive_tokens if self.token_mask == "decisive" else None,
         }
 
@@ -334,12 +343,13 @@ class WandaPruneCallback(BasePruneCallback):
     def compute_masks(self, trainer, pl_module, targets):
         model = pl_module.model
         weights = target_weights(targets)
-        scores = wanda_scores(
-            weights, self._statistics(trainer, model, targets, self.calibration), self.statistic
-        )
+        # The contrast compares per-token statistics (length-independent lambda); the protection
+        # ranks the task scores alone, which a factor shared by all targets does not change.
+        kind = contrast_statistic(self.statistic) if self.contrast_lambda > 0 else self.statistic
+        scores = wanda_scores(weights, self._statistics(trainer, model, targets, self.calibration), kind)
         benign = None
         if self._needs_task_scores:
-            benign = wanda_scores(weights, self._statistics(trainer, model, targets, "task"), self.statistic)
+            benign = wanda_scores(weights, self._statistics(trainer, model, targets, "task"), kind)
         if self.contrast_lambda > 0:
             scores = contrastive_scores(scores, benign, self.contrast_lambda)
         protect = {"protect_scores": benign, "protect_fraction": self.protect_fraction}

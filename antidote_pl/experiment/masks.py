@@ -13,8 +13,18 @@ parameter layout of ``mask.safetensors``, or the score layout of an in-memory sw
   of the same fractions would have, as the reference: an overlap near chance means the two scores
   pick unrelated weights, one near 1 that they pick the same (e.g. Wanda's mask is magnitude's, i.e.
   it finds large weights rather than harm-specific ones);
+* :func:`corresponding_masks`: the masks of *independently trained* LoRA adapters (other seeds)
+  in coordinates that mean the same in both. A LoRA update ``BA`` equals ``(BM)(M^-1 A)`` for any
+  invertible ``r x r`` matrix ``M``, so the rank axis of two independently initialised adapters is
+  arbitrary and entry ``(i, j)`` of one ``lora_A`` has nothing to do with entry ``(i, j)`` of the
+  other: entry-level overlap across seeds is near chance by construction. What does correspond is
+  ``lora_A``'s input features (columns) and ``lora_B``'s output features (rows), and every entry of a
+  full weight or of a merged delta ``scale * B @ A`` (``lora_delta`` targets);
 * :func:`write_heatmap` (layers x module types, PNG, atomic), :func:`overlap_markdown` and
   :func:`layer_module_markdown` for the report.
+
+Within one adapter (Wanda vs magnitude, alphas, calibration sets on the same fine-tuned LoRA) the
+entries correspond and are compared as they are.
 """
 
 from __future__ import annotations
@@ -162,6 +172,30 @@ def jaccard(a: Masks, b: Masks, names: tuple[str, str] = ("a", "b")) -> float:
     return 1.0 if union == 0 else inter / union
 
 
+def corresponding_masks(masks: Masks) -> dict[str, torch.Tensor]:
+    """Masks projected to coordinates shared by independently trained adapters (module docstring).
+
+    ``lora_A`` (``[r, in]``) becomes its input columns touched (any entry of the column removed,
+    ``[in]``); ``lora_B`` (``[out, r]``) its output rows touched (``[out]``); any other tensor (a full
+    weight, a merged delta) stays as it is. Compare masks of different seeds only after this.
+
+    Args:
+        masks: Removal masks (True = removed) in parameter layout (peft's factors are
+            ``nn.Linear``: ``[out, in]``), keyed by parameter name.
+
+    Returns:
+        The projected masks under the same names.
+    """
+    _check_bool(masks, "masks")
+    out = {}
+    for name, mask in masks.items():
+        kind = describe_tensor(name)[2]
+        if kind != "weight" and mask.dim() != 2:
+            raise bad_value(f"masks[{name}]", f"shape {tuple(mask.shape)}", "a 2-D LoRA factor")
+        out[name] = mask.any(dim=0) if kind == "lora_A" else mask.any(dim=1) if kind == "lora_B" else mask
+    return out
+
+
 def removed_fraction(masks: Masks) -> float:
     """Fraction of all masked entries that are removed."""
     total = sum(m.numel() for m in masks.values())
@@ -198,16 +232,20 @@ def jaccard_matrix(masks: Mapping[str, Masks]) -> dict[str, dict[str, float]]:
     return out
 
 
-def overlap_markdown(masks: Mapping[str, Masks], with_chance: bool = True) -> str:
+def overlap_markdown(
+    masks: Mapping[str, Masks], with_chance: bool = True, fraction_label: str = "removed %"
+) -> str:
     """A markdown overlap table of named mask sets: Jaccard (and chance level) per pair.
 
     Args:
         masks: Name -> mask mapping; every pair is compared.
         with_chance: Add, after each Jaccard, the overlap two random masks of the same removed
             fractions would have (in brackets).
+        fraction_label: Header of the fraction column (e.g. ``touched %`` for
+            :func:`corresponding_masks`).
 
     Returns:
-        A square table, the names as rows and columns, plus a ``removed %`` column.
+        A square table, the names as rows and columns, plus the fraction column.
     """
     matrix = jaccard_matrix(masks)
     names = list(masks)
@@ -221,7 +259,7 @@ def overlap_markdown(masks: Mapping[str, Masks], with_chance: bool = True) -> st
                 cell += f" ({chance_jaccard(fractions[x], fractions[y]):.3f})"
             cells.append(cell)
         rows.append([x, f"{100 * fractions[x]:.1f}", *cells])
-    return markdown_table(["mask", "removed %", *names], rows)
+    return markdown_table(["mask", fraction_label, *names], rows)
 
 
 def _grid(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], list[list[float | None]]]:

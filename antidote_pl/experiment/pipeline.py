@@ -496,7 +496,7 @@ class Pipeline:
     def analyse(self) -> tuple[dict[str, Any], list[str]]:
         """The report's analysis (JSON) and sections (markdown): FA budget, judges, masks, durability."""
         methods = list(self.repair.methods)
-        budget, budget_md = budget_section(self.rows, methods)
+        budget, budget_md = budget_section(self.rows, methods, self.out / "results")
         swept = [f"{m}_a{a:g}" for m in methods for a in self.alphas]
         names = [*(f"ref_{r}" for r in self.references), "none", *swept]
         pairs, agreement_md = agreement_section(self.out / "results", names, self.primary_judge)

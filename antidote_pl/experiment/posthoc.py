@@ -11,7 +11,10 @@ pipeline output directory and writes, without loading or running any model:
 * mask analytics (:mod:`antidote_pl.experiment.masks`): a heat map per method at the focus alpha
   (0.1 when swept) of the first seed, and Jaccard overlaps of the removed sets across methods,
   alphas, seeds, calibration sets (``wanda`` on the harmful realignment set vs ``wanda_benign`` on
-  task data) and Wanda vs magnitude, each beside the overlap of random masks of the same fractions;
+  task data) and Wanda vs magnitude, each beside the overlap of random masks of the same fractions.
+  Across seeds (independently initialised adapters, whose LoRA rank axes do not correspond) masks
+  are compared in corresponding coordinates only (:func:`~antidote_pl.experiment.masks.corresponding_masks`:
+  ``lora_A``'s input columns and ``lora_B``'s output rows touched, full or merged-delta entries);
 * judge agreement (:mod:`antidote_pl.experiment.agreement`) pooled over every evaluated variant's
   ``generations.jsonl``, per seed and over all seeds.
 
@@ -48,6 +51,7 @@ from antidote_pl.experiment.masks import (
     chance_jaccard,
     column_name,
     column_sort_key,
+    corresponding_masks,
     describe_tensor,
     jaccard,
     mask_analytics_markdown,
@@ -260,11 +264,29 @@ def module_table(pairs: Mapping[str, tuple[Masks, Masks]]) -> str:
     return markdown_table(["module", *pairs], body)
 
 
+#: Why masks of different seeds are compared in corresponding coordinates (report text).
+ACROSS_SEEDS_NOTE = (
+    "Each seed trains its own LoRA from its own initialisation, and a LoRA update BA equals (BM)(M⁻¹A) "
+    "for any invertible M: the rank axis is arbitrary, so entry (i, j) of one seed's lora_A or lora_B "
+    "has nothing to do with entry (i, j) of another's, and entry-level overlap across seeds is near "
+    "chance by construction. Compared here instead, in coordinates that correspond across seeds: the "
+    "input features (lora_A's columns) and output features (lora_B's rows) a mask touches (removes at "
+    "least one entry of), and the entries of full weights or merged deltas; 'touched %' is the "
+    "fraction of those touched. Under the per-row budget every lora_B row loses the same count, so "
+    "every row is touched in every seed and the B part agrees by construction (its chance is 1).\n\n"
+)
+
+
 def seed_table(masks: Mapping, runs: Sequence[SeedRun], alpha: float) -> str:
-    """Per method: mean pairwise Jaccard across seeds at ``alpha`` and its chance level."""
+    """Per method: mean pairwise Jaccard across seeds at ``alpha``, in corresponding coordinates
+    (:func:`~antidote_pl.experiment.masks.corresponding_masks`), and its chance level."""
     body = []
     for method in runs[0].methods:
-        sets = {r.label: masks[(r.label, method, alpha)] for r in runs if (r.label, method, alpha) in masks}
+        sets = {
+            r.label: corresponding_masks(masks[(r.label, method, alpha)])
+            for r in runs
+            if (r.label, method, alpha) in masks
+        }
         pairs = [pair_cell(sets[x], sets[y]) for x, y in combinations(sets, 2)]
         if pairs:
             mean_j = sum(j for j, _ in pairs) / len(pairs)
@@ -307,7 +329,12 @@ def _modules_markdown(masks: Mapping, runs: Sequence[SeedRun], lead: str, alpha:
         if other != lead
     }
     if len(runs) > 1:
-        pairs[f"{lead} {first.label} vs {runs[1].label}"] = (mine, masks[(runs[1].label, lead, alpha)])
+        # Another seed's adapter: compared in corresponding coordinates (A's columns, B's rows).
+        other = masks[(runs[1].label, lead, alpha)]
+        pairs[f"{lead} {first.label} vs {runs[1].label} (A columns, B rows)"] = (
+            corresponding_masks(mine),
+            corresponding_masks(other),
+        )
     if not pairs:
         return ""
     title = f"\n## Per module and factor at alpha {alpha:g} ({first.label}), Jaccard (chance)\n\n"
@@ -315,11 +342,16 @@ def _modules_markdown(masks: Mapping, runs: Sequence[SeedRun], lead: str, alpha:
 
 
 def _seeds_markdown(masks: Mapping, runs: Sequence[SeedRun], lead: str, alpha: float) -> str:
-    by_seed = {r.label: masks[(r.label, lead, alpha)] for r in runs if (r.label, lead, alpha) in masks}
+    by_seed = {
+        r.label: corresponding_masks(masks[(r.label, lead, alpha)])
+        for r in runs
+        if (r.label, lead, alpha) in masks
+    }
     if len(by_seed) < 2:
         return "One seed: no overlap across seeds.\n"
+    table = overlap_markdown(by_seed, fraction_label="touched %")
     return (
-        f"{lead}, every pair of seeds (in brackets: chance).\n\n{overlap_markdown(by_seed)}\n"
+        f"{ACROSS_SEEDS_NOTE}{lead}, every pair of seeds (in brackets: chance).\n\n{table}\n"
         f"Every method, mean over seed pairs.\n\n{seed_table(masks, runs, alpha)}"
     )
 

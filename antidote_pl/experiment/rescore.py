@@ -10,8 +10,9 @@ Reads every evaluated variant's ``generations.jsonl`` under ``<run>/seed<N>/resu
 :class:`~antidote_pl.judges.base.Judge`, by ``class_path`` as in the configs) and writes
 ``<out>.md`` (a table) and ``<out>.json`` (per seed and variant) atomically: per variant, HS under
 the new judge beside HS under the verdict stored with the answers (the run's primary judge), as
-mean ± std over seeds, with the prompts per seed and the seeds. The answers are the run's own, so
-only the judge differs between the two columns.
+mean ± std over seeds (one seed: the 95% Wilson interval over its prompts), with the prompts per
+seed and the seeds. The answers are the run's own, so only the judge differs between the two
+columns.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from antidote_pl.experiment.agreement import read_generations
 from antidote_pl.judges.base import Judge
 from antidote_pl.utils.console import say
 from antidote_pl.utils.io import atomic_write_json, atomic_write_text
-from antidote_pl.utils.tables import format_pm, markdown_table, mean_std
+from antidote_pl.utils.tables import format_seed_cell, markdown_table, mean_std
 
 
 def generation_files(run: str | Path) -> dict[int | None, dict[str, Path]]:
@@ -80,21 +81,26 @@ def rescore(run: str | Path, judge: Judge, log: Callable[[str], None] = lambda _
 
 def rescore_markdown(report: dict[str, Any]) -> str:
     """The report as a markdown table, one row per variant."""
-    rows = [
-        [
-            variant,
-            ", ".join(str(n) for n in dict.fromkeys(r["n"] for r in e["per_seed"].values())),
-            len(e["per_seed"]),
-            format_pm(e["harmful_score"], e["harmful_score_std"]),
-            format_pm(e["stored_harmful_score"], e["stored_harmful_score_std"]),
-        ]
-        for variant, e in sorted(report["variants"].items())
-    ]
+    rows = []
+    for variant, e in sorted(report["variants"].items()):
+        runs = list(e["per_seed"].values())
+        counts = list(dict.fromkeys(r["n"] for r in runs))
+        # One seed: the Wilson interval over its prompts (one interval rule, not "± 0.0").
+        count = counts[0] if len(counts) == 1 else None
+        rows.append(
+            [
+                variant,
+                ", ".join(str(n) for n in counts),
+                len(runs),
+                format_seed_cell(e["harmful_score"], e["harmful_score_std"], len(runs), count),
+                format_seed_cell(e["stored_harmful_score"], e["stored_harmful_score_std"], len(runs), count),
+            ]
+        )
     headers = ["variant", "prompts per seed", "seeds", f"HS % ({report['judge']})", "HS % (stored verdict)"]
     seeds = ", ".join(str(s) for s in report["seeds"])
     return (
-        f"# Rescored with {report['judge']}\n\nSeeds: {seeds}; mean ± std over seeds.\n\n"
-        + markdown_table(headers, rows)
+        f"# Rescored with {report['judge']}\n\nSeeds: {seeds}; mean ± std over seeds (one seed: the value "
+        "and its 95% Wilson interval over the prompts).\n\n" + markdown_table(headers, rows)
     )
 
 

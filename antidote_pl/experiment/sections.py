@@ -24,14 +24,17 @@ from antidote_pl.experiment.agreement import (
     agreement_markdown,
     judge_verdicts,
     pairwise_agreement,
+    prompt_keys,
     read_generations,
 )
-from antidote_pl.experiment.budget import DEFAULT_BUDGETS, budget_markdown, budget_rows
+from antidote_pl.experiment.budget import DEFAULT_BUDGETS, budget_rows, selections_markdown
 from antidote_pl.experiment.masks import jaccard_matrix, mask_analytics_markdown
 from antidote_pl.experiment.reattack import reattack_markdown, write_reattack_plot
-from antidote_pl.utils.tables import format_mean_std, format_pm, markdown_table, mean_std
+from antidote_pl.utils.tables import format_over_seeds, format_seed_cell, markdown_table, mean_std
 
 Masks = Mapping[str, torch.Tensor]
+#: How a cell over seeds reads when only one seed contributes to it.
+ONE_SEED_RULE = "a cell with one seed: the value and its 95% Wilson interval over the items"
 #: The report's heat maps and cross-method overlaps use this alpha when the sweep has it.
 PREFERRED_ALPHA = 0.1
 
@@ -48,11 +51,43 @@ def variant_name(method: str, alpha: float) -> str:
     return f"{method} a{alpha:g}"
 
 
-def budget_section(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> tuple[list | None, str]:
-    """HS at an FA budget per method, or ``(None, "")`` when the rows carry no validation FA."""
+def budget_section(
+    rows: Sequence[Mapping[str, Any]], methods: Sequence[str], results_dir: Path | None = None
+) -> tuple[list | None, str]:
+    """HS at an FA budget per method, or ``(None, "")`` when the rows carry no validation FA.
+
+    With ``results_dir`` (the run's ``results/``), the per-question validation outcomes in each
+    variant's ``generations.jsonl`` make the interval of each choice's FA drop the paired one
+    (:mod:`antidote_pl.experiment.budget`); without it, or where a file is missing, the unpaired one.
+    """
     if not any(r.get("finetune_accuracy_val") is not None for r in rows if r.get("method") == "none"):
         return None, ""
-    return budget_rows(rows, DEFAULT_BUDGETS, methods), budget_markdown(rows, DEFAULT_BUDGETS, methods)
+    outcomes = {} if results_dir is None else validation_outcomes(results_dir, rows)
+    selections = budget_rows(rows, DEFAULT_BUDGETS, methods, val_outcomes=outcomes)
+    return selections, selections_markdown(selections)
+
+
+def result_name(method: str, alpha: float | None) -> str:
+    """The ``results/`` directory of a sweep row: ``none`` for the unrepaired row, else
+    ``<method>_a<alpha>``."""
+    return "none" if method == "none" else f"{method}_a{alpha:g}"
+
+
+def validation_outcomes(results_dir: Path, rows: Sequence[Mapping[str, Any]]) -> dict[tuple, dict]:
+    """``(method, alpha)`` -> ``{question index: correct}`` of the validation questions (``kind ==
+    "task_val"``) in each sweep row's ``generations.jsonl`` (rows without one are left out)."""
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("reference") or row.get("alpha") is None:
+            continue
+        path = Path(results_dir) / result_name(row["method"], row["alpha"]) / "generations.jsonl"
+        if path.is_file():
+            found = {
+                g["index"]: bool(g["correct"]) for g in read_generations(path) if g.get("kind") == "task_val"
+            }
+            if found:
+                out[(row["method"], row["alpha"])] = found
+    return out
 
 
 def agreement_section(results_dir: Path, names: Sequence[str], primary: str) -> tuple[list, str]:
@@ -67,7 +102,7 @@ def agreement_section(results_dir: Path, names: Sequence[str], primary: str) -> 
             rows += read_generations(path)
     if not rows:
         return [], ""
-    pairs = pairwise_agreement(judge_verdicts(rows, primary))
+    pairs = pairwise_agreement(judge_verdicts(rows, primary), prompt_keys(rows))
     return pairs, agreement_markdown(rows, primary)
 
 
@@ -123,6 +158,18 @@ def seeds_analysis_markdown(
     return "".join(f"\n{s}" for s in sections if s)
 
 
+def _common_count(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
+    """The item count ``key`` shared by ``rows`` (``None`` when missing or different)."""
+    counts = {r.get(key) for r in rows}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _noise_limited_seeds(chosen: Sequence[Mapping[str, Any]]) -> str:
+    """How many seeds' choices were noise-limited (``-`` for reports written before it was recorded)."""
+    flags = [s["noise_limited"] for s in chosen if s.get("noise_limited") is not None]
+    return f"{sum(flags)} of {len(flags)}" if flags else "-"
+
+
 def _budget_across_seeds(by_seed: Mapping[Any, Sequence[Mapping[str, Any]]]) -> str:
     if not by_seed:
         return ""
@@ -139,14 +186,22 @@ def _budget_across_seeds(by_seed: Mapping[Any, Sequence[Mapping[str, Any]]]) -> 
                 method,
                 " / ".join("-" if s["alpha"] is None else f"{s['alpha']:g}" for s in sels),
                 f"{len(chosen)} of {len(sels)}",
-                format_mean_std([s["harmful_score"] for s in chosen]),
-                format_mean_std([s["finetune_accuracy"] for s in chosen]),
+                format_over_seeds(
+                    [s["harmful_score"] for s in chosen], _common_count(chosen, "n_harmful_score")
+                ),
+                format_over_seeds(
+                    [s["finetune_accuracy"] for s in chosen], _common_count(chosen, "n_finetune_accuracy")
+                ),
+                _noise_limited_seeds(chosen),
             ]
         )
     headers = ["FA budget", "method", "alpha per seed", "seeds with an alpha", "HS % (test)", "FA % (test)"]
+    headers.append("noise-limited choices")
     intro = (
         "## HS at FA budget, across seeds\n\nPer seed, the largest alpha whose validation FA stays within "
-        "the budget; HS and FA on the test questions, mean ± std over the seeds where an alpha qualifies.\n\n"
+        "the budget; HS and FA on the test questions, mean ± std over the seeds where an alpha qualifies "
+        f"({ONE_SEED_RULE}). Noise-limited: the seed's 95% interval of the validation FA drop is wider "
+        "than the budget, so its choice is decided by validation noise as much as by the budget.\n\n"
     )
     return intro + markdown_table(headers, body)
 
@@ -160,10 +215,14 @@ def _overlap_across_seeds(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
     body = []
     for other in [n for n in first["jaccard"][anchor] if n != anchor]:
         values = [m["jaccard"].get(anchor, {}).get(other) for m in by_seed.values()]
-        body.append([anchor, other, format_mean_std([v for v in values if v is not None], 3), len(values)])
+        body.append([anchor, other, format_over_seeds(values, None, 3), len(values)])
     intro = (
-        f"## Mask overlap across seeds\n\nJaccard overlap of the removed sets with {anchor}, within each "
-        "seed (alpha as in each seed's mask section), mean ± std over seeds.\n\n"
+        f"## Mask overlap within each seed, across seeds\n\nJaccard overlap of the removed sets with "
+        f"{anchor}, within each seed (masks of one adapter, alpha as in each seed's mask section), mean "
+        "± std over seeds (a value seen in one seed only is marked (1 seed): an overlap is no rate over "
+        "items, so it has no Wilson interval). Masks of different seeds are not compared entry by entry: "
+        "each seed's LoRA has its own arbitrary rank axis (BA = (BM)(M⁻¹A)); `python -m "
+        "antidote_pl.experiment.posthoc` compares them on the input and output features they touch.\n\n"
     )
     return intro + markdown_table(["mask", "other mask", "Jaccard", "seeds"], body)
 
@@ -205,8 +264,15 @@ def _reattack_across_seeds(
         [
             variant,
             p["step"],
-            format_pm(p["harmful_score"], p.get("harmful_score_std")),
-            format_pm(p["finetune_accuracy"], p.get("finetune_accuracy_std")),
+            format_seed_cell(
+                p["harmful_score"], p.get("harmful_score_std"), p["n_seeds"], p.get("n_harmful_score")
+            ),
+            format_seed_cell(
+                p["finetune_accuracy"],
+                p.get("finetune_accuracy_std"),
+                p["n_seeds"],
+                p.get("n_finetune_accuracy"),
+            ),
             p["n_seeds"],
         ]
         for variant, curve in curves.items()
@@ -214,7 +280,7 @@ def _reattack_across_seeds(
     ]
     intro = (
         "## Durability (re-attack), across seeds\n\nThe same harmful fine-tuning continued from each "
-        "variant; HS and FA mean ± std over seeds.\n\n"
+        f"variant; HS and FA mean ± std over seeds ({ONE_SEED_RULE}).\n\n"
     )
     text = intro + markdown_table(["variant", "steps", "HS %", "FA %", "seeds"], body)
     if plot is not None:

@@ -39,7 +39,7 @@ from antidote_pl.experiment.pipeline import run_pipeline
 from antidote_pl.experiment.report import extra_judge_names
 from antidote_pl.experiment.sections import seeds_analysis_markdown
 from antidote_pl.experiment.specs import run_inputs
-from antidote_pl.utils.intervals import cell_bounds, cell_distances, rate_interval
+from antidote_pl.utils.intervals import cell_bounds, cell_distances
 from antidote_pl.utils.io import (
     OUTPUT_MARKER,
     atomic_write_json,
@@ -48,7 +48,7 @@ from antidote_pl.utils.io import (
     mark_output_dir,
     save_png,
 )
-from antidote_pl.utils.tables import format_pm, mean_std
+from antidote_pl.utils.tables import format_seed_cell, mean_std
 
 PLACEHOLDER = "{seed}"
 #: Per-row figures aggregated over seeds (percentages, and the realised removed fraction).
@@ -275,17 +275,17 @@ COUNT_KEYS = {
 
 
 def format_cell(row: dict[str, Any], metric: str, scale: float = 1.0) -> str:
-    """``mean ± std`` over seeds; with one seed, the value and its 95% Wilson interval over items."""
+    """``mean ± std`` over seeds; with one seed, the value and its 95% Wilson interval over items
+    (:func:`~antidote_pl.utils.tables.format_seed_cell`); a scaled figure (removed %) or one without
+    an item count shows its value alone when the whole table is one seed (its header says so)."""
     mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
     if mean is None:
         return "n/a"
-    if row.get("n_seeds", 0) > 1:
-        return format_pm(scale * mean, scale * std)
+    n_seeds = row.get("n_seeds", 0)
     count = row.get(COUNT_KEYS.get(metric.split("/")[0], ""), 0)
-    if not isinstance(count, int) or count <= 0 or scale != 1.0:
+    if n_seeds <= 1 and (not isinstance(count, int) or count <= 0 or scale != 1.0):
         return f"{scale * mean:.1f}"
-    low, high = rate_interval(mean, count)
-    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+    return format_seed_cell(scale * mean, None if std is None else scale * std, n_seeds, count)
 
 
 def _primary(report: dict[str, Any]) -> str:

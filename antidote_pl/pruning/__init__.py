@@ -30,7 +30,13 @@ from antidote_pl.pruning.apply import (
     save_tensors,
 )
 from antidote_pl.pruning.artifacts import RepairArtifacts
-from antidote_pl.pruning.scores import contrastive_scores, magnitude_scores, random_scores, wanda_scores
+from antidote_pl.pruning.scores import (
+    contrast_statistic,
+    contrastive_scores,
+    magnitude_scores,
+    random_scores,
+    wanda_scores,
+)
 from antidote_pl.pruning.select import (
     SCOPES,
     keep_count,
@@ -69,6 +75,7 @@ __all__ = [
     "batch_token_mask",
     "check_mask_shapes",
     "collect",
+    "contrast_statistic",
     "contrastive_scores",
     "default_lora_target_modules",
     "find_targets",

@@ -16,6 +16,7 @@ from antidote_pl.pruning.stats import ActivationStats
 from antidote_pl.pruning.targets import lora_delta_weight
 
 __all__ = [
+    "contrast_statistic",
     "contrastive_scores",
     "lora_delta_weight",
     "magnitude_scores",
@@ -83,6 +84,20 @@ def contrastive_scores(
             )
         out[name] = h.float() - float(weight) * b.to(h.device, torch.float32)
     return out
+
+
+def contrast_statistic(statistic: str) -> str:
+    """The per-token statistic a contrast between two calibration sets compares.
+
+    ``sample_mean`` (``Σ x²`` per sample) grows with the set's mean tokens per sample ``T``, so a
+    Wanda score ``sqrt(stat)`` scales with ``sqrt(T)``: on two sets of 108 and 60 tokens per sample,
+    ``λ = 1`` would weigh a benign token about 0.75 of a harmful one, and ``λ`` would mean something
+    else on every pair of sets. Dividing each set's ``sample_mean`` by its ``T`` gives exactly
+    ``token_mean``; ``token_mean`` and ``sample_token_mean`` are per-token already. The contrast
+    ``W(harm) − λ·W(benign)`` built on it is unchanged when, e.g., every benign sample is repeated
+    twice in length.
+    """
+    return "token_mean" if statistic == "sample_mean" else statistic
 
 
 def magnitude_scores(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

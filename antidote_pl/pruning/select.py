@@ -62,6 +62,11 @@ def layer_of(name: str) -> str:
     return match.group(1) if match else name
 
 
+def factor_of(name: str) -> str:
+    """The LoRA factor a parameter is (``lora_A`` or ``lora_B``, from its dotted name), or ``""``."""
+    return next((p for p in name.split(".") if p in ("lora_A", "lora_B")), "")
+
+
 def check_alpha(alpha: float, field: str = "alpha") -> float:
     """Validates a fraction strictly between 0 and 1 and returns it as float."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
@@ -94,8 +99,11 @@ def masks_for_alphas(
         alphas: Fractions removed, each in (0, 1).
         scope: ``"row"`` (official: per output row), ``"matrix"`` (top fraction of each tensor),
             ``"layer"`` (top fraction over the targets of each transformer layer together, see
-            :func:`layer_of`) or ``"global"`` (top fraction over all targets together; sorts every
-            score at once, so memory grows with the total number of entries).
+            :func:`layer_of`; LoRA factors apart: a layer's ``lora_A`` scores are ranked together and
+            its ``lora_B`` scores together, each factor removing ``alpha`` of its own entries, since
+            the two factors' scores live on different scales) or ``"global"`` (top fraction over all
+            targets together; sorts every score at once, so memory grows with the total number of
+            entries).
         protect_scores: Second score (e.g. Wanda calibrated on benign task data), same keys/shapes.
         protect_fraction: Entries in the top ``protect_fraction`` of ``protect_scores`` (selected with
             the same ``scope``) are never removed. 0 disables protection.
@@ -217,9 +225,11 @@ def _rank(scores: Mapping[str, torch.Tensor], scope: str) -> list[_Group]:
     if scope == "global":
         return [_joint_group(scores)]
     if scope == "layer":
-        layers: dict[str, dict[str, torch.Tensor]] = {}
+        # Per layer and LoRA factor: A and B scores differ in scale (the input statistic of B is the
+        # rank-r output of A), so ranked together one factor would take almost all of the budget.
+        layers: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         for name, s in scores.items():
-            layers.setdefault(layer_of(name), {})[name] = s
+            layers.setdefault((layer_of(name), factor_of(name)), {})[name] = s
         return [_joint_group(group) for group in layers.values()]
     groups = []
     for name, s in scores.items():

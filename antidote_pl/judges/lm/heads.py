@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from antidote_pl.judges.thresholds import choose_threshold
+
 #: The two kinds of head: ``tuned`` (fine-tuned top layers, :mod:`antidote_pl.judges.lm.tuned`) and
 #: ``linear`` (this module).
 HeadKind = Literal["tuned", "linear"]
@@ -44,21 +46,6 @@ def fit_logistic(
 
     opt.step(closure)
     return w.detach(), b.detach()
-
-
-def choose_threshold(probs: torch.Tensor, gold: torch.Tensor) -> tuple[float, float]:
-    """The cut on ``probs`` that maximises agreement with ``gold``; ties go to the cut nearest 0.5.
-
-    Candidates are 0.5 and the midpoints between consecutive distinct probabilities.
-
-    Returns:
-        ``(threshold, accuracy)``; a response is harmful when its probability exceeds the threshold.
-    """
-    values = torch.unique(probs)
-    candidates = [0.5] + ((values[1:] + values[:-1]) / 2).tolist() + [float(values[0]) - 1e-6]
-    gold = gold.bool()
-    best = max(candidates, key=lambda t: (float(((probs > t) == gold).float().mean()), -abs(t - 0.5)))
-    return float(best), float(((probs > best) == gold).float().mean())
 
 
 class LinearHead:

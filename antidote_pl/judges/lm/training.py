@@ -34,7 +34,7 @@ from antidote_pl.judges.lm.featurizer import (
     PairFeaturizer,
     backbone_identity,
 )
-from antidote_pl.judges.lm.heads import HEADS, HeadKind, LinearHead, choose_threshold, train_head
+from antidote_pl.judges.lm.heads import HEADS, HeadKind, LinearHead, train_head
 from antidote_pl.judges.lm.judge import AGREEMENT_FILE, META_FILE, WEIGHTS_FILE
 from antidote_pl.judges.lm.tuned import (
     TokenStates,
@@ -43,7 +43,8 @@ from antidote_pl.judges.lm.tuned import (
     fit_tuned_head,
     tuned_probabilities,
 )
-from antidote_pl.judges.offline import OfflineJudge, binary_agreement, heldout_mask
+from antidote_pl.judges.offline import VAL_SEED_OFFSET, OfflineJudge, binary_agreement, heldout_mask
+from antidote_pl.judges.thresholds import choose_threshold
 from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir
 
 #: The shipped labelled data, found beside the repository (``../shared/data``), never copied in.
@@ -57,7 +58,6 @@ DEFAULT_TRAIN_CSVS = (
 DEFAULT_TRUNK_LAYER, DEFAULT_TUNED_LAYERS = 12, 6
 DEFAULT_CACHE_DIR = Path("~/.cache/antidote_pl/lm_judge_features")
 #: Added to the seed for the validation split, so it is drawn independently of the held-out split.
-VAL_SEED_OFFSET = 1_000_003
 
 
 def grouped_split(questions: Sequence[str], heldout_fraction: float, val_fraction: float, seed: int):
@@ -280,9 +280,7 @@ def _train_and_measure(
         )
     seconds["head_selection"] = round(time.time() - clock, 1)
     preds = {"lm_judge": heldout_probs > threshold}
-    preds |= _other_judges(
-        pool["questions"], pool["answers"], pool["labels"], test, split["heldout_fraction"], split["seed"]
-    )
+    preds |= _other_judges(pool["questions"], pool["answers"], pool["labels"], test, split)
     majority = bool(pool["gold"][parts["train"] | parts["validation"]].float().mean() >= 0.5)
     report = {
         "heldout": _heldout_agreement(preds, pool["gold"][test], pool["source"][test], files, majority),
@@ -371,16 +369,21 @@ def _other_judges(
     answers: list[str],
     labels: list[int],
     test: torch.Tensor,
-    heldout_fraction: float,
-    seed: int,
+    split: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
     """The keyword and n-gram judges' verdicts on exactly the held-out rows.
 
-    The OfflineJudge's own split is the same ``heldout_mask`` call, so it trains on train +
-    validation and holds out the same rows: the figures compare like with like.
+    The OfflineJudge's own split is the same ``heldout_mask`` calls, so it trains on the LM judge's
+    training rows, chooses its threshold on the same validation questions (as the LM judge does)
+    and holds out the same rows: the figures compare like with like.
     """
     offline = OfflineJudge.from_pairs(
-        questions, answers, labels, heldout_fraction=heldout_fraction, seed=seed
+        questions,
+        answers,
+        labels,
+        heldout_fraction=split["heldout_fraction"],
+        val_fraction=split["val_fraction"],
+        seed=split["seed"],
     )
     test_idx = test.nonzero().squeeze(-1).tolist()
     test_q, test_a = [questions[i] for i in test_idx], [answers[i] for i in test_idx]
