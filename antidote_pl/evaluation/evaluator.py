@@ -280,6 +280,7 @@ class StageEvaluator(L.LightningModule):
                 raise bad_value(field, value, "a positive integer")
 
         self.stage = stage
+        self.weights_dtype = dtype
         self.overwrite = overwrite
         # The output is checked and locked before the model loads.
         self.output_lock: OutputLock | None = None
@@ -418,6 +419,7 @@ class StageEvaluator(L.LightningModule):
                     self.log(f"test/harmful_score/{c}", v.float(), sync_dist=False)
         rows = sorted(gather_objects(self.rows), key=lambda r: r["index"])
         results["eval_fingerprint"] = self.trainer.datamodule.fingerprint()
+        results.update(self._compute_settings())
         self.results = results
         if self.output_dir is not None and self.trainer.is_global_zero:
             with writable_dir(
@@ -430,6 +432,16 @@ class StageEvaluator(L.LightningModule):
                 write_generations_jsonl(out / "generations.jsonl", rows)
                 atomic_write_json(out / "metrics.json", results)
             self.release_output()
+
+    def _compute_settings(self) -> dict[str, Any]:
+        """How the answers were computed (weights dtype, trainer precision, torch threads): greedy
+        text is bit-reproducible for the same settings on the same CPU type."""
+        return {
+            "dtype": self.weights_dtype,
+            "precision": str(self.trainer.precision),
+            "threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        }
 
 
 def question_key(record: Record) -> tuple[str, str]:
