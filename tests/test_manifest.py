@@ -10,6 +10,7 @@ from conftest import REPO, TINY_LLAMA, tiny_finetune_data
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.evaluation.evaluator import EvalDataModule
+from antidote_pl.experiment import pipeline as pipeline_module
 from antidote_pl.experiment.manifest import (
     MANIFEST_FILE,
     build_manifest,
@@ -27,7 +28,6 @@ from antidote_pl.experiment.pipeline import BaselineSpec, Pipeline, StageSpec
 from antidote_pl.experiment.replay import main as replay_cli
 from antidote_pl.experiment.replay import replay
 from antidote_pl.experiment.run import build_parser
-from antidote_pl.experiment import pipeline as pipeline_module
 from antidote_pl.tinyworld.world import TinyWorldSource
 
 

@@ -71,6 +71,7 @@ def _tiny_eval(stage, out, **values):
             "data.init_args.task_limit": 6,
             "data.init_args.fa_validation_size": 0,
             "trainer.enable_progress_bar": False,
+            "trainer.default_root_dir": str(out.parent / "logs"),
             **values,
         },
     )

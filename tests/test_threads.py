@@ -40,6 +40,7 @@ def _pretrain(out, steps: int = 3, **values):
             "model.init_args.output_dir": str(out),
             "trainer.max_steps": steps,
             "trainer.enable_progress_bar": False,
+            "trainer.default_root_dir": str(out.parent / "logs"),
             **values,
         },
         args=["--model.init_args.model_config=tiny-world-fast"],
@@ -148,6 +149,7 @@ def test_evaluation_records_its_compute_settings(tmp_path, outer_threads):
             "data.init_args.task_limit": 2,
             "data.init_args.fa_validation_size": 0,
             "trainer.enable_progress_bar": False,
+            "trainer.default_root_dir": str(tmp_path / "logs"),
         },
     )
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
