@@ -1,8 +1,8 @@
 """Every YAML under configs/ (and every callback fragment) parses against the CLI, without running.
 
-Stage configs parse alone; fragments (defenses, judges, paper model/task/sweep/trainer/align fragments) are
-composed over the stage configs they change, as ``--config base --config fragment``, and must hold
-only what differs from them. Every file under configs/ must be one of these kinds.
+Stage configs parse alone; fragments (defenses, judges, precision, paper model/task/sweep/trainer/align
+fragments) are composed over the stage configs they change, as ``--config base --config fragment``, and
+must hold only what differs from them. Every file under configs/ must be one of these kinds.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def bases_of(path: Path) -> list[Path]:
         return []
     if rest[0] in ("defenses", "judges") and stage in STAGES:
         return [root / f"{stage}.yaml"]
+    if rest[0] == "precision":  # compute settings: every stage of the world and its evaluation
+        return [root / f"{s}.yaml" for s in ("align", "finetune", "repair", "eval")]
     if rest[0] == "fragments":
         kind = rest[1]
         if kind == "model":

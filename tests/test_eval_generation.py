@@ -214,3 +214,112 @@ def test_write_generations_jsonl(tmp_path):
     assert "r é" in text
     assert [json.loads(line) for line in text.splitlines()] == rows
     assert [p.name for p in path.parent.iterdir()] == ["gen.jsonl"]  # no temp files left
+
+
+# ------------------------------------------------------------------------- stopping and batching order
+def _eos_after(model, steps_by_row: list[int], eos: int = 2) -> list[int]:
+    """Makes row ``r`` of every batch choose EOS from its ``steps_by_row[r]``-th new token on; returns
+    the list that counts the model's forward calls (one per generated token)."""
+    calls: list[int] = []
+
+    def hook(module, args, logits):
+        calls.append(1)
+        step = len(calls)
+        bonus = torch.zeros_like(logits)
+        for row, at in enumerate(steps_by_row):
+            if step >= at:
+                bonus[row, :, eos] = 1e4
+        return logits + bonus
+
+    model.lm_head.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize(("ends", "expected_calls"), [([3, 3], 3), ([1, 5], 5)])
+def test_generation_stops_once_every_sequence_has_ended(ends, expected_calls):
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok))
+    calls = _eos_after(model, ends)
+    out = generate(model, tok, ["w1 w2 w3", "w4 w5 w6"], max_new_tokens=200, batch_size=2)
+    # One forward per new token up to the last sequence's EOS, not the 200 of the budget.
+    assert len(calls) == expected_calls
+    # Tokens before EOS only (EOS and other special tokens are not decoded).
+    assert all(len(o.split()) <= e - 1 for o, e in zip(out, ends))
+
+
+def test_generation_without_eos_stopping_uses_the_whole_budget():
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok))
+    calls = _eos_after(model, [1, 1])
+    generate(model, tok, ["w1 w2", "w3 w4"], max_new_tokens=7, batch_size=2, stop_at_eos=False)
+    assert len(calls) == 7
+
+
+def _eval_data(sort_by_length: bool):
+    from antidote_pl.evaluation.evaluator import EvalDataModule
+    from antidote_pl.tinyworld.world import TinyWorldSource
+
+    return EvalDataModule(
+        harmful=TinyWorldSource("harmful_answer", split="eval", limit=9),
+        task=TinyWorldSource("sentiment", split="eval"),
+        task_name="sst2",
+        template="tiny",
+        task_limit=7,
+        fa_validation_size=5,
+        batch_size=4,
+        sort_by_length=sort_by_length,
+    )
+
+
+def test_sorted_batches_keep_kinds_apart_longest_first():
+    from antidote_pl.tinyworld.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    plain, ordered = _eval_data(False), _eval_data(True)
+    ordered.order_by_length(tok)
+    batches = list(ordered.test_dataloader())
+    items = [i for b in batches for i in b]
+    assert sorted(i["index"] for i in items) == list(range(21))
+    assert ordered.fingerprint() == plain.fingerprint()  # the prompts are the same, only batched otherwise
+    kinds = [i["kind"] for i in items]
+    assert kinds == ["harmful"] * 9 + ["task"] * 7 + ["task_val"] * 5
+    lengths = [len(tok(i["prompt"])["input_ids"]) for i in items]
+    for kind in ("harmful", "task", "task_val"):
+        own = [n for n, k in zip(lengths, kinds) if k == kind]
+        assert own == sorted(own, reverse=True)
+    assert len(set(lengths[:9])) > 1, "prompts must differ in length for the order to mean anything"
+    # Unsorted, the loader keeps the items' order.
+    assert [i["index"] for b in plain.test_dataloader() for i in b] == list(range(21))
+
+
+def test_evaluator_reports_sorted_batches_in_the_original_order(tmp_path, monkeypatch):
+    import lightning as L
+    from conftest import TINY_LLAMA, quiet_trainer_kwargs
+
+    from antidote_pl.evaluation import evaluator as ev
+    from antidote_pl.training.sft import CausalLMSFTModule
+
+    CausalLMSFTModule(model_config=TINY_LLAMA, tokenizer="tiny-world", finetuning="full").save_stage(
+        str(tmp_path / "stage")
+    )
+    seen: list[list[str]] = []
+
+    def answer(model, tok, prompts, *args, **kwargs):
+        seen.append(list(prompts))
+        return [f"answer {len(p)} {p[-12:]}" for p in prompts]  # a function of the prompt alone
+
+    monkeypatch.setattr(ev, "generate", answer)
+
+    def run(sort: bool, name: str):
+        evaluator = ev.StageEvaluator(str(tmp_path / "stage"), output_dir=str(tmp_path / name))
+        trainer = L.Trainer(**quiet_trainer_kwargs(tmp_path))
+        trainer.test(evaluator, datamodule=_eval_data(sort), verbose=False)
+        return evaluator.results, (tmp_path / name / "generations.jsonl").read_text()
+
+    plain_results, plain_rows = run(False, "plain")
+    plain_calls = list(seen)
+    seen.clear()
+    sorted_results, sorted_rows = run(True, "sorted")
+    assert sorted_rows == plain_rows and sorted_results == plain_results
+    assert sorted(p for c in seen for p in c) == sorted(p for c in plain_calls for p in c)
+    assert seen != plain_calls  # the batches really were formed otherwise

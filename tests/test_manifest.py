@@ -88,6 +88,11 @@ def test_round_trip(manifest):
     assert built["seeds"] == {"seed_everything": 42, "data": 42} and built["alphas"] == [0.1]
     stage = built["stages"]["base"]
     assert stage["kind"] == "full_model" and len(stage["fingerprint"]) == 16
+    # How the stage was computed, from its antidote_stage.json (saved here without a Trainer).
+    meta = json.loads((root / "stage" / "antidote_stage.json").read_text())
+    assert (
+        stage["threads"] == meta["threads"] >= 1 and stage["dtype"] == "fp32" and stage["precision"] is None
+    )
 
 
 def test_windows_name_the_exact_records(manifest):

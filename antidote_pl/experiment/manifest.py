@@ -7,7 +7,8 @@ It records
   of each source, and the exact record indices of every window drawn from them (harmful, task,
   realignment, task calibration, validation; evaluation harmful, task and FA-validation questions);
 * ``stages``: per stage output, its resolved ``config.yaml`` (sha256), base model source (and, for a
-  local or GGUF base, its hash), merged adapters, recorded data counts and a fingerprint of its files;
+  local or GGUF base, its hash), merged adapters, recorded data counts, the weight dtype, trainer
+  precision and torch thread count it was trained with, and a fingerprint of its files;
 * ``seeds``, ``libraries`` (torch, lightning, transformers, peft, datasets, python, ...), ``machine``
   (platform, CPU count, accelerator) and ``git`` (commit and dirty flag; ``None`` outside a git
   repository or without git).
@@ -289,6 +290,8 @@ def stage_entry(directory: str | os.PathLike) -> dict[str, Any]:
         "merged_adapters": [_model_source(a) for a in meta.get("merged_adapters") or []],
         "data": meta.get("data"),
         "global_step": meta.get("global_step"),
+        # How it was computed (None for stages written before these were recorded).
+        **{k: meta.get(k) for k in ("dtype", "precision", "threads", "deterministic_algorithms")},
     }
 
 

@@ -17,6 +17,10 @@ Two spellings, accepted wherever a model or tokenizer spec is (``model.model_nam
 
 Stage metadata records the spec, the resolved file and its SHA-256 (:func:`gguf_source`), so a
 result can be traced to the exact weights even though the spec itself is machine-independent.
+
+A process keeps one loaded copy per file and dtype; the dequantised weights are also cached on disk,
+keyed by the file's sha256 (:mod:`antidote_pl.models.gguf_cache`), so a later process reads them in
+about a second instead of dequantising the file again.
 """
 
 from __future__ import annotations
@@ -24,10 +28,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.models import gguf_cache
+
+log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
 GGUF_SUFFIX = ".gguf"
@@ -37,7 +47,8 @@ GGUF_SUFFIX = ".gguf"
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 # Dequantising takes seconds (the tokenizer alone ~5 s on 2 cores) and a pipeline reloads the base
 # for every stage, scoring pass and evaluation: keep one loaded copy per file version (and dtype)
-# in the process and hand out deep copies, so callers can still modify what they get.
+# in the process and hand out deep copies, so callers can still modify what they get. Other
+# processes read the dequantised weights from the on-disk cache (antidote_pl.models.gguf_cache).
 _LOADED: dict[tuple, Any] = {}
 
 
@@ -167,18 +178,40 @@ def load_gguf_causal_lm(spec: str, torch_dtype, field: str = "model.model_name_o
     """
     path = resolve_gguf(spec, field)
     _require_gguf_package(field, spec)
-    from transformers import AutoModelForCausalLM
-
-    def load():
-        return AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch_dtype, trust_remote_code=False, **kwargs
-        )
-
     key = ("model", *_file_key(path), str(torch_dtype), tuple(sorted(kwargs.items())))
     try:
-        return _cached_copy(key, load)
+        return _cached_copy(key, lambda: _load_dequantised(path, torch_dtype, kwargs))
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"{field}={spec!r} could not be loaded as a GGUF causal LM: {err}") from err
+
+
+def _load_dequantised(path: Path, torch_dtype, kwargs: dict[str, Any]):
+    """The model of a GGUF file, through the on-disk cache of its dequantised weights when it is on
+    (:mod:`antidote_pl.models.gguf_cache`): built from the file once, then read back from the cache."""
+    from transformers import AutoModelForCausalLM
+
+    def from_file(dtype):
+        return AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype, trust_remote_code=False, **kwargs
+        )
+
+    sha = file_sha256(path)
+    directory = gguf_cache.cache_dir(sha)
+    if directory is None:
+        return from_file(torch_dtype)
+    if not gguf_cache.is_valid(directory):
+        # Stored in fp32, the values dequantisation gives; other dtypes are cast from them on load.
+        full = from_file(torch.float32)
+        source = {"file": str(path), "sha256": sha, "bytes": path.stat().st_size}
+        try:
+            gguf_cache.write(directory, full, source)
+        except OSError as err:
+            log.warning("antidote_pl: could not cache the weights of %s in %s (%s)", path, directory, err)
+            return full if torch_dtype == torch.float32 else from_file(torch_dtype)
+    model = gguf_cache.load(directory, torch_dtype, **kwargs)
+    # Named as if read from the file (peft records the base's name in every adapter_config.json).
+    model.name_or_path = model.config._name_or_path = str(path.parent)
+    return model
 
 
 __all__ = [

@@ -9,26 +9,66 @@ entry point, and callbacks are swapped with an extra ``--config callbacks/<name>
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from jsonargparse.typing import register_type
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from antidote_pl.errors import ConfigError, bad_value
 from antidote_pl.models.loading import TINY_WORLD
 from antidote_pl.utils.console import StageProgressBar
+from antidote_pl.utils.threads import DEFAULT_THREADS, check_threads, set_threads
 
 DEFAULT_SEED = 42
+#: ``trainer.deterministic`` unless a config says otherwise: torch's deterministic algorithms,
+#: warning (not failing) on an op that has none. On CPU it changes no result and costs nothing
+#: measurable; on CUDA Lightning also sets the cuBLAS workspace it needs.
+DEFAULT_DETERMINISTIC = "warn"
+
+
+class ThreadCount:
+    """The type of the ``threads`` argument: an int >= 1 (see :mod:`antidote_pl.utils.threads`).
+
+    Registered with jsonargparse so that a bad value is the one-line :class:`ConfigError` of
+    :func:`~antidote_pl.utils.threads.check_threads`; parsed values are plain ints.
+    """
+
+
+register_type(ThreadCount, serializer=int, deserializer=lambda value: check_threads(value, "threads"))
+
+
+class PinThreads(Callback):
+    """Sets the stage's torch thread count for each run of its Trainer and restores the caller's after.
+
+    The CLI sets the count before the model is built; this keeps it when a caller interleaves runs
+    of several stages in one process (e.g. the re-attack trains one stage and evaluates with another).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = check_threads(threads)
+        self._previous: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._previous = set_threads(self.threads)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            set_threads(self._previous)
+            self._previous = None
 
 
 class AntidoteCLI(LightningCLI):
-    """LightningCLI with a fixed default seed, overwriting config saves, the ``pruner`` slot and the
-    model -> data links (:func:`link_model_to_data`)."""
+    """LightningCLI with a fixed default seed, a pinned torch thread count (``threads``, see
+    :mod:`antidote_pl.utils.threads`), deterministic algorithms, overwriting config saves, the
+    ``pruner`` slot and the model -> data links (:func:`link_model_to_data`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
@@ -48,6 +88,14 @@ class AntidoteCLI(LightningCLI):
         # A named slot for the pruning callback: swapping it is one extra --config with a `pruner:`
         # key, and it never collides with infrastructure callbacks in trainer.callbacks.
         parser.add_lightning_class_args(Callback, "pruner", subclass_mode=True, required=False)
+        parser.add_argument(
+            "--threads",
+            type=ThreadCount,
+            default=DEFAULT_THREADS,
+            help="torch CPU threads of this stage (a fixed number, so the result does not depend on "
+            "the machine's core count); recorded in antidote_stage.json and metrics.json",
+        )
+        parser.set_defaults({"trainer.deterministic": DEFAULT_DETERMINISTIC})
         link_model_to_data(parser)
         add_run_names(parser)
 
@@ -56,17 +104,14 @@ class AntidoteCLI(LightningCLI):
         follow_model_adapter(cfg)
 
     def parse_arguments(self, parser, args) -> None:
-        try:
+        with _config_errors_unwrapped():
             super().parse_arguments(parser, args)
-        except argparse.ArgumentError as err:
-            # A link's ConfigError (e.g. a data tokenizer that differs from the model's) arrives
-            # wrapped in jsonargparse's "Call to compute_fn ... failed"; report it as itself.
-            cause = err.__cause__
-            while cause is not None and not isinstance(cause, ConfigError):
-                cause = cause.__cause__
-            if cause is None:
-                raise
-            raise cause from None
+
+    def _set_seed(self) -> None:
+        # The seed and the thread count are the process-wide settings a stage fixes before any
+        # model work; subclasses that run nothing (validation) skip both by overriding this.
+        super()._set_seed()
+        set_threads(self._get(self.config, "threads"))
 
     def instantiate_classes(self) -> None:
         # jsonargparse builds `model` before `data`, `pruner` and callbacks, whose constructors only
@@ -84,6 +129,7 @@ class AntidoteCLI(LightningCLI):
     def _instantiate_trainer(self, config, callbacks):
         # An empty `pruner:` slot (no pruning configured) is None, not a callback.
         callbacks = [c for c in callbacks if c is not None]
+        callbacks.append(PinThreads(self._get(self.config, "threads")))
         given = list(callbacks) + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in given
@@ -127,7 +173,8 @@ class _OverridingCLI(AntidoteCLI):
         target = self.config[sub] if sub else self.config
         for key, value in self._overrides.items():
             target[key] = value
-        self.config = parser.parse_object(self.config)
+        with _config_errors_unwrapped():
+            self.config = parser.parse_object(self.config)
 
 
 class _ValidatingCLI(_OverridingCLI):
@@ -138,6 +185,24 @@ class _ValidatingCLI(_OverridingCLI):
 
     def instantiate_classes(self) -> None:
         self._prevalidate()
+
+
+@contextlib.contextmanager
+def _config_errors_unwrapped() -> Iterator[None]:
+    """Re-raises a :class:`ConfigError` that jsonargparse wrapped in a parse error as itself.
+
+    A link's or an argument type's ConfigError (e.g. a data tokenizer that differs from the model's,
+    ``threads: 0``) arrives wrapped in jsonargparse's errors, as the cause or the context.
+    """
+    try:
+        yield
+    except argparse.ArgumentError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _config_args(configs: Sequence[str], args: Sequence[str]) -> list[str]:
@@ -160,9 +225,14 @@ def run_fit(
             ``overrides:`` list), applied after the files and before ``overrides``.
 
     Returns:
-        The CLI, after the fit finished.
+        The CLI, after the fit finished. The caller's torch thread count is restored (the stage ran
+        with its own ``threads``).
     """
-    return _OverridingCLI(args=["fit", *_config_args(configs, args)], overrides=overrides)
+    previous = torch.get_num_threads()
+    try:
+        return _OverridingCLI(args=["fit", *_config_args(configs, args)], overrides=overrides)
+    finally:
+        set_threads(previous)
 
 
 def build_cli(
@@ -174,6 +244,8 @@ def build_cli(
     """Builds model, data module and trainer of a config without running anything.
 
     Arguments as :func:`run_fit`; the caller runs e.g. ``cli.trainer.test(cli.model, cli.datamodule)``.
+    The model is built with the config's ``threads``, which stays set; each run of the trainer sets
+    it again and restores what it found (:class:`PinThreads`).
     ``save_config=False`` leaves out Lightning's SaveConfigCallback, for a caller that fits a run
     writing no stage (it would otherwise drop a ``config.yaml`` into the working directory).
     """

@@ -435,6 +435,11 @@ class CausalLMSFTModule(L.LightningModule):
             "base_source": gguf_source(hp.model_name_or_path),
             "tokenizer": self.tokenizer_spec,
             "dtype": hp.dtype,
+            # How it was computed: with the thread count and precision a result is bit-reproducible
+            # on the same CPU type (antidote_pl.utils.threads).
+            "threads": torch.get_num_threads(),
+            "precision": str(self.trainer.precision) if self._trainer is not None else None,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "defense": None if self.defense is None else type(self.defense).__name__,
             "trainable_parameters": self.trainable_parameter_count(),
             "global_step": self.trainer.global_step if self._trainer is not None else None,
