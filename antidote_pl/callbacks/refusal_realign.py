@@ -67,7 +67,7 @@ class RefusalRealignCallback(BaseRepairCallback):
     """Refusal re-alignment: the user's adapter trained ``epochs`` more epochs on ``k`` refusal pairs.
 
     Args:
-        value: Epochs (an int >= 0; 0: the fine-tuned model).
+        value: Epochs (a whole number >= 0, e.g. 3 or 3.0; 0: the fine-tuned model).
         k: Number of (harmful prompt, refusal) pairs, the first ``k`` of the realignment window.
         learning_rate: AdamW learning rate (no weight decay, constant).
         batch_size: Pairs per step (null: all ``k`` in one batch).
@@ -84,7 +84,7 @@ class RefusalRealignCallback(BaseRepairCallback):
 
     def __init__(
         self,
-        value: int = 3,
+        value: float = 3,
         k: int = 8,
         learning_rate: float = 1e-4,
         batch_size: int | None = None,

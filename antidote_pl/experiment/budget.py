@@ -20,6 +20,11 @@ is **noise-limited** when that interval is wider than the budget (``noise_limite
 validation split cannot tell a drop inside the budget from one outside it, so the chosen alpha is
 decided by noise as much as by the budget.
 
+**Any repair's knob.** A weight-editing repair's rows carry their ``knob`` and its ``neutral`` value
+(``alpha`` holds the knob value); "the largest alpha" generalises to the *strongest* setting, the
+one farthest from the neutral value in the knob's direction (:func:`strength`: a larger alpha, beta,
+threshold or number of epochs; a smaller lambda or Safe Delta budget).
+
 Rows are the pipeline report's rows: dicts with ``method``, ``alpha``, ``harmful_score``,
 ``n_harmful_score``, ``finetune_accuracy``, ``n_finetune_accuracy``, ``finetune_accuracy_val`` and
 optionally ``removed_fraction``; the unrepaired model is the row with ``method == "none"``.
@@ -41,12 +46,28 @@ VAL_KEY = "finetune_accuracy_val"
 _EPS = 1e-9
 
 
+def format_knob(row: Mapping[str, Any]) -> str:
+    """A setting as the tables print it: the alpha, or ``<knob>=<value>`` for another repair's knob."""
+    knob = row.get("knob")
+    return f"{row['alpha']:g}" if knob in (None, "alpha") else f"{knob}={row['alpha']:g}"
+
+
+def strength(row: Mapping[str, Any]) -> float:
+    """How strong a row's repair setting is: its knob value, negated when the knob's neutral value
+    is above it (lambda 1, Safe Delta's infinite budget), so larger is always stronger."""
+    value = float(row["alpha"])
+    return -value if float(row.get("neutral", 0.0)) > value else value
+
+
+def _swept(row: Mapping[str, Any]) -> bool:
+    """A repair setting: a pruning alpha > 0, or any value of a weight-editing repair's knob."""
+    return "knob" in row or (row.get("alpha") or 0) > 0
+
+
 def _sweep_methods(rows: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
-    """Methods with swept (alpha > 0) rows, in first-seen order, excluding references."""
+    """Methods with swept rows, in first-seen order, excluding references."""
     names = (
-        r["method"]
-        for r in rows
-        if r.get("method") != baseline and not r.get("reference") and (r.get("alpha") or 0) > 0
+        r["method"] for r in rows if r.get("method") != baseline and not r.get("reference") and _swept(r)
     )
     return list(dict.fromkeys(names))
 
@@ -119,7 +140,7 @@ def select_under_budget(
         if missing:
             raise bad_value(f"rows[{method}].{VAL_KEY}", f"missing at alpha {missing}", "a validation FA")
         ok = [r for r in sweep if base - float(r[VAL_KEY]) <= fa_budget + _EPS]
-        best = max(ok, key=lambda r: r["alpha"], default=None)
+        best = max(ok, key=strength, default=None)
         selected = _selected(method, fa_budget, base, best)
         if best is not None:
             selected.update(drop_interval(base_row, best, fa_budget, val_outcomes or {}))
@@ -128,7 +149,7 @@ def select_under_budget(
 
 
 def _selected(method: str, budget: float, base: float, row: Mapping[str, Any] | None) -> dict[str, Any]:
-    keys = ("alpha", "removed_fraction", "harmful_score", "n_harmful_score", "finetune_accuracy")
+    keys = ("alpha", "knob", "removed_fraction", "harmful_score", "n_harmful_score", "finetune_accuracy")
     keys += ("n_finetune_accuracy", VAL_KEY, f"n_{VAL_KEY}")
     picked = {k: (row.get(k) if row is not None else None) for k in keys}
     drop = None if row is None else base - float(row[VAL_KEY])
@@ -263,7 +284,7 @@ def selections_markdown(selections: Sequence[Mapping[str, Any]]) -> str:
             [
                 f"{s['fa_budget']:g}",
                 s["method"],
-                "none qualifies" if none else f"{s['alpha']:g}",
+                "none qualifies" if none else format_knob(s),
                 removed,
                 "-" if none else format_rate(s["harmful_score"], s["n_harmful_score"]),
                 "-" if none else format_rate(s["finetune_accuracy"], s["n_finetune_accuracy"]),
@@ -272,12 +293,13 @@ def selections_markdown(selections: Sequence[Mapping[str, Any]]) -> str:
                 "-" if none else _noise_cell(s),
             ]
         )
-    headers = ["FA budget (points)", "method", "alpha", "removed %", "HS % (test)", "FA % (test)"]
+    headers = ["FA budget (points)", "method", "alpha / knob", "removed %", "HS % (test)", "FA % (test)"]
     headers += ["FA % val (change)", "val FA drop [95% CI]", "noise-limited"]
     intro = (
         "## HS at FA budget\n\n"
-        "Per method, the largest alpha whose fine-tune accuracy on *validation* questions is at most "
-        "the budget below the unrepaired model's; HS and FA of that alpha on the disjoint *test* "
+        "Per method, the strongest setting (the largest alpha; for other repairs, the knob value "
+        "farthest from its neutral one) whose fine-tune accuracy on *validation* questions is at most "
+        "the budget below the unrepaired model's; HS and FA of that setting on the disjoint *test* "
         "questions (Wilson 95% interval in brackets). The validation FA drop carries its 95% interval "
         f"({_interval_note(selections)}); a choice whose interval is wider than the budget is "
         "*noise-limited*: the validation questions cannot tell a drop within the budget from one "

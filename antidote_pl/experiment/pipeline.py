@@ -12,16 +12,17 @@
    ``tokenizer`` for a stage that trains a tokenizer), in order. A stage whose output directory
    already holds a finished result for the same configs (and the same upstream stages) is reused;
    ``--force true`` reruns everything.
-3. :meth:`~Pipeline.score`: the fine-tuned model is scored once per repair method, through the
-   method's own callback fragment (``callbacks/*.yaml``) with every alpha as its ``sweep_alphas``:
-   one scoring pass saves the masks of every alpha (and the scores).
+3. :meth:`~Pipeline.score`: the fine-tuned model is repaired once per method, through the
+   method's own callback fragment (``callbacks/*.yaml``) with every knob value of its sweep (the
+   ``alphas`` of a pruning method as ``sweep_alphas``; a weight-editing method's ``values`` as
+   ``sweep_values``): one run saves the result of every value.
 4. :meth:`~Pipeline.sweep_and_evaluate`: the reference stages (e.g. aligned, fine-tuned), the
-   unrepaired model and every (method, alpha), by applying the saved masks
-   (:class:`~antidote_pl.pruning.artifacts.RepairArtifacts`) to the adapter in memory and
-   restoring it afterwards; then :meth:`~Pipeline.run_baselines` trains and evaluates the baseline
-   defenses.
+   unrepaired model and every (method, value), by applying the saved masks or edits
+   (:func:`~antidote_pl.experiment.sweep.read_sweep`) to the adapter in memory and restoring it
+   afterwards; then :meth:`~Pipeline.run_baselines` trains and evaluates the baseline defenses.
 5. :meth:`~Pipeline.reattack` (with a ``durability:`` block): the same harmful fine-tuning
-   continued from the unrepaired model and from chosen repairs (:mod:`antidote_pl.experiment.reattack`).
+   continued from the unrepaired model and from chosen repairs, at one alpha or at each method's
+   FA-budget choice (:mod:`antidote_pl.experiment.reattack`).
 6. :meth:`~Pipeline.write_report`: ``report.json``, ``report.md`` (the table, then HS at an FA
    budget, judge agreement, mask overlaps and the re-attack: :mod:`antidote_pl.experiment.sections`),
    ``report.png`` (:mod:`antidote_pl.experiment.report`) and ``manifest.json``
@@ -42,8 +43,10 @@ from typing import Any
 
 import torch
 
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import bad_value, check_number
+from antidote_pl.experiment.budget import select_under_budget
 from antidote_pl.experiment.cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
+from antidote_pl.experiment.leaderboard import leaderboard, leaderboard_markdown
 from antidote_pl.experiment.manifest import (
     build_manifest,
     datamodule_from_config,
@@ -66,18 +69,19 @@ from antidote_pl.experiment.specs import (
     RepairSpec,
     StageSpec,
     check_last_is_fit,
+    check_method_kind,
     config_text,
     read_config,
     run_inputs,
+    run_stage_command,
     stage_output_dir,
     stage_text,
+    validate_stage,
 )
-from antidote_pl.experiment.sweep import AdapterSweep, evaluate_stage
-from antidote_pl.pruning import find_targets, overall_fraction
+from antidote_pl.experiment.sweep import AdapterSweep, evaluate_stage, read_sweep
 from antidote_pl.pruning.artifacts import RepairArtifacts
 from antidote_pl.pruning.select import check_alpha
 from antidote_pl.stages.cli import run_fit, validate_config
-from antidote_pl.stages.tokenizer import parse_tokenizer_config, run_tokenizer
 from antidote_pl.utils.console import say
 from antidote_pl.utils.io import claim_output_dir, mark_output_dir, overlap
 
@@ -88,23 +92,6 @@ OVERWRITE = {"model.init_args.overwrite": True}
 #: Scoring and repair runs print no progress bar (there is no training to follow).
 QUIET = {"trainer.enable_progress_bar": False}
 _key = cache_key
-
-
-def _run_command(spec: StageSpec) -> None:
-    """Runs one training stage through the Python API."""
-    if spec.command == "tokenizer":
-        run_tokenizer(spec.configs, spec.overrides, {"overwrite": True})
-    else:
-        run_fit(spec.configs, OVERWRITE, args=spec.overrides)
-
-
-def _validate_stage(spec: StageSpec) -> dict[str, Any] | None:
-    """Parses a stage's configs; for a model stage, returns its seeds (for the manifest)."""
-    if spec.command == "tokenizer":
-        parse_tokenizer_config(spec.configs, spec.overrides)
-        return None
-    cfg = validate_config(spec.configs, spec.overrides)
-    return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -147,6 +134,7 @@ class Pipeline:
         self.primary_judge = "primary"  # the evaluator's judge class, once built
         self.curves: dict[str, Any] = {}  # re-attack curves, when configured
         self.stage_seeds: dict[str, Any] = {}  # model stage -> its seeds, once validated
+        self.sweep_model: torch.nn.Module | None = None  # the evaluated fine-tuned model, once loaded
 
     def run(self) -> dict[str, Any]:
         """Runs every step and writes the report; see the module docstring.
@@ -210,6 +198,13 @@ class Pipeline:
         self.alphas = sorted({check_alpha(a, "repair.alphas") for a in self.repair.alphas})
         if not self.alphas:
             raise bad_value("repair.alphas", self.repair.alphas, "at least one alpha in (0, 1)")
+        for method, values in self.repair.values.items():
+            if method not in self.repair.methods:
+                raise bad_value(
+                    "repair.values", method, f"a method of repair.methods {list(self.repair.methods)}"
+                )
+            if not isinstance(values, list) or not values:
+                raise bad_value(f"repair.values.{method}", values, "a non-empty list of knob values")
 
     def _check_references(self) -> None:
         names = [s.name for s in self.stages]
@@ -243,11 +238,12 @@ class Pipeline:
         # Each model stage's seeds, as parsed here, go into the manifest.
         self.stage_seeds = {}
         for spec in self.all_stages:
-            seeds = _validate_stage(spec)
+            seeds = validate_stage(spec)
             if seeds is not None:
                 self.stage_seeds[spec.name] = seeds
         for method, fragment in self.repair.methods.items():
-            values = self._score_values(self.out / "scores" / method)
+            check_method_kind(method, [*self.repair.configs, fragment], method in self.repair.values)
+            values = self._score_values(self.out / "scores" / method, method)
             validate_config([*self.repair.configs, fragment], self.repair.args(method), values)
         for base in self.baselines:
             if base.repair_fragment is not None:
@@ -259,7 +255,12 @@ class Pipeline:
         if d is None:
             return
         check_checkpoints(d.checkpoints)
-        if d.alpha not in self.alphas:
+        if d.from_budget is not None:
+            check_number("durability.from_budget", d.from_budget, low=0.0)
+        unknown = [m for m in d.budget_methods or () if m not in self.repair.methods]
+        if unknown:
+            raise bad_value("durability.budget_methods", unknown, f"methods from {list(self.repair.methods)}")
+        if d.methods and d.alpha not in self.alphas:
             raise bad_value("durability.alpha", d.alpha, f"one of repair.alphas {self.alphas}")
         unknown = [m for m in d.methods if m not in self.repair.methods]
         if unknown:
@@ -282,7 +283,9 @@ class Pipeline:
             say(f"{label} {spec.name}: reusing {directory}")
             return key
         say(f"{label} {spec.name}: training -> {directory}")
-        self._timed_step(StageOutput(Path(directory)), key, f"stage/{spec.name}", _run_command, spec)
+        self._timed_step(
+            StageOutput(Path(directory)), key, f"stage/{spec.name}", run_stage_command, spec, OVERWRITE
+        )
         return key
 
     def _reused(self, output: StageOutput, key: str, step: str) -> bool:
@@ -313,34 +316,31 @@ class Pipeline:
         for method, fragment in self.repair.methods.items():
             self.score_keys[method] = self._score_method(method, fragment)
 
-    def _score_values(self, directory: Path) -> dict[str, Any]:
-        """What a scoring run sets: the smallest alpha applied, every alpha's masks saved."""
+    def _score_values(self, directory: Path, method: str) -> dict[str, Any]:
+        """What a method's one repair run sets: its first knob value applied, every value's result
+        saved (a pruning method's masks and scores; a weight-editing method's edits)."""
+        common = {"model.init_args.output_dir": str(directory), **OVERWRITE, **QUIET}
+        if method in self.repair.values:
+            values = self.repair.swept(method, self.alphas)
+            return {"pruner.init_args.value": values[0], "pruner.init_args.sweep_values": values, **common}
         return {
             "pruner.init_args.alpha": self.alphas[0],
             "pruner.init_args.sweep_alphas": self.alphas,
             "pruner.init_args.save_scores": True,
-            "model.init_args.output_dir": str(directory),
-            **OVERWRITE,
-            **QUIET,
+            **common,
         }
 
     def _score_method(self, method: str, fragment: str) -> str:
         directory = self.out / "scores" / method
         extra = self.repair.args(method)
-        sweep = ["sweep_alphas", *map(str, self.alphas)]
+        sweep = ["sweep_alphas", *map(str, self.repair.swept(method, self.alphas))]
         key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra)
         if self._reused(StageOutput(directory), key, f"scores/{method}"):
             say(f"scores {method}: reusing {directory}")
             return key
         say(f"scores {method}: scoring {self.finetuned} once")
         with self.times.timed(f"scores/{method}"):
-            run_fit([*self.repair.configs, fragment], self._score_values(directory), args=extra)
-        missing = sorted(set(self.alphas) - set(RepairArtifacts.read(directory).alphas))
-        if missing:
-            raise ConfigError(
-                f"repair.methods.{method}={fragment!r} saved no masks for alphas {missing}; "
-                "use a prune callback that takes sweep_alphas."
-            )
+            run_fit([*self.repair.configs, fragment], self._score_values(directory, method), args=extra)
         StageOutput(directory).mark_done(key, self.times.ran[f"scores/{method}"])
         return key
 
@@ -352,6 +352,7 @@ class Pipeline:
             row = self._stage_row(name, directory, StageOutput(Path(directory)).done_key)
             self.rows.append({**row, "reference": True})
         sweep = AdapterSweep(self.evaluation, self.finetuned)
+        self.sweep_model = sweep.model  # the re-attack checks its variants against these weights
         self.primary_judge = type(sweep.evaluator.judge).__name__
         # Keys of results computed on the fine-tuned weights also cover those files.
         self.finetuned_files = stage_fingerprint(self.finetuned)
@@ -363,40 +364,31 @@ class Pipeline:
             self._evaluate_method(sweep, method)
 
     def _evaluate_method(self, sweep: AdapterSweep, method: str) -> None:
-        artefacts, targets, by_alpha = self._masks_by_alpha(sweep.model, self.out / "scores" / method)
-        for alpha, masks in by_alpha.items():
-            # The key covers the artefacts read, so edited masks are never served from cache.
-            key = _key(self.score_keys[method], self.eval_text, str(alpha), artefacts, self.finetuned_files)
-            say(f"evaluate {method} alpha={alpha}")
-            result = self.results.get(
-                f"{method}_a{alpha:g}", key, lambda d, m=masks: sweep.evaluate_masked(targets, m, d)
+        values = self.repair.swept(method, self.alphas)
+        saved = read_sweep(self.out / "scores" / method, sweep.model, values, f"repair.methods.{method}")
+        for value in values:
+            tensors = saved.tensors(value)
+            # The key covers the artefacts read, so edited masks or edits are never served from cache.
+            key = _key(
+                self.score_keys[method], self.eval_text, str(value), saved.fingerprint, self.finetuned_files
             )
-            if self._keeps_masks(method, alpha):
-                self.masks[(method, alpha)] = masks
-            row = {"method": method, "alpha": alpha, "removed_fraction": overall_fraction(masks)}
+            say(f"evaluate {method} {saved.report.get('knob', 'alpha')}={value:g}")
+            result = self.results.get(
+                f"{method}_a{value:g}", key, lambda d, t=tensors: saved.evaluate(sweep, t, d)
+            )
+            if saved.kind == "prune" and self._keeps_masks(method, value):
+                self.masks[(method, value)] = tensors
+            row = {"method": method, "alpha": value, **saved.row(value, tensors)}
             self.rows.append({**row, **result})
 
     def _keeps_masks(self, method: str, alpha: float) -> bool:
-        """Whether the report's mask analysis or the re-attack needs this mask after its evaluation.
+        """Whether the report's mask analysis needs this mask after its evaluation.
 
         Only those are held: on a 7B model with ``linear`` targets every mask is the size of the
-        model, so holding the whole sweep would not fit in memory.
+        model, so holding the whole sweep would not fit in memory (the re-attack reads its variants
+        back from disk).
         """
-        d = self.durability
-        return (
-            alpha == focus_alpha(self.alphas)
-            or method == next(iter(self.repair.methods))
-            or (d is not None and alpha == d.alpha and method in d.methods)
-        )
-
-    def _masks_by_alpha(self, model, directory: Path):
-        """The scoring run's fingerprint, the targets of ``model`` and the saved mask of every alpha."""
-        art = RepairArtifacts.read(directory)
-        meta = art.report
-        targets = find_targets(model, meta["target"], meta["adapter_name"], meta["include"])
-        # The saved scores check that the run scored this very adapter (fingerprint, names, shapes).
-        art.scores({n: t.param for n, t in targets.items()})
-        return art.fingerprint, targets, {alpha: art.masks(alpha) for alpha in self.alphas}
+        return alpha == focus_alpha(self.alphas) or method == next(iter(self.repair.methods))
 
     def _stage_row(self, name: str, directory: str | Path, stage_key: str) -> dict[str, Any]:
         """Evaluates a stage output directory (merged), cached by the stage's key and the eval config."""
@@ -459,21 +451,33 @@ class Pipeline:
         if d is None:
             return
         steps = [str(c) for c in check_checkpoints(d.checkpoints)]
-        scored = [self.score_keys[m] for m in d.methods]
-        key = _key(self.upstream, self.eval_text, self.finetuned_files, str(d.alpha), *steps, *scored)
-        who = ", ".join(["none", *d.methods])
-        say(f"re-attack {who} (alpha {d.alpha:g}) to step {steps[-1]}")
-        self.curves = self.results.get("reattack", key, lambda _dir: self._reattack_curves(d))
+        chosen = self._reattack_choices(d)
+        scored = [f"{m}={v!r}:{self.score_keys[m]}" for m, v in chosen]
+        key = _key(self.upstream, self.eval_text, self.finetuned_files, *steps, *scored)
+        who = ", ".join(["none", *(variant_name(m, v) for m, v in chosen)])
+        say(f"re-attack {who} to step {steps[-1]}")
+        self.curves = self.results.get("reattack", key, lambda _dir: self._reattack_curves(d, chosen))
 
-    def _reattack_curves(self, d: DurabilitySpec) -> dict[str, Any]:
+    def _reattack_choices(self, d: DurabilitySpec) -> list[tuple[str, float]]:
+        """The (method, knob value) pairs re-attacked: ``methods`` at ``alpha``, then, with
+        ``from_budget``, each of ``budget_methods`` at its FA-budget choice (pairs once each)."""
+        pairs = [(m, d.alpha) for m in d.methods]
+        if d.from_budget is not None:
+            methods = d.budget_methods or list(self.repair.methods)
+            picks = select_under_budget(self.rows, d.from_budget, methods=methods)
+            pairs += [(p["method"], p["alpha"]) for p in picks if p["alpha"] is not None]
+        return list(dict.fromkeys(pairs))
+
+    def _reattack_curves(self, d: DurabilitySpec, chosen: list[tuple[str, float]]) -> dict[str, Any]:
         variants: dict[str, Any] = {"none": (None, None)}
         # Step 0 is the repaired model itself: its sweep row (same evaluation config) is reused.
         evaluated = {"none": self._sweep_result("none", 0.0)}
-        for method in d.methods:
-            report = RepairArtifacts.read(self.out / "scores" / method).report
-            name = variant_name(method, d.alpha)
-            variants[name] = (self.masks[(method, d.alpha)], report)
-            evaluated[name] = self._sweep_result(method, d.alpha)
+        for method, value in chosen:
+            directory = self.out / "scores" / method
+            saved = read_sweep(directory, self.sweep_model, [value], f"durability.{method}")
+            name = variant_name(method, value)
+            variants[name] = (saved.tensors(value), saved.report)
+            evaluated[name] = self._sweep_result(method, value)
         stage = self.stages[-1]
         return reattack_from_configs(
             stage.configs,
@@ -497,14 +501,18 @@ class Pipeline:
         """The report's analysis (JSON) and sections (markdown): FA budget, judges, masks, durability."""
         methods = list(self.repair.methods)
         budget, budget_md = budget_section(self.rows, methods, self.out / "results")
-        swept = [f"{m}_a{a:g}" for m in methods for a in self.alphas]
+        swept = [f"{m}_a{a:g}" for m in methods for a in self.repair.swept(m, self.alphas)]
         names = [*(f"ref_{r}" for r in self.references), "none", *swept]
         pairs, agreement_md = agreement_section(self.out / "results", names, self.primary_judge)
-        masks, masks_md = mask_section(self.masks, methods, self.alphas, self.out)
+        pruning = [m for m in methods if m not in self.repair.values]
+        masks, masks_md = mask_section(self.masks, pruning, self.alphas, self.out)
         analysis = {"fa_budget": budget, "judge_agreement": pairs, "masks": masks, "reattack": self.curves}
         seed = self.stage_seeds.get(self.stages[-1].name, {}).get("seed_everything")
         durability_md = durability_section(self.curves, self.out, seed)
-        sections = [budget_md, agreement_md, masks_md, durability_md]
+        run = {"rows": self.rows, "methods": methods, "analysis": analysis}
+        analysis["leaderboard"] = leaderboard({seed: run})
+        board_md = leaderboard_markdown(analysis["leaderboard"], self.primary_judge)
+        sections = [budget_md, board_md, agreement_md, masks_md, durability_md]
         return analysis, [s for s in sections if s]
 
     def manifest(self) -> dict[str, Any]:
@@ -529,6 +537,7 @@ class Pipeline:
         tokenizers = {s.name: file_entries([self.stage_dirs[s.name]]) for s in specs if s.command != "fit"}
         extra = {
             "alphas": self.alphas,
+            "values": self.repair.values,
             "methods": list(self.repair.methods),
             "output_dir": self.output_dir,
             "tokenizer_stages": tokenizers,
@@ -551,6 +560,7 @@ class Pipeline:
         report = {
             "rows": self.rows,
             "alphas": self.alphas,
+            "values": self.repair.values,
             "methods": list(self.repair.methods),
             "stages": self.stage_dirs,
             "analysis": analysis,

@@ -39,6 +39,7 @@ import torch
 from antidote_pl.errors import ConfigError, bad_value, check_int
 from antidote_pl.pruning.apply import apply_target_masks_
 from antidote_pl.pruning.targets import find_targets
+from antidote_pl.repair.artifacts import apply_edits_
 from antidote_pl.stages.cli import build_cli
 from antidote_pl.utils.intervals import cell_distances
 from antidote_pl.utils.io import save_png
@@ -140,6 +141,29 @@ class _SnapshotCallback(L.Callback):
             self.snapshots.append(self.repair.snapshot(pl_module.model, step))
 
 
+def _apply_repair(model: torch.nn.Module, tensors: Masks | None, report: Mapping[str, Any] | None) -> _Repair:
+    """Applies a repair before the re-attack: a pruning repair's masks (``report`` is ``mask.json``)
+    or a weight-editing repair's edits (``report`` is ``repair.json``, which names a ``knob``)."""
+    if tensors is None:
+        return _Repair(None, {}, None)
+    if report is None:
+        raise bad_value(
+            "mask_report", None, "the repair's report (mask.json or repair.json) with its tensors"
+        )
+    params = dict(model.named_parameters())
+    if "knob" in report:
+        apply_edits_(params, tensors)
+        # Edited frozen tensors (base weights) change once, here; every snapshot carries them.
+        frozen = {n: params[n].detach().to("cpu", copy=True) for n in tensors if not params[n].requires_grad}
+        return _Repair(None, frozen, None)
+    norm_before = _masked_norm(model, tensors)
+    apply_repair_(model, tensors, report)
+    # Masked frozen tensors (lora_delta's base weights) change once, here; every snapshot carries
+    # them so the evaluated model is the attacked one.
+    frozen = {n: params[n].detach().to("cpu", copy=True) for n in tensors if not params[n].requires_grad}
+    return _Repair(tensors, frozen, norm_before)
+
+
 def continue_attack(
     module: L.LightningModule,
     datamodule: L.LightningDataModule,
@@ -156,8 +180,9 @@ def continue_attack(
         datamodule: The harmful fine-tuning data (e.g. the fine-tuning stage's
             ``HarmfulFinetuneDataModule``).
         checkpoints: Optimiser steps at which to snapshot, e.g. ``[0, 10, 20]``.
-        masks: The repair's masks (parameter layout), or ``None`` for the unrepaired model.
-        mask_report: The repair's report (needed with ``masks``).
+        masks: The repair's masks (parameter layout), a weight-editing repair's edits (parameter
+            name -> new value), or ``None`` for the unrepaired model.
+        mask_report: The repair's report (needed with ``masks``): ``mask.json`` or ``repair.json``.
         trainer: Trainer for the continued fine-tuning; its ``max_steps`` must be
             ``max(checkpoints)``. Default: a quiet one-device trainer.
 
@@ -165,16 +190,7 @@ def continue_attack(
         One :class:`Snapshot` per checkpoint, in step order.
     """
     steps = check_checkpoints(checkpoints)
-    norm_before = _masked_norm(module.model, masks)
-    if masks is not None:
-        if mask_report is None:
-            raise bad_value("mask_report", None, "the repair's report (mask.json) when masks are given")
-        apply_repair_(module.model, masks, mask_report)
-    # Masked frozen tensors (lora_delta's base weights) change once, here; every snapshot carries
-    # them so the evaluated model is the attacked one.
-    params = dict(module.model.named_parameters())
-    frozen = {n: params[n].detach().to("cpu", copy=True) for n in masks or () if not params[n].requires_grad}
-    repair = _Repair(masks, frozen, norm_before)
+    repair = _apply_repair(module.model, masks, mask_report)
     first = repair.snapshot(module.model, 0)
     if steps[-1] == 0:
         return [first]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from antidote_pl.experiment.budget import format_knob as knob_text
 from antidote_pl.utils.intervals import interval_distances
 from antidote_pl.utils.io import atomic_write_json, atomic_write_text, save_png
 from antidote_pl.utils.tables import format_rate
@@ -21,13 +22,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     # Extra judges (StageEvaluator.extra_judges) get one HS column each; none for a single judge.
     extra = extra_judge_names(report["rows"])
     lines = [
-        "| variant | alpha | removed % | HS % | "
+        "| variant | alpha / knob | removed % | HS % | "
         + "".join(f"HS {name} % | " for name in extra)
         + "FA % | coherent % | harmful prompts | task questions |",
         "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|---|",
     ]
     for r in report["rows"]:
-        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        alpha = format_knob(r)
         removed = "-" if r.get("removed_fraction") is None else f"{100 * r['removed_fraction']:.1f}"
         n_hs, n_fa = r.get("n_harmful_score", 0), r.get("n_finetune_accuracy", 0)
         lines.append(
@@ -38,6 +39,11 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"{n_hs} | {n_fa} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def format_knob(row: dict[str, Any]) -> str:
+    """A row's knob setting (:func:`antidote_pl.experiment.budget.format_knob`), ``-`` for a stage."""
+    return "-" if row.get("alpha") is None else knob_text(row)
 
 
 def _error_bars(points: list[dict[str, Any]], key: str, n_key: str) -> list[list[float]]:

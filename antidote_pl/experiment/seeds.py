@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from antidote_pl.errors import bad_value
+from antidote_pl.experiment.leaderboard import leaderboard, leaderboard_markdown
 from antidote_pl.experiment.pipeline import run_pipeline
-from antidote_pl.experiment.report import extra_judge_names
+from antidote_pl.experiment.report import extra_judge_names, format_knob
 from antidote_pl.experiment.sections import seeds_analysis_markdown
 from antidote_pl.experiment.specs import run_inputs
 from antidote_pl.utils.intervals import cell_bounds, cell_distances
@@ -242,6 +243,9 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
     out_rows = []
     for key in order:
         row: dict[str, Any] = {"method": key[0], "alpha": key[1], "n_seeds": len(seeds)}
+        for same in ("knob", "neutral"):  # a weight-editing repair's knob, the same in every seed
+            if same in by_seed[seeds[0]][key]:
+                row[same] = by_seed[seeds[0]][key][same]
         for m in metrics:
             values = [by_seed[s][key].get(m) for s in seeds]
             values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
@@ -263,6 +267,7 @@ def aggregate(reports: dict[int, dict[str, Any]], shared_stages: list[str] | Non
         "primary_judge": first.get("primary_judge"),
         # Each seed's analyses (FA budget, judges, masks, re-attack), summarised across seeds.
         "analysis": {s: reports[s]["analysis"] for s in seeds if reports[s].get("analysis")},
+        "leaderboard": leaderboard(reports) if all(reports[s].get("analysis") for s in seeds) else None,
     }
 
 
@@ -296,11 +301,11 @@ def _primary(report: dict[str, Any]) -> str:
 def aggregate_markdown(report: dict[str, Any]) -> str:
     """The aggregate table: mean ± sample std over seeds per cell, prompts per seed, seeds."""
     extra = report["extra_judges"]
-    head = ["variant", "alpha", "removed %", f"HS {_primary(report)} %", *(f"HS {n} %" for n in extra)]
+    head = ["variant", "alpha / knob", "removed %", f"HS {_primary(report)} %", *(f"HS {n} %" for n in extra)]
     head += ["FA %", "coherent %", "harmful prompts / seed", "task questions / seed", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
-        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        alpha = format_knob(r)
         removed = "-" if r.get("removed_fraction_mean") is None else format_cell(r, "removed_fraction", 100)
         cells = [r["method"], alpha, removed, format_cell(r, "harmful_score")]
         cells += [format_cell(r, f"harmful_score/{n}") for n in extra]
@@ -339,6 +344,8 @@ def write_aggregate_report(report: dict[str, Any], out: Path, title: str = "anti
     body = aggregate_markdown(report) + seeds_analysis_markdown(
         report.get("analysis") or {}, out / "reattack.png"
     )
+    if report.get("leaderboard"):
+        body += "\n" + leaderboard_markdown(report["leaderboard"], _primary(report))
     atomic_write_text(out / "report.md", _aggregate_header(report, title) + body)
     plot_aggregate(report, out / "report.png")
 

@@ -7,13 +7,17 @@ before anything runs.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from antidote_pl.callbacks.repair import BaseRepairCallback
 from antidote_pl.errors import bad_value, check_choice
+from antidote_pl.stages.cli import run_fit, validate_config
+from antidote_pl.stages.tokenizer import parse_tokenizer_config, run_tokenizer
 
 STAGE_COMMANDS = ("fit", "tokenizer")
 
@@ -54,8 +58,11 @@ class RepairSpec:
     Args:
         config: Repair config (``fit`` with ``max_epochs: 0`` on the fine-tuned adapter), or a list
             of config files composed in order; each method's fragment is composed after them.
-        alphas: Fractions removed, each in (0, 1).
+        alphas: Fractions removed, each in (0, 1): the sweep of every pruning method.
         methods: Method name -> callback fragment (``callbacks/*.yaml``).
+        values: Method name -> its knob values, for every weight-editing method (a callback built on
+            :class:`~antidote_pl.callbacks.repair.BaseRepairCallback`: delta scaling, RESTA,
+            SafeLoRA, Safe Delta, refusal re-alignment), whose knobs are not fractions removed.
         overrides: Extra command-line arguments for every scoring run (e.g. the fine-tuned adapter
             of one seed, see :mod:`antidote_pl.experiment.seeds`).
         method_overrides: Method name -> extra arguments for that method's scoring run only (e.g.
@@ -67,11 +74,16 @@ class RepairSpec:
     methods: dict[str, str]
     overrides: list[str] = field(default_factory=list)
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def configs(self) -> list[str]:
         """The config files, in composition order."""
         return config_list(self.config)
+
+    def swept(self, method: str, alphas: list[float]) -> list[float]:
+        """The knob values ``method`` is evaluated at: its ``values``, else ``alphas``."""
+        return sorted(self.values[method]) if method in self.values else alphas
 
     def args(self, method: str) -> list[str]:
         """The user's extra arguments for ``method``'s scoring run."""
@@ -110,11 +122,18 @@ class DurabilitySpec:
         checkpoints: Optimiser steps at which HS/FA are measured, e.g. ``[0, 10, 20]``.
         alpha: The repair's alpha (one of ``repair.alphas``).
         methods: Repair methods re-attacked at that alpha (the unrepaired model always is).
+        from_budget: Also re-attack each of ``budget_methods`` at the knob value its validation split
+            chose under this FA budget (points; :mod:`antidote_pl.experiment.budget`), so the
+            leaderboard's "does it last" is measured on the setting it reports; a method with no
+            setting within the budget is not re-attacked.
+        budget_methods: The methods re-attacked at their budget choice (null: every repair method).
     """
 
     checkpoints: list[int]
     alpha: float = 0.1
     methods: list[str] = field(default_factory=lambda: ["wanda", "random"])
+    from_budget: float | None = None
+    budget_methods: list[str] | None = None
 
 
 def read_config(path: str, field: str) -> str:
@@ -215,3 +234,50 @@ def run_inputs(
         "evaluation": evaluation,
         "baselines": [c for b in baselines or [] for s in b.stages for c in s.configs],
     }
+
+
+def pruner_class(configs: list[str]) -> type | None:
+    """The class in the ``pruner:`` slot of composed configs (the last file that names one wins)."""
+    path = None
+    for config in configs:
+        pruner = (yaml.safe_load(Path(config).read_text()) or {}).get("pruner") or {}
+        path = pruner.get("class_path", path) if isinstance(pruner, dict) else path
+    if not path or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name, None)
+
+
+def check_method_kind(method: str, configs: list[str], has_values: bool) -> None:
+    """A weight-editing callback needs ``repair.values`` (its knob is no alpha); a pruning one must
+    have none (it is swept over ``repair.alphas``).
+
+    Raises:
+        ConfigError: naming the method, for either mismatch.
+    """
+    cls = pruner_class(configs)
+    name = getattr(cls, "__name__", "its callback")
+    edits = isinstance(cls, type) and issubclass(cls, BaseRepairCallback)
+    if edits and not has_values:
+        raise bad_value(
+            f"repair.values.{method}", None, f"the knob values of {name} (a weight-editing repair)"
+        )
+    if has_values and not edits:
+        raise bad_value(f"repair.values.{method}", "given", f"nothing: {name} is swept over repair.alphas")
+
+
+def run_stage_command(spec: StageSpec, overwrite: dict[str, Any]) -> None:
+    """Runs one training stage through the Python API."""
+    if spec.command == "tokenizer":
+        run_tokenizer(spec.configs, spec.overrides, {"overwrite": True})
+    else:
+        run_fit(spec.configs, overwrite, args=spec.overrides)
+
+
+def validate_stage(spec: StageSpec) -> dict[str, Any] | None:
+    """Parses a stage's configs; for a model stage, returns its seeds (for the manifest)."""
+    if spec.command == "tokenizer":
+        parse_tokenizer_config(spec.configs, spec.overrides)
+        return None
+    cfg = validate_config(spec.configs, spec.overrides)
+    return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
