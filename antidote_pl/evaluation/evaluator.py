@@ -31,6 +31,7 @@ from antidote_pl.models.loading import load_stage
 from antidote_pl.utils.io import (
     OutputLock,
     atomic_write_json,
+    atomic_write_text,
     check_apart_from_inputs,
     claim_output_dir,
     writable_dir,
@@ -312,6 +313,7 @@ class StageEvaluator(L.LightningModule):
         self.by_category: RateByCategory | None = None
         self.rows: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
+        self.resolved_config: str | None = None  # set by the CLI so that the output records it
 
     def _output_rules(self) -> dict[str, Any]:
         return {
@@ -429,6 +431,8 @@ class StageEvaluator(L.LightningModule):
             ) as out:
                 write_generations_jsonl(out / "generations.jsonl", rows)
                 atomic_write_json(out / "metrics.json", results)
+                if self.resolved_config is not None:
+                    atomic_write_text(out / "config.yaml", self.resolved_config)
             self.release_output()
 
 

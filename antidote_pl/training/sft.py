@@ -34,6 +34,7 @@ from antidote_pl.models.loading import (
     check_adapter_dir,
     load_causal_lm,
     load_tokenizer,
+    quiet_peft,
 )
 from antidote_pl.models.loading import (
     merge_adapters as merge_lora_adapters,
@@ -145,7 +146,9 @@ class CausalLMSFTModule(L.LightningModule):
     def _build_model(self) -> torch.nn.Module:
         """Loads the tokenizer and the base, merges earlier adapters, attaches the trained weights."""
         hp = self.hparams
-        self.tokenizer = load_tokenizer(self.tokenizer_spec, field="model.tokenizer")
+        # Named as the user set it: the tokenizer defaults to model_name_or_path.
+        field = "model.tokenizer" if hp.tokenizer is not None else "model.model_name_or_path"
+        self.tokenizer = load_tokenizer(self.tokenizer_spec, field=field)
         model = load_causal_lm(
             hp.model_name_or_path,
             hp.model_config,
@@ -214,7 +217,8 @@ class CausalLMSFTModule(L.LightningModule):
 
         if hp.adapter_path is not None:
             check_adapter_dir(hp.adapter_path, model, "model.adapter_path")
-            return PeftModel.from_pretrained(model, hp.adapter_path, is_trainable=True)
+            with quiet_peft():
+                return PeftModel.from_pretrained(model, hp.adapter_path, is_trainable=True)
 
         targets = list(hp.lora_target_modules or default_lora_target_modules(model))
         config = LoraConfig(
@@ -226,7 +230,8 @@ class CausalLMSFTModule(L.LightningModule):
             task_type="CAUSAL_LM",
         )
         try:
-            return get_peft_model(model, config)
+            with quiet_peft():
+                return get_peft_model(model, config)
         except ValueError as err:
             raise bad_value(
                 "model.lora_target_modules", targets, f"module names present in the model ({err})"

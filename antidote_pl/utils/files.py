@@ -1,11 +1,15 @@
 """Reading user-supplied and project-written files with errors that name the file.
 
-A raw ``JSONDecodeError`` or ``SafetensorError`` says what went wrong but not where; every reader
-here turns it into a :class:`~antidote_pl.errors.ConfigError` that starts with the file's path.
+A raw ``JSONDecodeError``, ``YAMLError`` or ``SafetensorError`` says what went wrong but not where;
+every reader here turns it into a :class:`~antidote_pl.errors.ConfigError` that starts with the
+file's path (and, for text that is not UTF-8, the byte offset in the whole file).
+
 """
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import os
 from pathlib import Path
@@ -30,9 +34,78 @@ def read_json_file(path: str | os.PathLike, what: str = "a JSON file") -> Any:
     except FileNotFoundError as err:
         raise bad_file(p, f"missing; expected {what}") from err
     except UnicodeDecodeError as err:
-        raise bad_file(p, f"not UTF-8 text ({err.reason} at byte {err.start}); expected {what}") from err
+        raise bad_file(p, f"{not_utf8(p, err)}; expected {what}") from err
     except json.JSONDecodeError as err:
         raise bad_file(p, f"invalid JSON ({err.msg}, line {err.lineno}); expected {what}") from err
+
+
+def read_yaml_file(path: str | os.PathLike, what: str = "a YAML config") -> Any:
+    """Reads a YAML file, refusing an empty one, with errors that name the file (not ``<unicode string>``).
+
+    Raises:
+        ConfigError: if the file is missing, not UTF-8, not valid YAML, or holds no document.
+    """
+    import yaml  # a jsonargparse dependency; only config readers need it
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise bad_file(p, f"missing; expected {what}") from err
+    except UnicodeDecodeError as err:
+        raise bad_file(p, f"{not_utf8(p, err)}; expected {what}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise bad_file(p, f"invalid YAML ({problem}{where}); expected {what}") from err
+    if data is None:
+        raise bad_file(p, f"empty (no YAML document); expected {what}")
+    return data
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")
+
+
+def first_non_utf8(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[int, int, str] | None:
+    """Where ``path`` (a ``.gz`` file: its decompressed text) stops being UTF-8.
+
+    Text readers decode in blocks, so a ``UnicodeDecodeError``'s offset is counted from the start of
+    a block; this scans the whole file instead.
+
+    Returns:
+        ``(byte offset, line number, reason)`` of the first invalid byte, or ``None`` if there is none.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with _open_binary(Path(path)) as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                # err.start counts from the bytes the decoder held back plus this block.
+                held = len(err.object) - len(block)
+                bad = offset - held + err.start
+                return bad, lines + err.object[: err.start].count(b"\n"), err.reason
+            lines += block.count(b"\n")
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            return offset - len(err.object) + err.start, lines, err.reason
+    return None
+
+
+def not_utf8(path: str | os.PathLike, err: UnicodeDecodeError) -> str:
+    """The problem text for a file that failed to decode: the offset and line in the whole file."""
+    found = first_non_utf8(path)
+    if found is None:  # the file changed since it was read: report what the decoder saw
+        return f"not UTF-8 text ({err.reason})"
+    offset, line, reason = found
+    return f"not UTF-8 text ({reason} at byte {offset}, line {line})"
 
 
 def check_safetensors_file(path: str | os.PathLike, what: str = "a safetensors file") -> list[str]:
