@@ -286,7 +286,7 @@ class StageEvaluator(L.LightningModule):
         self.output_lock: OutputLock | None = None
         if output_dir is not None:
             self.output_lock = claim_output_dir(
-                output_dir, "model.output_dir", **self._output_rules(), replace=False
+                output_dir, "model.output_dir", **self._output_rules(), replace=False, kind="evaluation"
             )
         try:
             # Loading validates the stage (missing dir, adapter from another base) before generation.
@@ -422,18 +422,20 @@ class StageEvaluator(L.LightningModule):
         results["eval_fingerprint"] = self.trainer.datamodule.fingerprint()
         self.results = results
         if self.output_dir is not None and self.trainer.is_global_zero:
-            with writable_dir(
-                self.output_dir,
-                field="model.output_dir",
-                kind="evaluation",
-                lock=self.output_lock,
-                **self._output_rules(),
-            ) as out:
-                write_generations_jsonl(out / "generations.jsonl", rows)
-                atomic_write_json(out / "metrics.json", results)
-                if self.resolved_config is not None:
-                    atomic_write_text(out / "config.yaml", self.resolved_config)
-            self.release_output()
+            try:
+                with writable_dir(
+                    self.output_dir,
+                    field="model.output_dir",
+                    kind="evaluation",
+                    lock=self.output_lock,
+                    **self._output_rules(),
+                ) as out:
+                    write_generations_jsonl(out / "generations.jsonl", rows)
+                    atomic_write_json(out / "metrics.json", results)
+                    if self.resolved_config is not None:
+                        atomic_write_text(out / "config.yaml", self.resolved_config)
+            finally:
+                self.release_output()  # a failed write (a full disk) keeps no lock either
 
 
 def question_key(record: Record) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from antidote_pl.utils.files import read_json_file, read_stage_metadata
 from antidote_pl.utils.hashing import directory_fingerprint
-from antidote_pl.utils.io import atomic_write_json
+from antidote_pl.utils.io import add_output_files, atomic_write_json
 
 DONE_FILE = "pipeline_done.json"
 # What an evaluation reads from a stage directory; anything else there (e.g. DONE_FILE, which
@@ -77,6 +77,8 @@ class StageOutput:
 
     def mark_done(self, key: str, seconds: float | None = None) -> None:
         """Marks a finished step, with the seconds it took so that a resumed run's report counts them."""
+        # Listed in the output's marker first: replacing the stage later must know the file as ours.
+        add_output_files(self.directory, DONE_FILE)
         atomic_write_json(
             self.marker, {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds}
         )
