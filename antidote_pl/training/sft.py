@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from antidote_pl.models.loading import (
 )
 from antidote_pl.pruning.targets import default_lora_target_modules
 from antidote_pl.utils.console import say
-from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, STAGE_FILE
+from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, STAGE_FILE, relocatable_stage_metadata
 from antidote_pl.utils.io import (
     OutputLock,
     atomic_dir,
@@ -404,7 +405,7 @@ class CausalLMSFTModule(L.LightningModule):
             if self.resolved_config is not None:
                 (tmp / "config.yaml").write_text(self.resolved_config)
             meta = {**self.stage_metadata(merged_save), **(extra_metadata or {})}
-            atomic_write_json(tmp / STAGE_FILE, meta)
+            atomic_write_json(tmp / STAGE_FILE, relocatable_stage_metadata(meta, output_dir))
             if extra_files is not None:
                 extra_files(tmp)
         say(f"antidote_pl: stage output written to {output_dir}")
@@ -430,7 +431,8 @@ class CausalLMSFTModule(L.LightningModule):
         meta = {
             "kind": "adapter" if self.is_peft and not merged_save else "full_model",
             "merged_adapter": merged_save,
-            # Local paths are recorded absolute, so the stage loads from any working directory.
+            # Local paths are made absolute here; save_stage records those inside the project
+            # relative to the output, so a moved or copied project loads its own stages.
             "base_model": _absolute_if_local(hp.model_name_or_path) or hp.model_config,
             "merged_adapters": [_absolute_if_local(a) for a in hp.merge_adapters or []],
             "base_fingerprint": self.base_fingerprint,
@@ -501,5 +503,6 @@ def _library_versions() -> dict[str, str]:
 def _absolute_if_local(path: str | None) -> str | None:
     """An existing local path made absolute; hub names (and None) unchanged."""
     if path is not None and Path(path).expanduser().exists():
-        return str(Path(path).expanduser().resolve())
+        # Not resolved: through a symlinked outputs/ the path must stay inside the project tree.
+        return os.path.abspath(os.path.expanduser(path))
     return path
