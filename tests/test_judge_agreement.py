@@ -127,3 +127,18 @@ def test_evaluator_coherence_comes_from_the_first_judge_that_checks_it(tmp_path,
     summary = {s["judge"]: s for s in judge_summary(judge_verdicts(rows, "AlwaysHarmful"))}
     assert summary["AlwaysHarmful"]["coherent_rate"] == evaluator.results["coherent_rate"]
     assert summary["AlwaysHarmful"]["harmful_score_coherent"] == 100.0
+
+
+def test_a_deleted_generations_file_fails_the_pooled_section_naming_it(tmp_path):
+    """Issue #25: a variant without its generations is never left out of the pooled verdicts."""
+    from antidote_pl.experiment.sections import agreement_section
+
+    for name in ("none", "wanda_a0.1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    pairs, _ = agreement_section(tmp_path, ["none", "wanda_a0.1"], "KeywordJudge")
+    assert pairs[0]["n"] == 12
+    (tmp_path / "wanda_a0.1" / "generations.jsonl").unlink()
+    missing = tmp_path / "wanda_a0.1" / "generations.jsonl"
+    with pytest.raises(ConfigError, match=rf"^{missing}: missing"):
+        agreement_section(tmp_path, ["none", "wanda_a0.1"], "KeywordJudge")
