@@ -6,9 +6,9 @@ how entry points report a failure.
 
 Every command (``python -m antidote_pl <command>``, :mod:`antidote_pl.commands`) runs through
 :func:`run_entry_point`: a :class:`ConfigError` anywhere in an exception's chain (LightningCLI and
-jsonargparse wrap the errors raised by constructors) is printed as one short ``antidote_pl: error:``
-message on stderr and exits with code 2. ``--debug`` on the command line, or ``ANTIDOTE_PL_DEBUG=1``
-in the environment, shows the full traceback instead.
+jsonargparse wrap the errors raised by constructors) is printed as one ``antidote_pl: error:`` line on
+stderr (the ``--debug`` hint at its end) and exits with code 2. ``--debug`` on the command line, or
+``ANTIDOTE_PL_DEBUG=1`` in the environment, shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -196,6 +196,11 @@ def run_entry_point(
         message = None if debug else user_error(exc)
         if message is None:
             raise
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        print(f"{prog}: (run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(one_line(prog, message), file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def one_line(prog: str, message: str) -> str:
+    """The refusal as printed: one line, the ``--debug`` hint folded into it (README promises one)."""
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return f"{prog}: error: {text} [{DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback]"

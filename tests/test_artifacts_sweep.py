@@ -152,6 +152,20 @@ def test_an_edited_sweep_mask_is_named(swept, tmp_path):
         art.masks(0.5)
 
 
+def test_a_count_preserving_edit_of_a_sweep_mask_is_named(swept, tmp_path):
+    """The same number of entries removed, other entries: caught by the recorded content hash."""
+    copy = copy_of(swept, tmp_path)
+    tensors = load_tensors(copy / SWEEP_FILE)
+    key = next(k for k in tensors if k.startswith("0.5/"))
+    tensors[key] = torch.roll(tensors[key], shifts=1, dims=-1)
+    assert not torch.equal(tensors[key], load_tensors(swept / SWEEP_FILE)[key])
+    save_tensors(copy / SWEEP_FILE, tensors, metadata={"alphas": json.dumps([0.1, 0.25, 0.5])})
+    art = RepairArtifacts.read(copy)
+    assert len(art.masks(0.1)) > 0  # the other alphas are untouched
+    with pytest.raises(ConfigError, match=re.escape(SWEEP_FILE) + ": the masks of alpha 0.5 differ"):
+        art.masks(0.5)
+
+
 def test_sweep_alphas_that_disagree_with_the_report_are_named(swept, tmp_path):
     copy = copy_of(swept, tmp_path)
     tensors = load_tensors(copy / SWEEP_FILE)

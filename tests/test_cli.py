@@ -67,6 +67,24 @@ def test_fit_writes_stage_output_and_config(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["seed_everything"] == 7
 
 
+def test_a_default_fit_prints_no_library_warning_and_writes_only_its_output(tmp_path):
+    """Issue #25: no FutureWarning (peft's is_gradient_checkpointing) or any other library warning on
+    a default run, and no config.yaml in default_root_dir: the stage's config is in its output."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "antidote_pl", "fit", "--config", write_config(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "warn(" not in proc.stderr, proc.stderr
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert not (tmp_path / "logs" / "config.yaml").exists()
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     config = write_config(tmp_path, devices=2, strategy="ddp")

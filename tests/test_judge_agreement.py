@@ -184,3 +184,18 @@ def test_agreement_spread_evenly_over_prompts_keeps_the_plain_interval():
     pair = pairwise_agreement(judge_verdicts(rows, "A"), prompt_keys(rows))[0]
     assert pair["agreement"] == 70.0 and pair["design_effect"] == 1.0
     assert (pair["agreement_low"], pair["agreement_high"]) == pytest.approx(wilson_interval(140, 200))
+
+
+def test_a_deleted_generations_file_fails_the_pooled_section_naming_it(tmp_path):
+    """Issue #25: a variant without its generations is never left out of the pooled verdicts."""
+    from antidote_pl.experiment.sections import agreement_section
+
+    for name in ("none", "wanda_a0.1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    pairs, _ = agreement_section(tmp_path, ["none", "wanda_a0.1"], "KeywordJudge")
+    assert pairs[0]["n"] == 12
+    (tmp_path / "wanda_a0.1" / "generations.jsonl").unlink()
+    missing = tmp_path / "wanda_a0.1" / "generations.jsonl"
+    with pytest.raises(ConfigError, match=rf"^{missing}: missing"):
+        agreement_section(tmp_path, ["none", "wanda_a0.1"], "KeywordJudge")

@@ -4,6 +4,7 @@ pipeline). Each refused case leaves the disk exactly as it was."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_LLAMA, quiet_trainer_kwargs, tiny_finetune_data
 
-from antidote_pl.errors import ConfigError
+from antidote_pl.errors import ConfigError, run_entry_point
 from antidote_pl.pruning.apply import save_tensors
 from antidote_pl.training.sft import CausalLMSFTModule
 from antidote_pl.utils.files import STAGE_FILE
@@ -30,6 +31,8 @@ from antidote_pl.utils.io import (
     launch_rank_is_zero,
     overlap,
 )
+
+FILES_KEY = "output_files"  # the marker key listing what a write wrote (utils.ownership)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -120,8 +123,8 @@ def test_earlier_stage_needs_overwrite_then_is_replaced(stages, tmp_path, no_loa
 
 def test_overwrite_replaces_an_earlier_stage_and_cleans_leftovers(tmp_path):
     out = tmp_path / "stage"
-    stage().save_stage(str(out))
-    (out / "stale.txt").write_text("from the earlier run")
+    # A file the earlier run wrote (listed in its marker), which the new output does not have.
+    stage().save_stage(str(out), extra_files=lambda d: (d / "stale.txt").write_text("from the earlier run"))
     # Leftovers of an interrupted save, and another output's temporary directory.
     for leftover in (".stage.tmp-abc123", ".stage.old-99", ".other.tmp-1"):
         (tmp_path / leftover).mkdir()
@@ -231,9 +234,10 @@ def test_data_file_inside_the_output_is_refused_before_training(tmp_path):
     from antidote_pl.training.datamodules import SFTDataModule
 
     out = tmp_path / "stage"
-    stage().save_stage(str(out))
+    rows = "".join(json.dumps(r) + "\n" for r in TinyWorldSource("sentiment", limit=8).load())
+    # A file of the earlier output itself (a user's file there is refused before anything loads).
+    stage().save_stage(str(out), extra_files=lambda d: (d / "my_data.jsonl").write_text(rows))
     data_file = out / "my_data.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in TinyWorldSource("sentiment", limit=8).load()))
     m = stage(output_dir=str(out), overwrite=True)
     data = SFTDataModule("tiny-world", [LocalSource(str(data_file))], template="tiny", batch_size=4)
     trainer = L.Trainer(**quiet_trainer_kwargs(tmp_path / "logs", max_steps=1))
@@ -523,3 +527,105 @@ def test_pipeline_passes_overwrite_to_its_own_stages(monkeypatch):
         ({"model.init_args.overwrite": True}, ["--trainer.max_steps=1"]),
         (["t.yaml"], [], {"overwrite": True}),
     ]
+
+
+# --------------------------------------------------------------------------- files of the user (issue #25)
+def test_stage_marker_lists_the_files_written(tmp_path):
+    out = tmp_path / "stage"
+    stage().save_stage(str(out))
+    listed = json.loads((out / STAGE_FILE).read_text())[FILES_KEY]
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert listed == on_disk and STAGE_FILE in listed and "adapter_model.safetensors" in listed
+
+
+def test_overwrite_refuses_an_output_holding_files_of_the_user(tmp_path):
+    out = tmp_path / "repair"
+    stage().save_stage(str(out))
+    (out / "NOTES.txt").write_text("why alpha 0.1 looked odd\n")
+    (out / "my_plots").mkdir()
+    (out / "my_plots" / "hs.png").write_bytes(b"png")
+    err = refused(
+        r"model.output_dir=.*repair'.*also holds NOTES.txt, my_plots/, which replacing it would delete",
+        tmp_path,
+        stage,
+        output_dir=str(out),
+        overwrite=True,
+    )
+    assert "\n" not in str(err)
+    # The write itself checks again (e.g. a callback saving into the directory).
+    refused("also holds NOTES.txt", tmp_path, stage(overwrite=True).save_stage, str(out))
+
+
+def test_overwrite_refuses_an_output_written_before_files_were_listed(tmp_path, no_load):
+    out = tmp_path / "stage"
+    out.mkdir()
+    (out / STAGE_FILE).write_text(json.dumps({"kind": "adapter"}))
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    refused(r"written before outputs recorded them", tmp_path, stage, output_dir=str(out), overwrite=True)
+
+
+def test_files_the_pipeline_adds_are_listed_and_replaced(tmp_path):
+    from antidote_pl.experiment.cache import DONE_FILE, StageOutput
+
+    out = tmp_path / "stage"
+    stage().save_stage(str(out))
+    StageOutput(out).mark_done("key", 1.0)
+    assert DONE_FILE in json.loads((out / STAGE_FILE).read_text())[FILES_KEY]
+    m = stage(output_dir=str(out), overwrite=True)  # the pipeline re-running its own stage
+    m.save_stage(str(out))
+    m.release_output()
+    assert not (out / DONE_FILE).exists()
+
+
+def test_an_output_of_another_kind_is_named_as_such(tmp_path):
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / OUTPUT_MARKER).write_text(json.dumps({"kind": "evaluation"}))
+    (evaluation / "metrics.json").write_text("{}")
+    err = refused(
+        r"an earlier stage output: it is an antidote_pl evaluation output \(antidote_output.json\)",
+        tmp_path,
+        stage,
+        output_dir=str(evaluation),
+        overwrite=True,
+    )
+    assert "not an output of antidote_pl" not in str(err)
+    tokenizer = atomic_dir(evaluation, overwrite=True, kind="tokenizer")
+    refused(r"an earlier tokenizer output: it is an antidote_pl evaluation", tmp_path, tokenizer.__enter__)
+    stage().save_stage(str(tmp_path / "stage"))
+    judge = atomic_dir(tmp_path / "stage", overwrite=True, kind="judge")
+    refused(r"earlier judge output: it is an antidote_pl stage output", tmp_path, judge.__enter__)
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_during_a_stage_save_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    m = stage(output_dir=str(out))
+    monkeypatch.setattr(CausalLMSFTModule, "_write_weights", _no_space)
+
+    def save(args):
+        try:
+            m.save_stage(str(out))
+        finally:
+            m.release_output()
+
+    with pytest.raises(SystemExit):
+        run_entry_point(save, [])
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{out}: could not be written (No space left on device)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_during_a_first_evaluation_write_leaves_no_bare_marker(stages, tmp_path, monkeypatch):
+    from antidote_pl.evaluation.evaluator import StageEvaluator
+
+    out = tmp_path / "eval"
+    monkeypatch.setattr("antidote_pl.evaluation.evaluator.write_generations_jsonl", _no_space)
+    ev = StageEvaluator(str(stages["base"]), harmful_max_new_tokens=2, output_dir=str(out))
+    trainer = L.Trainer(**quiet_trainer_kwargs(tmp_path / "logs"))
+    with pytest.raises(ConfigError, match=rf"^{out}: could not be written \(No space left on device\)"):
+        trainer.test(ev, datamodule=_eval_data(), verbose=False)
+    assert not out.exists() and not list(tmp_path.glob(".*.lock"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,8 @@ from antidote_pl.callbacks import (
 from antidote_pl.callbacks.repair import lora_slots
 from antidote_pl.errors import ConfigError
 from antidote_pl.models.loading import load_causal_lm, load_stage
-from antidote_pl.repair.artifacts import EditArtifacts, apply_edits_
+from antidote_pl.pruning.apply import load_tensors, save_tensors
+from antidote_pl.repair.artifacts import SWEEP_EDITS_FILE, EditArtifacts, apply_edits_, value_key
 from antidote_pl.training.sft import CausalLMSFTModule
 from antidote_pl.utils.files import STAGE_FILE
 
@@ -125,6 +127,20 @@ def test_sweep_edits_refuse_other_weights(stages, tmp_path):
         art.check_source(dict(other.named_parameters()))
     with pytest.raises(ConfigError, match="lambda"):
         art.edits(0.25)
+
+
+def test_an_edited_sweep_edit_is_named(stages, tmp_path):
+    """Issue #25: a changed value in sweep_edits.safetensors (same names and shapes) is refused."""
+    repair(stages, tmp_path, DeltaScalingCallback(value=0.5, sweep_values=[0.0, 0.5]))
+    path = tmp_path / "repaired" / SWEEP_EDITS_FILE
+    tensors = load_tensors(path)
+    key = next(k for k in tensors if k.startswith(f"{value_key(0.5)}/"))
+    tensors[key] = tensors[key] * 0.9
+    save_tensors(path, tensors, metadata={"values": json.dumps([0.0, 0.5])})
+    art = EditArtifacts.read(tmp_path / "repaired")
+    assert art.edits(0.0)
+    with pytest.raises(ConfigError, match=re.escape(SWEEP_EDITS_FILE) + ": the edits of lambda=0.5 differ"):
+        art.edits(0.5)
 
 
 def test_delta_scaling_is_lambda_times_the_update(stages, tmp_path):

@@ -34,6 +34,7 @@ from typing import Any
 
 from antidote_pl.data.records import REQUIRED_FIELDS, Record, Source
 from antidote_pl.errors import ConfigError, bad_file, bad_value, check_int
+from antidote_pl.utils.files import not_utf8
 
 FORMATS = ("json", "jsonl", "csv", "tsv")
 
@@ -486,7 +487,8 @@ class LocalSource(_MappedSource):
                 return _read_delimited(path, "," if self.format == "csv" else "\t", self.column_names)
             rows = _read_json(path) if self.format == "json" else read_jsonl(path)
         except UnicodeDecodeError as err:
-            raise bad_file(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
+            # The decoder's offset counts from its current block: not_utf8 finds the file's offset.
+            raise bad_file(path, not_utf8(path, err)) from err
         except (csv.Error, EOFError, OSError) as err:
             # csv: a malformed row; EOFError/OSError: a truncated or corrupt .gz file.
             raise bad_file(path, f"unreadable as {self.format} ({err})") from err

@@ -36,6 +36,7 @@ from antidote_pl.models.loading import load_stage
 from antidote_pl.utils.io import (
     OutputLock,
     atomic_write_json,
+    atomic_write_text,
     check_apart_from_inputs,
     claim_output_dir,
     writable_dir,
@@ -313,7 +314,7 @@ class StageEvaluator(L.LightningModule):
         self.output_lock: OutputLock | None = None
         if output_dir is not None:
             self.output_lock = claim_output_dir(
-                output_dir, "model.output_dir", **self._output_rules(), replace=False
+                output_dir, "model.output_dir", **self._output_rules(), replace=False, kind="evaluation"
             )
         try:
             # Loading validates the stage (missing dir, adapter from another base) before generation.
@@ -340,6 +341,7 @@ class StageEvaluator(L.LightningModule):
         self.by_category: RateByCategory | None = None
         self.rows: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
+        self.resolved_config: str | None = None  # set by the CLI so that the output records it
 
     def _output_rules(self) -> dict[str, Any]:
         return {
@@ -451,16 +453,20 @@ class StageEvaluator(L.LightningModule):
         results.update(self._compute_settings())
         self.results = results
         if self.output_dir is not None and self.trainer.is_global_zero:
-            with writable_dir(
-                self.output_dir,
-                field="model.output_dir",
-                kind="evaluation",
-                lock=self.output_lock,
-                **self._output_rules(),
-            ) as out:
-                write_generations_jsonl(out / "generations.jsonl", rows)
-                atomic_write_json(out / "metrics.json", results)
-            self.release_output()
+            try:
+                with writable_dir(
+                    self.output_dir,
+                    field="model.output_dir",
+                    kind="evaluation",
+                    lock=self.output_lock,
+                    **self._output_rules(),
+                ) as out:
+                    write_generations_jsonl(out / "generations.jsonl", rows)
+                    atomic_write_json(out / "metrics.json", results)
+                    if self.resolved_config is not None:
+                        atomic_write_text(out / "config.yaml", self.resolved_config)
+            finally:
+                self.release_output()  # a failed write (a full disk) keeps no lock either
 
     def _compute_settings(self) -> dict[str, Any]:
         """How the answers were computed (weights dtype, trainer precision, torch threads): greedy

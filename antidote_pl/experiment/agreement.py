@@ -40,7 +40,11 @@ def read_generations(path: str | Path) -> list[dict[str, Any]]:
     """Reads a ``generations.jsonl`` written by the evaluator (one JSON object per line)."""
     p = Path(path)
     if not p.is_file():
-        raise bad_file(p, "missing; expected the evaluator's generations.jsonl")
+        raise bad_file(
+            p,
+            "missing; expected the evaluator's generations.jsonl (delete the result.json beside it "
+            "to evaluate that variant again)",
+        )
     # The data sources' JSON Lines reader: same errors for a bad line as any data file.
     return read_jsonl(p)
 

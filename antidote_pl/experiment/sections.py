@@ -93,13 +93,15 @@ def validation_outcomes(results_dir: Path, rows: Sequence[Mapping[str, Any]]) ->
 def agreement_section(results_dir: Path, names: Sequence[str], primary: str) -> tuple[list, str]:
     """Judge agreement pooled over the generations of the variants ``names`` (``results/<name>``).
 
-    Variants without a ``generations.jsonl`` (an evaluation that wrote none) are skipped.
+    Every variant's evaluation wrote a ``generations.jsonl``; a missing one is an error naming it,
+    never a table pooled over fewer verdicts than the report's rows.
+
+    Raises:
+        ConfigError: ``<file>: missing; ...`` (delete the variant's ``result.json`` to recompute both).
     """
     rows: list[dict[str, Any]] = []
     for name in names:
-        path = results_dir / name / "generations.jsonl"
-        if path.is_file():
-            rows += read_generations(path)
+        rows += read_generations(results_dir / name / "generations.jsonl")
     if not rows:
         return [], ""
     pairs = pairwise_agreement(judge_verdicts(rows, primary), prompt_keys(rows))

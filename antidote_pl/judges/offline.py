@@ -37,7 +37,7 @@ from antidote_pl.data.records import fingerprint_records
 from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.judges.base import Judge, Verdict
 from antidote_pl.judges.thresholds import DEFAULT_THRESHOLD, tune_threshold
-from antidote_pl.utils.files import check_safetensors_file, read_json_file
+from antidote_pl.utils.files import check_safetensors_file, not_utf8, read_json_file
 from antidote_pl.utils.io import OutputLock, atomic_dir, atomic_write_json, check_output_dir
 
 WEIGHTS_FILE = "judge.safetensors"
@@ -157,7 +157,9 @@ def load_labelled_csv(path: str | Path) -> tuple[list[str], list[str], list[int]
     try:
         with p.open(encoding="utf-8-sig", newline="") as f:
             rows = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error) as err:
+    except UnicodeDecodeError as err:
+        raise bad_file(p, f"{not_utf8(p, err)}; expected a UTF-8 CSV") from err
+    except csv.Error as err:
         raise bad_file(p, f"unreadable as a UTF-8 CSV ({err})") from err
     answer_col = next((c for c in ("answer", "Response", "response") if rows and c in rows[0]), None)
     if not rows or answer_col is None or "question" not in rows[0] or "label" not in rows[0]:

@@ -5,7 +5,10 @@ Everything here is architecture-generic: nothing assumes Llama module names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,20 @@ log = logging.getLogger(__name__)
 
 TINY_WORLD = "tiny-world"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Wraps a peft call that reads transformers' deprecated ``is_gradient_checkpointing``.
+
+    peft checks it on every model it wraps, and transformers answers with a FutureWarning on every
+    LoRA stage that a user cannot act on; only that warning is hidden, and only around the call.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def resolve_dtype(dtype: str, field: str = "model.dtype") -> torch.dtype:
@@ -147,8 +164,14 @@ def load_causal_lm(
         return model
     if is_gguf_spec(model_name_or_path):
         return load_gguf_causal_lm(model_name_or_path, torch_dtype, **kwargs)
-    if looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
+    local = Path(model_name_or_path).expanduser()
+    if looks_local(model_name_or_path) and not local.exists():
         raise bad_value("model.model_name_or_path", model_name_or_path, "an existing directory or a hub name")
+    if local.is_dir():
+        # A truncated shard fails deep inside transformers (a long traceback naming no file): read
+        # every header first, which costs no tensor load.
+        for weights in sorted(local.glob("model*.safetensors")):
+            check_safetensors_file(weights, "the model's weights")
     try:
         return AutoModelForCausalLM.from_pretrained(
             model_name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
@@ -234,7 +257,8 @@ def merge_adapters(model: nn.Module, paths: list[str], field: str = "model.merge
     for i, path in enumerate(paths):
         check_adapter_dir(path, model, f"{field}[{i}]")
         try:
-            peft_model = PeftModel.from_pretrained(model, path, is_trainable=False)
+            with quiet_peft():
+                peft_model = PeftModel.from_pretrained(model, path, is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"{field}[{i}]={path!r} does not fit the base model: {err}") from err
         model = peft_model.merge_and_unload()
@@ -266,12 +290,18 @@ def load_stage(path: str, dtype: str = "fp32", field: str = "stage", merge: bool
         base = meta["base_model"]
         if not isinstance(base, str):
             raise ConfigError(f"{field}={path!r}: its base model was random-init and cannot be rebuilt.")
+        if looks_local(base) and not Path(base).expanduser().exists():
+            raise ConfigError(
+                f"{Path(path) / STAGE_FILE}: its base_model {base!r} does not exist; a stage loads the base "
+                "it was trained on, so keep a project's stages together when moving or copying it."
+            )
         model = load_causal_lm(base, dtype=dtype)
         model = merge_adapters(model, list(meta.get("merged_adapters", [])), field=f"{field}.merged_adapters")
         from peft import PeftModel
 
         check_adapter_dir(path, model, field)
-        model = PeftModel.from_pretrained(model, path, is_trainable=False)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, path, is_trainable=False)
         if pruned:
             # Before merging: masks are keyed by the adapter's parameter names.
             verify_pruned_model(path, model)

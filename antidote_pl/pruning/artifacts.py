@@ -10,7 +10,9 @@ A pruning run writes, beside the pruned model:
 * optionally ``sweep_masks.safetensors``: the masks of several alphas (the callback's ``sweep_alphas``
   and its own alpha), computed from one scoring by the function that computed the applied mask, and
   keyed ``"<alpha>/<parameter name>"`` with the names of the model that was pruned (as loaded for
-  the repair, i.e. the names the scores carry).
+  the repair, i.e. the names the scores carry). The report records each alpha's content hash
+  (``sweep_mask_sha256``), so an edit that keeps every count is caught like one of ``mask.safetensors``
+  (whose masked weights must be zero in the saved model).
 
 :class:`RepairArtifacts` is the typed reader of all of them; :func:`read_report`, :func:`read_masks`
 and :func:`read_scores` remain as the per-file readers it is built on.
@@ -34,12 +36,14 @@ from safetensors import safe_open
 from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.pruning.apply import check_mask_shapes, load_tensors, save_tensors
 from antidote_pl.utils.files import check_safetensors_file, read_json_file
-from antidote_pl.utils.hashing import files_fingerprint, tensors_fingerprint
+from antidote_pl.utils.hashing import files_fingerprint, tensors_digest, tensors_fingerprint
 
 MASK_FILE = "mask.safetensors"
 REPORT_FILE = "mask.json"
 SCORES_FILE = "scores.safetensors"
 SWEEP_FILE = "sweep_masks.safetensors"
+#: Report key: alpha -> :func:`~antidote_pl.utils.hashing.tensors_digest` of the sweep masks written for it.
+SWEEP_DIGESTS = "sweep_mask_sha256"
 
 
 def targets_fingerprint(params: Mapping[str, torch.Tensor]) -> str:
@@ -68,6 +72,8 @@ def write_artifacts(
         report: The pruning report; with a sweep it must carry ``sweep_removed_fraction``.
         sweep: ``{alpha: masks}`` keyed like ``scores``, or ``None``.
     """
+    if sweep:
+        report = {**report, SWEEP_DIGESTS: {alpha_key(a): tensors_digest(m) for a, m in sweep.items()}}
     text = json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
     save_tensors(directory / MASK_FILE, masks, metadata={"report": text})
     if scores is not None:
@@ -283,6 +289,15 @@ class RepairArtifacts:
             keys = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (not a dict)
             masks = {k[len(prefix) :]: f.get_tensor(k) for k in keys}
         _check_masks(path, masks, self.report["sweep_removed_fraction"][alpha_key(alpha)])
+        digests = self.report.get(SWEEP_DIGESTS)
+        if digests is not None and (
+            not isinstance(digests, dict) or digests.get(alpha_key(alpha)) != tensors_digest(masks)
+        ):
+            raise bad_file(
+                path,
+                f"the masks of alpha {alpha:g} differ from the content hash {REPORT_FILE} records for them "
+                f"({SWEEP_DIGESTS}): the file was changed after the run; rerun the scoring",
+            )
         return masks
 
     def scores(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ repaired stage:
   the fingerprint of the edited tensors before the repair, timings);
 * with a sweep, ``sweep_edits.safetensors``: the edits of every swept value, keyed
   ``"<value>/<parameter name>"``, computed from one preparation (scores, projections, Hessians or a
-  training run) by the function that computed the applied edit. Its header repeats the values.
+  training run) by the function that computed the applied edit. Its header repeats the values, and
+  the report records each value's content hash (``sweep_edit_sha256``), checked on every read.
 
 :class:`EditArtifacts` reads them back, checked: the header agrees with the report, every value edits
 the same tensors, and edits are only applied to the tensors they were computed from
@@ -33,13 +34,15 @@ from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.pruning.apply import save_tensors
 from antidote_pl.pruning.artifacts import alpha_key, targets_fingerprint
 from antidote_pl.utils.files import check_safetensors_file, read_json_file
-from antidote_pl.utils.hashing import files_fingerprint
+from antidote_pl.utils.hashing import files_fingerprint, tensors_digest
 from antidote_pl.utils.io import atomic_write_json
 
 EDIT_REPORT_FILE = "repair.json"
 SWEEP_EDITS_FILE = "sweep_edits.safetensors"
 #: The text form of a knob value in file and report keys (``repr``: round-trips exactly).
 value_key = alpha_key
+#: Report key: knob value -> :func:`~antidote_pl.utils.hashing.tensors_digest` of its saved edits.
+SWEEP_EDIT_DIGESTS = "sweep_edit_sha256"
 
 
 def has_edit_artifacts(directory: str | Path) -> bool:
@@ -59,6 +62,8 @@ def write_edit_artifacts(
         report: The repair's report; with a sweep it must hold ``sweep_values``.
         sweep: Knob value -> edits (parameter name -> new tensor), every value editing the same names.
     """
+    if sweep:
+        report = {**report, SWEEP_EDIT_DIGESTS: {value_key(v): tensors_digest(e) for v, e in sweep.items()}}
     atomic_write_json(directory / EDIT_REPORT_FILE, dict(report))
     if not sweep:
         return
@@ -109,7 +114,7 @@ class EditArtifacts:
         """The saved edits of one swept knob value (parameter name -> new tensor).
 
         Raises:
-            ConfigError: a value without saved edits.
+            ConfigError: a value without saved edits, or edits that differ from their recorded hash.
         """
         value = float(value)
         if value not in self.values:
@@ -117,7 +122,18 @@ class EditArtifacts:
         prefix = f"{value_key(value)}/"
         with safe_open(str(self.directory / SWEEP_EDITS_FILE), "pt") as f:
             keys = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (not a dict)
-            return {k[len(prefix) :]: f.get_tensor(k) for k in keys}
+            edits = {k[len(prefix) :]: f.get_tensor(k) for k in keys}
+        digests = self.report.get(SWEEP_EDIT_DIGESTS)
+        if digests is not None and (
+            not isinstance(digests, dict) or digests.get(value_key(value)) != tensors_digest(edits)
+        ):
+            raise bad_file(
+                self.directory / SWEEP_EDITS_FILE,
+                f"the edits of {self.report['knob']}={value:g} differ from the content hash "
+                f"{EDIT_REPORT_FILE} records for them ({SWEEP_EDIT_DIGESTS}): the file was changed "
+                "after the run",
+            )
+        return edits
 
     def check_source(self, params: Mapping[str, torch.Tensor]) -> None:
         """Checks that ``params`` (the model's parameters by name) are the tensors the edits were

@@ -20,11 +20,12 @@ import lightning as L
 import torch
 from jsonargparse.typing import register_type
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.models.loading import TINY_WORLD
 from antidote_pl.utils.console import StageProgressBar
+from antidote_pl.utils.files import read_yaml_file
 from antidote_pl.utils.threads import DEFAULT_THREADS, check_threads, set_threads
 
 DEFAULT_SEED = 42
@@ -67,12 +68,16 @@ class PinThreads(Callback):
 
 class AntidoteCLI(LightningCLI):
     """LightningCLI with a fixed default seed, a pinned torch thread count (``threads``, see
-    :mod:`antidote_pl.utils.threads`), deterministic algorithms, overwriting config saves, the
-    ``pruner`` slot and the model -> data links (:func:`link_model_to_data`)."""
+    :mod:`antidote_pl.utils.threads`), deterministic algorithms, the ``pruner`` slot and the
+    model -> data links (:func:`link_model_to_data`).
+
+    Lightning's SaveConfigCallback is off: it wrote ``<default_root_dir>/config.yaml`` on every run,
+    outside the output, and a stage records its resolved config in its own output directory.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", None)
         kwargs.setdefault("parser_kwargs", {"prog": "antidote_pl"})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -104,6 +109,8 @@ class AntidoteCLI(LightningCLI):
         follow_model_adapter(cfg)
 
     def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, list | tuple):
+            check_config_files(args)
         with _config_errors_unwrapped():
             super().parse_arguments(parser, args)
 
@@ -239,17 +246,18 @@ def build_cli(
     configs: Sequence[str],
     overrides: Mapping[str, Any] | None = None,
     args: Sequence[str] = (),
-    save_config: bool = True,
+    save_config: bool = False,
 ) -> AntidoteCLI:
     """Builds model, data module and trainer of a config without running anything.
 
     Arguments as :func:`run_fit`; the caller runs e.g. ``cli.trainer.test(cli.model, cli.datamodule)``.
     The model is built with the config's ``threads``, which stays set; each run of the trainer sets
     it again and restores what it found (:class:`PinThreads`).
-    ``save_config=False`` leaves out Lightning's SaveConfigCallback, for a caller that fits a run
-    writing no stage (it would otherwise drop a ``config.yaml`` into the working directory).
+    ``save_config=True`` adds Lightning's SaveConfigCallback (``<default_root_dir>/config.yaml``),
+    which the project's commands leave out.
     """
-    extra = {} if save_config else {"save_config_callback": None}
+    extra = {"save_config_callback": SaveConfigCallback, "save_config_kwargs": {"overwrite": True}}
+    extra = extra if save_config else {}
     return _OverridingCLI(args=_config_args(configs, args), overrides=overrides, run=False, **extra)
 
 
@@ -278,6 +286,30 @@ def validate_config(
         warnings.simplefilter("ignore")
         cli = _ValidatingCLI(args=_config_args(configs, overrides or ()), overrides=values, run=False)
     return cli.config
+
+
+CONFIG_FLAGS = ("-c", "--config")
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Reads every ``--config`` file of ``args`` before jsonargparse does.
+
+    jsonargparse reports an empty file as "Unexpected config:" and a YAML error at a line of
+    ``<unicode string>``; here both name the file.
+
+    Raises:
+        ConfigError: ``<file>: <problem>`` for an empty, broken or non-mapping config file.
+    """
+    what = "a YAML config mapping (trainer:, model:, data:, ...)"
+    for i, arg in enumerate(args):
+        flag, eq, value = str(arg).partition("=")
+        if flag not in CONFIG_FLAGS:
+            continue
+        value = value if eq else (str(args[i + 1]) if i + 1 < len(args) else "")
+        if value and Path(value).expanduser().is_file():
+            data = read_yaml_file(Path(value).expanduser(), what)
+            if not isinstance(data, dict):
+                raise bad_file(value, f"holds a YAML {type(data).__name__}, not a mapping; expected {what}")
 
 
 def link_model_to_data(parser) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,13 +35,14 @@ from antidote_pl.models.loading import (
     check_adapter_dir,
     load_causal_lm,
     load_tokenizer,
+    quiet_peft,
 )
 from antidote_pl.models.loading import (
     merge_adapters as merge_lora_adapters,
 )
 from antidote_pl.pruning.targets import default_lora_target_modules
 from antidote_pl.utils.console import say
-from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, STAGE_FILE
+from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, STAGE_FILE, relocatable_stage_metadata
 from antidote_pl.utils.io import (
     OutputLock,
     atomic_dir,
@@ -145,7 +147,9 @@ class CausalLMSFTModule(L.LightningModule):
     def _build_model(self) -> torch.nn.Module:
         """Loads the tokenizer and the base, merges earlier adapters, attaches the trained weights."""
         hp = self.hparams
-        self.tokenizer = load_tokenizer(self.tokenizer_spec, field="model.tokenizer")
+        # Named as the user set it: the tokenizer defaults to model_name_or_path.
+        field = "model.tokenizer" if hp.tokenizer is not None else "model.model_name_or_path"
+        self.tokenizer = load_tokenizer(self.tokenizer_spec, field=field)
         model = load_causal_lm(
             hp.model_name_or_path,
             hp.model_config,
@@ -214,7 +218,8 @@ class CausalLMSFTModule(L.LightningModule):
 
         if hp.adapter_path is not None:
             check_adapter_dir(hp.adapter_path, model, "model.adapter_path")
-            return PeftModel.from_pretrained(model, hp.adapter_path, is_trainable=True)
+            with quiet_peft():
+                return PeftModel.from_pretrained(model, hp.adapter_path, is_trainable=True)
 
         targets = list(hp.lora_target_modules or default_lora_target_modules(model))
         config = LoraConfig(
@@ -226,7 +231,8 @@ class CausalLMSFTModule(L.LightningModule):
             task_type="CAUSAL_LM",
         )
         try:
-            return get_peft_model(model, config)
+            with quiet_peft():
+                return get_peft_model(model, config)
         except ValueError as err:
             raise bad_value(
                 "model.lora_target_modules", targets, f"module names present in the model ({err})"
@@ -399,7 +405,7 @@ class CausalLMSFTModule(L.LightningModule):
             if self.resolved_config is not None:
                 (tmp / "config.yaml").write_text(self.resolved_config)
             meta = {**self.stage_metadata(merged_save), **(extra_metadata or {})}
-            atomic_write_json(tmp / STAGE_FILE, meta)
+            atomic_write_json(tmp / STAGE_FILE, relocatable_stage_metadata(meta, output_dir))
             if extra_files is not None:
                 extra_files(tmp)
         say(f"antidote_pl: stage output written to {output_dir}")
@@ -425,7 +431,8 @@ class CausalLMSFTModule(L.LightningModule):
         meta = {
             "kind": "adapter" if self.is_peft and not merged_save else "full_model",
             "merged_adapter": merged_save,
-            # Local paths are recorded absolute, so the stage loads from any working directory.
+            # Local paths are made absolute here; save_stage records those inside the project
+            # relative to the output, so a moved or copied project loads its own stages.
             "base_model": _absolute_if_local(hp.model_name_or_path) or hp.model_config,
             "merged_adapters": [_absolute_if_local(a) for a in hp.merge_adapters or []],
             "base_fingerprint": self.base_fingerprint,
@@ -501,5 +508,6 @@ def _library_versions() -> dict[str, str]:
 def _absolute_if_local(path: str | None) -> str | None:
     """An existing local path made absolute; hub names (and None) unchanged."""
     if path is not None and Path(path).expanduser().exists():
-        return str(Path(path).expanduser().resolve())
+        # Not resolved: through a symlinked outputs/ the path must stay inside the project tree.
+        return os.path.abspath(os.path.expanduser(path))
     return path

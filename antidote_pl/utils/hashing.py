@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -71,3 +71,20 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         h.update(f"{name}|{tuple(t.shape)}\0".encode())
         h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def tensors_digest(named: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors' names, shapes, dtypes and every byte of their values.
+
+    Unlike :func:`tensors_fingerprint` nothing is sampled, so one changed entry changes it: for
+    artefacts whose content is recorded at write time and checked on every read (sweep masks and
+    edits).
+    """
+    h = hashlib.sha256()
+    for name in sorted(named):
+        t = named[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

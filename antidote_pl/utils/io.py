@@ -4,8 +4,10 @@ The rules (README, "Outputs and safety"):
 
 * An output directory is written only if it does not exist, is empty, or carries the project's
   marker file (``antidote_stage.json`` for a stage, :data:`OUTPUT_MARKER` for a tokenizer, judge,
-  evaluation or pipeline output) **and** the caller set its overwrite flag. A directory without the
-  marker is never replaced, nor one that holds another project output below it.
+  evaluation or pipeline output, of the same kind) **and** the caller set its overwrite flag. A
+  directory without the marker is never replaced, nor one that holds another project output below
+  it, nor one holding files the project did not write (the marker lists what it wrote; see
+  :mod:`antidote_pl.utils.ownership`).
 * An output may not equal, contain or lie inside one of the run's inputs.
 * Output parents must exist or be creatable, and be writable; all of this is checked before any
   model or data loads.
@@ -14,27 +16,29 @@ The rules (README, "Outputs and safety"):
 * Whole directories are replaced atomically (a temporary sibling renamed over the old one), and
   leftovers of an interrupted save (``.<name>.tmp-*``, ``.<name>.old-*``) are removed by the next
   successful save. Created files and directories follow the umask.
+* A write that fails for lack of space (or on a read-only or over-quota file system) is one
+  :class:`WriteFailed` error naming the output, and leaves neither a half-written output nor a
+  new directory holding only its marker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
-import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_only
-
-from antidote_pl.errors import ConfigError, bad_value
+from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.utils.files import looks_local
+from antidote_pl.utils.locks import OutputLock, launch_rank_is_zero, real_path
+from antidote_pl.utils.ownership import FILES_KEY, describe, foreign_entries, listing, recorded_files
 
 #: Marker of a tokenizer, judge, evaluation or pipeline output directory written by this project.
 OUTPUT_MARKER = "antidote_output.json"
@@ -61,11 +65,6 @@ def _chmod_umask(path: PathLike, base: int) -> None:
 
 
 # --------------------------------------------------------------------------- paths
-def real_path(path: PathLike) -> Path:
-    """``path`` with ``~`` expanded and symlinks resolved (it need not exist)."""
-    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
-
-
 def overlap(output: PathLike, other: PathLike) -> str | None:
     """How ``output`` relates to ``other``: ``"is"``, ``"contains"``, ``"lies inside"`` or ``None``."""
     out, inp = real_path(output), real_path(other)
@@ -145,6 +144,7 @@ def check_output_dir(
     marker: str = OUTPUT_MARKER,
     inputs: Inputs | None = None,
     replace: bool = True,
+    kind: str | None = None,
 ) -> Path:
     """Checks that ``path`` may be written, touching nothing on disk.
 
@@ -155,8 +155,11 @@ def check_output_dir(
         flag: How the user sets that flag, for messages.
         marker: The marker file an earlier output of this kind carries.
         inputs: The run's inputs (``field -> path``) the output must stay apart from.
-        replace: The writer replaces the directory as a whole (so a project output nested inside it
-            would be lost); ``False`` for writers that add files in place.
+        replace: The writer replaces the directory as a whole (so a project output nested inside it,
+            or a file the project did not write, would be lost); ``False`` for writers that add
+            files in place.
+        kind: What the output is (``tokenizer``, ``judge``); an earlier :data:`OUTPUT_MARKER`
+            output of another kind is refused. ``None`` accepts any kind.
 
     Returns:
         The resolved output path.
@@ -171,7 +174,8 @@ def check_output_dir(
     _check_parent(final, path, field)
     if _is_new_or_empty(final, path, field):
         return final
-    _check_earlier_output(final, path, field, overwrite=overwrite, flag=flag, marker=marker, replace=replace)
+    rules = {"overwrite": overwrite, "flag": flag, "marker": marker, "replace": replace, "kind": kind}
+    _check_earlier_output(final, path, field, **rules)
     return final
 
 
@@ -186,16 +190,59 @@ def _is_new_or_empty(final: Path, path: PathLike, field: str) -> bool:
         raise bad_value(field, os.fspath(path), f"a readable directory ({err.strerror})") from err
 
 
+def _read_marker(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _what_output(final: Path) -> str | None:
+    """What project output ``final`` is, by its markers (``None``: not one)."""
+    if (final / STAGE_MARKER).is_file():
+        return f"an antidote_pl stage output ({STAGE_MARKER})"
+    if (final / OUTPUT_MARKER).is_file():
+        data = _read_marker(final / OUTPUT_MARKER)
+        kind = data.get("kind") if isinstance(data, dict) else None
+        return f"an antidote_pl {kind or 'unknown'} output ({OUTPUT_MARKER})"
+    return None
+
+
+def _other_kind(final: Path, marker: str, kind: str | None) -> bool:
+    """Whether ``final`` carries ``marker`` but records another kind than ``kind``."""
+    if kind is None or marker != OUTPUT_MARKER:
+        return False
+    data = _read_marker(final / marker)
+    return not isinstance(data, dict) or data.get("kind") != kind
+
+
 def _check_earlier_output(
-    final: Path, path: PathLike, field: str, *, overwrite: bool, flag: str, marker: str, replace: bool
+    final: Path,
+    path: PathLike,
+    field: str,
+    *,
+    overwrite: bool,
+    flag: str,
+    marker: str,
+    replace: bool,
+    kind: str | None,
 ) -> None:
     """Refuses a non-empty directory unless it is an earlier output of this kind and may be replaced."""
-    if not (final / marker).is_file():
+    found = _what_output(final)
+    if found is None:
         raise bad_value(
             field,
             os.fspath(path),
             f"a new or empty directory: it holds files but no {marker}, so it is not an output of "
             "antidote_pl and is never written into; choose another directory",
+        )
+    if not (final / marker).is_file() or _other_kind(final, marker, kind):
+        expected = "stage output" if marker == STAGE_MARKER else f"{kind or 'such'} output"
+        raise bad_value(
+            field,
+            os.fspath(path),
+            f"a new or empty directory or an earlier {expected}: it is {found}, which this command "
+            "never writes into; choose another directory",
         )
     if not overwrite:
         raise bad_value(
@@ -203,162 +250,86 @@ def _check_earlier_output(
             os.fspath(path),
             f"a new or empty directory: it holds an earlier output; set {flag} true to replace it",
         )
-    nested = _nested_output(final) if replace else None
+    if not replace:
+        return
+    nested = _nested_output(final)
     if nested is not None:
         raise bad_value(
             field, os.fspath(path), f"a directory without other outputs inside, but {nested} is one"
         )
+    _check_only_ours(final, path, field, marker)
 
 
-# --------------------------------------------------------------------------- locks
-def _lock_file(final: Path) -> Path:
-    return final.parent / f".{final.name}.lock"
+def _check_only_ours(final: Path, path: PathLike, field: str, marker: str) -> None:
+    """Refuses to replace an output that holds files the project did not write (they would be lost)."""
+    recorded = recorded_files(_read_marker(final / marker))
+    if recorded is None:
+        raise bad_value(
+            field,
+            os.fspath(path),
+            f"an earlier output whose {marker} lists the files antidote_pl wrote ({FILES_KEY}), but "
+            "it was written before outputs recorded them, so files of yours inside could not be told "
+            "apart and would be deleted: move out what you keep, delete it, or choose another directory",
+        )
+    foreign = foreign_entries(final, recorded)
+    if foreign:
+        raise bad_value(
+            field,
+            os.fspath(path),
+            f"an earlier output holding only files antidote_pl wrote, but it also holds {describe(foreign)}, "
+            "which replacing it would delete: move them out, or choose another directory",
+        )
 
 
-def _read_lock(file: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(file.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # being written, or left half-written by a crash
+def add_output_files(directory: PathLike, *names: str) -> None:
+    """Records files the project adds to a finished output (e.g. the pipeline's step marker), so that
+    replacing the output later knows them as the project's.
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_stale(owner: dict[str, Any], file: Path) -> bool:
-    if not owner:
-        # A lock file without content: its writer died between create and write (or is writing now).
-        with contextlib.suppress(FileNotFoundError):
-            return time.time() - file.stat().st_mtime > 10
-        return True
-    return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
-
-
-def _lock_advice(owner: dict[str, Any]) -> str:
-    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-        return "an earlier writer in this process still holds it (e.g. a module whose fit failed)."
-    return "wait for it to finish, or delete the lock file if that run is gone."
-
-
-def _release(file: Path, token: str) -> None:
-    owner = _read_lock(file)
-    if owner and owner.get("token") == token:
-        with contextlib.suppress(FileNotFoundError):
-            file.unlink()
-
-
-class OutputLock:
-    """An exclusive lock on one output directory: the file ``.<name>.lock`` beside it.
-
-    Created with ``O_CREAT | O_EXCL`` and holding the owner's pid, host and a random token. The owner
-    is whoever holds the token, so a pickled copy (a DDP-spawned rank-0 worker) writes under the same
-    lock. Released explicitly, by garbage collection, or at interpreter exit; a lock of a dead process
-    on this host is taken over.
-
-    Used as a context manager it acquires the lock unless already held, and releases only what it
-    acquired.
-
-    Args:
-        path: The output directory (need not exist).
-        field: Its configuration field, for messages.
+    A no-op for a directory without a marker or whose marker lists no files.
     """
-
-    def __init__(self, path: PathLike, field: str) -> None:
-        self.path = real_path(path)
-        self.field = field
-        self.file = _lock_file(self.path)
-        self.token: str | None = None
-        self._created: list[Path] = []  # parent directories the lock file needed
-        self._finalizer: weakref.finalize | None = None
-        self._entered: list[bool] = []
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_finalizer": None, "_entered": []}
-
-    @property
-    def held(self) -> bool:
-        """Whether the lock file is ours."""
-        owner = _read_lock(self.file) if self.token is not None else None
-        return bool(owner) and owner.get("token") == self.token
-
-    def acquire(self) -> None:
-        """Takes the lock (a no-op if already held).
-
-        Raises:
-            ConfigError: when another live run holds it.
-        """
-        if self.held:
-            return
-        self._created = [p for p in reversed(self.file.parents) if not p.exists()]
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex
-        for _ in range(2):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                owner = _read_lock(self.file)
-                if owner is None or _is_stale(owner, self.file):
-                    with contextlib.suppress(FileNotFoundError):
-                        self.file.unlink()
-                    continue
-                raise ConfigError(
-                    f"{self.field}={str(self.path)!r} is being written by another run "
-                    f"(pid {owner.get('pid')} on {owner.get('host')}, lock {self.file}); "
-                    + _lock_advice(owner)
-                ) from None
-            owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "time": time.time()}
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(owner, f)
-            self.token = token
-            self._finalizer = weakref.finalize(self, _release, self.file, token)
-            return
-        raise ConfigError(f"{self.field}={str(self.path)!r}: could not take the lock {self.file}.")
-
-    def release(self) -> None:
-        """Gives the lock back (a no-op if not held)."""
-        if self.token is not None:
-            _release(self.file, self.token)
-        # A failed run leaves no empty directories behind (rmdir keeps any that got content).
-        for parent in reversed(self._created):
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        self._created = []
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self.token, self._finalizer = None, None
-
-    def __enter__(self) -> OutputLock:
-        self._entered.append(not self.held)
-        if self._entered[-1]:
-            self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._entered.pop():
-            self.release()
+    for marker in MARKERS:
+        file = Path(directory) / marker
+        data = _read_marker(file) if file.is_file() else None
+        files = recorded_files(data)
+        if files is None:
+            continue
+        merged = sorted(set(files) | set(names))
+        if merged != files:
+            atomic_write_json(file, {**data, FILES_KEY: merged})
 
 
-def launch_rank_is_zero() -> bool:
-    """Whether this process is rank 0 of its launch (True outside any distributed launcher).
+def _record_files(directory: Path, marker: str) -> None:
+    """Lists every file of a finished write in its marker (the marker included)."""
+    data = _read_marker(directory / marker)
+    if not isinstance(data, dict):
+        raise RuntimeError(f"atomic_dir: the marker {marker} is not a JSON object")
+    files = sorted({*listing(directory), marker})
+    atomic_write_json(directory / marker, {**data, FILES_KEY: files})
 
-    Lightning's ``rank_zero_only.rank``: the launchers' rank (``RANK``, ``LOCAL_RANK``,
-    ``SLURM_PROCID``, ``JSM_NAMESPACE_RANK``) read when Lightning is imported, so it works at
-    construction time before the Trainer sets up distributed, and the global rank once a Trainer has.
-    Only that process takes output locks. Lightning's rank does not read the node rank: before a
-    Trainer sets up, local rank 0 of a second node would count as rank 0 too, so a node rank other
-    than 0 (``NODE_RANK``, ``GROUP_RANK``) rules it out here.
-    """
-    nodes = (os.environ.get(k, "0") for k in ("NODE_RANK", "GROUP_RANK"))
-    return rank_zero_only.rank == 0 and all(node in ("", "0") for node in nodes)
+
+# --------------------------------------------------------------------------- disk errors
+#: errno values of a write that failed for the file system, not the program: no space, quota,
+#: file too large, read-only.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class WriteFailed(ConfigError):
+    """A write that the file system refused (full disk, quota, read-only), naming what was written."""
+
+
+def _disk_problem(err: BaseException) -> str | None:
+    """The file system's reason when ``err`` is a failed write of that kind, else ``None``."""
+    if isinstance(err, WriteFailed):
+        return _disk_problem(err.__cause__) if err.__cause__ is not None else str(err)
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+        return err.strerror or os.strerror(err.errno)
+    # Writers in Rust (safetensors) raise their own types with the OS message inside.
+    text = str(err)
+    return "No space left on device" if "No space left on device" in text or "StorageFull" in text else None
+
+
+def _write_failed(path: Path, problem: str) -> WriteFailed:
+    return WriteFailed(str(bad_file(path, f"could not be written ({problem}); nothing was replaced")))
 
 
 def claim_output_dir(
@@ -371,11 +342,12 @@ def claim_output_dir(
     inputs: Inputs | None = None,
     replace: bool = True,
     take_lock: bool | None = None,
+    kind: str | None = None,
 ) -> OutputLock:
     """Checks an output (:func:`check_output_dir`) and locks it, before any expensive work.
 
     Args:
-        path, field, overwrite, flag, marker, inputs, replace: See :func:`check_output_dir`.
+        path, field, overwrite, flag, marker, inputs, replace, kind: See :func:`check_output_dir`.
         take_lock: Whether this process writes the output and so takes the lock; by default only
             the launch's rank 0 does (:func:`launch_rank_is_zero`: the other ranks would find it
             taken). Inside a running Trainer, pass ``trainer.is_global_zero``.
@@ -383,9 +355,8 @@ def claim_output_dir(
     Returns:
         The lock, to pass to :func:`atomic_dir` / :func:`writable_dir` and release at the end.
     """
-    final = check_output_dir(
-        path, field, overwrite=overwrite, flag=flag, marker=marker, inputs=inputs, replace=replace
-    )
+    rules = {"overwrite": overwrite, "flag": flag, "marker": marker, "replace": replace, "kind": kind}
+    final = check_output_dir(path, field, inputs=inputs, **rules)
     lock = OutputLock(final, field)
     if launch_rank_is_zero() if take_lock is None else take_lock:
         lock.acquire()
@@ -442,8 +413,11 @@ def atomic_dir(
         The temporary directory to write into.
     """
     final = real_path(path)
+    own_kind = kind if marker == OUTPUT_MARKER else None
     with _lock_for(final, field, lock):
-        check_output_dir(path, field, overwrite=overwrite, flag=flag, marker=marker, inputs=inputs)
+        check_output_dir(
+            path, field, overwrite=overwrite, flag=flag, marker=marker, inputs=inputs, kind=own_kind
+        )
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
@@ -453,17 +427,26 @@ def atomic_dir(
                 _write_marker(tmp, kind or "output")
             elif not (tmp / marker).is_file():
                 raise RuntimeError(f"atomic_dir: the writer did not write its marker {marker}")
-        except BaseException:
+            _record_files(tmp, marker)
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _remove_leftovers(final)
+            problem = _disk_problem(err)
+            if problem is None:
+                raise
+            raise _write_failed(final, problem) from err
+        _swap_in(tmp, final)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Renames a finished write over ``final`` (the earlier output moved aside, then removed)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _remove_leftovers(final)
 
 
 @contextlib.contextmanager
@@ -496,9 +479,26 @@ def writable_dir(
     """
     final = real_path(path)
     with _lock_for(final, field, lock):
-        check_output_dir(path, field, overwrite=overwrite, flag=flag, inputs=inputs, replace=False)
-        mark_output_dir(final, kind)
-        yield final
+        check_output_dir(path, field, overwrite=overwrite, flag=flag, inputs=inputs, replace=False, kind=kind)
+        existed, fresh = final.exists(), _is_new_or_empty(final, path, field)
+        try:
+            mark_output_dir(final, kind)
+            yield final
+        except BaseException as err:
+            if fresh:  # a failed first write leaves no directory holding only its marker
+                _unmark_if_bare(final, remove_dir=not existed)
+            problem = _disk_problem(err)
+            if problem is None:
+                raise
+            raise _write_failed(final, problem) from err
+
+
+def _unmark_if_bare(final: Path, remove_dir: bool) -> None:
+    with contextlib.suppress(OSError):
+        if [p.name for p in final.iterdir()] == [OUTPUT_MARKER]:
+            (final / OUTPUT_MARKER).unlink()
+        if remove_dir:
+            final.rmdir()  # fails, as it should, when the writer left anything else
 
 
 def mark_output_dir(directory: PathLike, kind: str) -> Path:
@@ -525,10 +525,13 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
         yield tmp
         _chmod_umask(tmp, 0o666)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        raise
+        problem = _disk_problem(err)
+        if problem is None:
+            raise
+        raise _write_failed(final, problem) from err
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
