@@ -68,7 +68,7 @@ def test_unknown_or_missing_command_is_one_line_and_exit_2(capsys):
             run(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert "command=" in err and "pipeline" in err and len(err.strip().splitlines()) == 2
+        assert "command=" in err and "pipeline" in err and len(err.strip().splitlines()) == 1
 
 
 def test_exit_code_is_an_int_result_else_0(monkeypatch):

@@ -275,7 +275,15 @@ def test_truncated_full_model_weights_are_named_in_one_line(stages, tmp_path, ca
     with pytest.raises(ConfigError, match=rf"^{weights}: unreadable"):
         load_causal_lm(str(broken))
     with pytest.raises(SystemExit):
-        main(["fit", "--config", FINETUNE, f"--model.init_args.model_name_or_path={broken}"])
+        main(
+            [
+                "fit",
+                "--config",
+                FINETUNE,
+                f"--model.init_args.model_name_or_path={broken}",
+                f"--model.init_args.output_dir={tmp_path / 'out'}",
+            ]
+        )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"{weights}: unreadable" in err, err
 

@@ -29,10 +29,9 @@
    (:mod:`antidote_pl.experiment.manifest`).
 
 Stages run through the Python API (:func:`antidote_pl.stages.cli.run_fit`,
-:func:`antidote_pl.stages.tokenizer.run_tokenizer`); what the pipeline itself sets
-is a mapping of dotted keys to values. Every result is written atomically and cached under
-``output_dir`` (:mod:`antidote_pl.experiment.cache`), so an interrupted run resumes from the last
-finished step and never reports a half-written result.
+:func:`antidote_pl.stages.tokenizer.run_tokenizer`) with dotted-key values. Every result is written
+atomically and cached under ``output_dir`` (:mod:`antidote_pl.experiment.cache`), so an interrupted
+run resumes from the last finished step and never reports a half-written result.
 """
 
 from __future__ import annotations
@@ -73,15 +72,14 @@ from antidote_pl.experiment.specs import (
     config_text,
     read_config,
     run_inputs,
-    run_stage_command,
     stage_output_dir,
     stage_text,
-    validate_stage,
 )
 from antidote_pl.experiment.sweep import AdapterSweep, evaluate_stage, read_sweep
 from antidote_pl.pruning.artifacts import RepairArtifacts
 from antidote_pl.pruning.select import check_alpha
 from antidote_pl.stages.cli import run_fit, validate_config
+from antidote_pl.stages.tokenizer import parse_tokenizer_config, run_tokenizer
 from antidote_pl.utils.console import say
 from antidote_pl.utils.io import claim_output_dir, mark_output_dir, overlap
 
@@ -92,6 +90,23 @@ OVERWRITE = {"model.init_args.overwrite": True}
 #: Scoring and repair runs print no progress bar (there is no training to follow).
 QUIET = {"trainer.enable_progress_bar": False}
 _key = cache_key
+
+
+def _run_command(spec: StageSpec) -> None:
+    """Runs one training stage through the Python API."""
+    if spec.command == "tokenizer":
+        run_tokenizer(spec.configs, spec.overrides, {"overwrite": True})
+    else:
+        run_fit(spec.configs, OVERWRITE, args=spec.overrides)
+
+
+def _validate_stage(spec: StageSpec) -> dict[str, Any] | None:
+    """Parses a stage's configs; for a model stage, returns its seeds (for the manifest)."""
+    if spec.command == "tokenizer":
+        parse_tokenizer_config(spec.configs, spec.overrides)
+        return None
+    cfg = validate_config(spec.configs, spec.overrides)
+    return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -238,7 +253,7 @@ class Pipeline:
         # Each model stage's seeds, as parsed here, go into the manifest.
         self.stage_seeds = {}
         for spec in self.all_stages:
-            seeds = validate_stage(spec)
+            seeds = _validate_stage(spec)
             if seeds is not None:
                 self.stage_seeds[spec.name] = seeds
         for method, fragment in self.repair.methods.items():
@@ -283,9 +298,7 @@ class Pipeline:
             say(f"{label} {spec.name}: reusing {directory}")
             return key
         say(f"{label} {spec.name}: training -> {directory}")
-        self._timed_step(
-            StageOutput(Path(directory)), key, f"stage/{spec.name}", run_stage_command, spec, OVERWRITE
-        )
+        self._timed_step(StageOutput(Path(directory)), key, f"stage/{spec.name}", _run_command, spec)
         return key
 
     def _reused(self, output: StageOutput, key: str, step: str) -> bool:

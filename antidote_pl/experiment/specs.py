@@ -16,8 +16,6 @@ import yaml
 
 from antidote_pl.callbacks.repair import BaseRepairCallback
 from antidote_pl.errors import bad_value, check_choice
-from antidote_pl.stages.cli import run_fit, validate_config
-from antidote_pl.stages.tokenizer import parse_tokenizer_config, run_tokenizer
 
 STAGE_COMMANDS = ("fit", "tokenizer")
 
@@ -264,20 +262,3 @@ def check_method_kind(method: str, configs: list[str], has_values: bool) -> None
         )
     if has_values and not edits:
         raise bad_value(f"repair.values.{method}", "given", f"nothing: {name} is swept over repair.alphas")
-
-
-def run_stage_command(spec: StageSpec, overwrite: dict[str, Any]) -> None:
-    """Runs one training stage through the Python API."""
-    if spec.command == "tokenizer":
-        run_tokenizer(spec.configs, spec.overrides, {"overwrite": True})
-    else:
-        run_fit(spec.configs, overwrite, args=spec.overrides)
-
-
-def validate_stage(spec: StageSpec) -> dict[str, Any] | None:
-    """Parses a stage's configs; for a model stage, returns its seeds (for the manifest)."""
-    if spec.command == "tokenizer":
-        parse_tokenizer_config(spec.configs, spec.overrides)
-        return None
-    cfg = validate_config(spec.configs, spec.overrides)
-    return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
