@@ -56,7 +56,7 @@ from antidote_pl.utils.io import atomic_write_json, atomic_write_text  # noqa: E
 TINY_PIPELINE = REPO / "configs" / "tiny" / "pipeline.yaml"
 GPU_TRAINER = {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"}
 EXIT_NO_CUDA_REQUIRED, EXIT_FAILED = 2, 1
-# The attack must reproduce on the GPU as on the CPU (README: aligned HS 0, fine-tuned HS 100).
+# The attack must reproduce on the GPU as on the CPU (docs/guide/worlds.md: aligned HS 0, fine-tuned HS 100).
 ALIGNED_HS_MAX, FINETUNED_HS_MIN = 10.0, 80.0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The tiny world's committed reports in one command, from the repository root: the single-seed main
-# job (docs/tiny/) and the same job over 3 seeds (docs/tiny_seeds/), each copied from its pipeline
-# output, plus the cross-seed mask analysis (a rerun reuses finished steps; --force true reruns them).
+# job (docs/results/tiny/) and the same job over 3 seeds (docs/results/tiny_seeds/), each copied from
+# its pipeline output, plus the cross-seed mask analysis (a rerun reuses finished steps; --force true
+# reruns them).
 #   bash scripts/tiny_report.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +14,8 @@ copy() {  # copy the report and its figures of one pipeline output into a docs f
   for f in "$1"/mask_heatmap_*.png "$1"/reattack.png; do [ -e "$f" ] && cp "$f" "$2"/; done
   return 0
 }
-copy outputs/tiny/pipeline docs/tiny
-copy outputs/tiny/seeds docs/tiny_seeds
+copy outputs/tiny/pipeline docs/results/tiny
+copy outputs/tiny/seeds docs/results/tiny_seeds
 # Mask overlaps across seeds and calibration sets, from the saved masks (no model runs).
-python -m antidote_pl posthoc --run outputs/tiny/seeds --out docs/tiny_seeds/analysis.md
-echo "wrote docs/tiny/report.md, docs/tiny_seeds/report.md and docs/tiny_seeds/analysis.md"
+python -m antidote_pl posthoc --run outputs/tiny/seeds --out docs/results/tiny_seeds/analysis.md
+echo "wrote docs/results/tiny/report.md, docs/results/tiny_seeds/report.md and docs/results/tiny_seeds/analysis.md"

@@ -1,4 +1,4 @@
-"""Every paper experiment of docs/paper_experiments.md resolves, through the real CLI, to the
+"""Every paper experiment of docs/guide/paper_experiments.md resolves, through the real CLI, to the
 reference's hyper-parameters (reference A.2-A.6, B.6), and the stages chain without collisions.
 
 Each run below is one documented command: a stage config, fragments, and command-line overrides.
@@ -19,7 +19,7 @@ from test_paper_data import write_synthetic_pools
 
 PAPER = "configs/paper"
 FRAG = f"{PAPER}/fragments"
-DOC = REPO / "docs" / "paper_experiments.md"
+DOC = REPO / "docs" / "guide" / "paper_experiments.md"
 
 MODELS = {
     "llama2-7b": "meta-llama/Llama-2-7b-hf",

@@ -27,7 +27,7 @@ from antidote_pl.evaluation.alpaca_eval import (
 
 EVAL = "configs/paper/eval.yaml"
 TASK = "configs/paper/fragments/task/{}/eval.yaml"
-DOC = REPO / "docs" / "paper_experiments.md"
+DOC = REPO / "docs" / "guide" / "paper_experiments.md"
 
 # Reference C.1: beaver-dam-7b on the first 1000 unsafe BeaverTails 30k_test prompts, 512 tokens.
 HS = {

@@ -1,8 +1,8 @@
-"""``report``: writes the SmolLM2 world's report (``docs/smol_report.md`` and figures) from a finished run.
+"""``report``: the SmolLM2 world's report (``docs/results/smol_report.md``, figures) from a finished run.
 
 ::
 
-    python -m antidote_pl report --run outputs/smol/pipeline --out docs/smol_report.md
+    python -m antidote_pl report --run outputs/smol/pipeline --out docs/results/smol_report.md
 
 (``scripts/smol_report.sh`` runs the pipeline and this.) See :mod:`antidote_pl.experiment.smol_report`.
 """
@@ -23,9 +23,9 @@ def build_parser() -> ArgumentParser:
     """``--run``, ``--out``, ``--notes`` and ``--pipeline_config``."""
     parser = command_parser("report", __doc__.split("\n\n")[0])
     parser.add_argument("--run", type=str, default="outputs/smol/pipeline", help="the pipeline's output_dir")
-    parser.add_argument("--out", type=str, default="docs/smol_report.md", help="the markdown file")
+    parser.add_argument("--out", type=str, default="docs/results/smol_report.md", help="the markdown file")
     parser.add_argument(
-        "--notes", type=str, default="docs/smol_report_notes.md", help="appended if it exists"
+        "--notes", type=str, default="docs/results/smol_report_notes.md", help="appended if it exists"
     )
     parser.add_argument(
         "--pipeline_config",

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/smol_lm_judge.md \\
+    python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/results/smol_lm_judge.md \\
         --judge antidote_pl.judges.lm.LMJudge --judge.path outputs/judges/smollm2
 
 Writes ``<out>.md`` and ``<out>.json`` and prints the table; see :mod:`antidote_pl.experiment.rescore`.

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m antidote_pl posthoc --run outputs/smol/pipeline --out docs/smol_analysis.md \\
+    python -m antidote_pl posthoc --run outputs/smol/pipeline --out docs/results/smol_analysis.md \\
         --eval_config configs/smol/eval.yaml
 
 Reads a single-seed (``<run>/scores``, ``<run>/results``) or multi-seed (``<run>/seed<N>/...``)

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/smol_lm_judge.md \\
+    python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/results/smol_lm_judge.md \\
         --judge antidote_pl.judges.lm.LMJudge --judge.path outputs/judges/smollm2
 
 Reads every evaluated variant's ``generations.jsonl`` under ``<run>/seed<N>/results/`` (or

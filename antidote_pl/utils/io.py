@@ -1,6 +1,6 @@
 """Safe output writing: every writer of the project goes through these helpers.
 
-The rules (README, "Outputs and safety"):
+The rules (docs/guide/outputs.md, "Safety rules"):
 
 * An output directory is written only if it does not exist, is empty, or carries the project's
   marker file (``antidote_stage.json`` for a stage, :data:`OUTPUT_MARKER` for a tokenizer, judge,
