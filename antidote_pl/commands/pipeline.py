@@ -30,7 +30,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML")
     parser.add_argument("--stages", type=list[StageSpec], required=True)
     parser.add_argument("--repair", type=RepairSpec, required=True)
-    parser.add_argument("--evaluation", type=str, required=True)
+    parser.add_argument("--evaluation", type=str | list[str], required=True)
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--references", type=list[str] | None, default=None)
     parser.add_argument("--baselines", type=list[BaselineSpec] | None, default=None)

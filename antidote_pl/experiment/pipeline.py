@@ -69,6 +69,7 @@ from antidote_pl.experiment.specs import (
     StageSpec,
     check_last_is_fit,
     check_method_kind,
+    config_list,
     config_text,
     read_config,
     run_inputs,
@@ -116,7 +117,8 @@ class Pipeline:
     Args:
         stages: Training stages in order; the last one is the fine-tuned model that gets repaired.
         repair: The repair config, alphas and methods.
-        evaluation: Config for ``python -m antidote_pl test`` (StageEvaluator + EvalDataModule).
+        evaluation: Config for ``python -m antidote_pl test`` (StageEvaluator + EvalDataModule), or a
+            list of files composed in order (e.g. the eval config, a judge and a precision fragment).
         output_dir: Where scores, per-variant results and the report go.
         references: Stage names evaluated as reference rows (default: every stage but the first).
         force: Rerun everything, ignoring finished results.
@@ -128,7 +130,7 @@ class Pipeline:
         self,
         stages: list[StageSpec],
         repair: RepairSpec,
-        evaluation: str,
+        evaluation: str | list[str],
         output_dir: str,
         references: list[str] | None = None,
         force: bool = False,
@@ -158,9 +160,8 @@ class Pipeline:
             The report as a dict (also written to ``report.json``).
 
         Raises:
-            ConfigError: for a missing config file, a bad alpha, an unknown reference, or an
-                ``output_dir`` that may not be written (an unmarked non-empty directory, one inside
-                a stage output, one another run is writing), before any work.
+            ConfigError: before any work, for a missing config file, a bad alpha or knob value, an
+                unknown reference, or an ``output_dir`` that may not be written.
         """
         self.validate()
         # Resuming into its own (marked) directory is the pipeline's normal use, so no flag is
@@ -204,7 +205,7 @@ class Pipeline:
             raise bad_value("stages", self.stages, "at least one training stage")
         self.stage_texts = [stage_text(s, f"stages[{i}]") for i, s in enumerate(self.stages)]
         self.repair_text = config_text(self.repair.config, "repair.config")
-        self.eval_text = read_config(self.evaluation, "evaluation")
+        self.eval_text = config_text(self.evaluation, "evaluation")
         self.fragment_texts = {
             m: read_config(f, f"repair.methods.{m}") for m, f in self.repair.methods.items()
         }
@@ -263,7 +264,7 @@ class Pipeline:
         for base in self.baselines:
             if base.repair_fragment is not None:
                 validate_config([*self.repair.configs, base.repair_fragment])
-        validate_config([self.evaluation])
+        validate_config(config_list(self.evaluation))
 
     def _check_durability(self) -> None:
         d = self.durability
@@ -395,12 +396,8 @@ class Pipeline:
             self.rows.append({**row, **result})
 
     def _keeps_masks(self, method: str, alpha: float) -> bool:
-        """Whether the report's mask analysis needs this mask after its evaluation.
-
-        Only those are held: on a 7B model with ``linear`` targets every mask is the size of the
-        model, so holding the whole sweep would not fit in memory (the re-attack reads its variants
-        back from disk).
-        """
+        """Whether the mask analysis needs this mask after its evaluation (only those are held: a 7B
+        model's ``linear`` masks are each the model's size; the re-attack reads its masks from disk)."""
         return alpha == focus_alpha(self.alphas) or method == next(iter(self.repair.methods))
 
     def _stage_row(self, name: str, directory: str | Path, stage_key: str) -> dict[str, Any]:
@@ -504,10 +501,11 @@ class Pipeline:
 
     def _sweep_result(self, method: str, alpha: float) -> dict[str, Any] | None:
         """The sweep's evaluator results for ``method`` at ``alpha`` (without the report's own keys)."""
-        for row in self.rows:
-            if row["method"] == method and row["alpha"] == alpha and not row.get("reference"):
-                return {k: v for k, v in row.items() if k not in ("method", "alpha", "removed_fraction")}
-        return None
+        own = ("method", "alpha", "removed_fraction", "knob", "neutral", "relative_change")
+        rows = (
+            r for r in self.rows if r["method"] == method and r["alpha"] == alpha and not r.get("reference")
+        )
+        return next(({k: v for k, v in r.items() if k not in own} for r in rows), None)
 
     # ------------------------------------------------------------------ 7. report
     def analyse(self) -> tuple[dict[str, Any], list[str]]:
@@ -531,7 +529,9 @@ class Pipeline:
     def manifest(self) -> dict[str, Any]:
         """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git, and the
         pipeline spec itself (``pipeline``)."""
-        configs: dict[str, Any] = {"evaluation": self.evaluation}
+        evaluation = config_list(self.evaluation)
+        configs: dict[str, Any] = {"evaluation": evaluation[0]}
+        configs |= {f"evaluation[{i}]": c for i, c in enumerate(evaluation) if i}
         specs = self.all_stages
         for spec in specs:
             for i, config in enumerate(spec.configs):
@@ -589,7 +589,7 @@ class Pipeline:
 def run_pipeline(
     stages: list[StageSpec],
     repair: RepairSpec,
-    evaluation: str,
+    evaluation: str | list[str],
     output_dir: str,
     references: list[str] | None = None,
     force: bool = False,

@@ -124,10 +124,19 @@ def mask_section(
             chosen.setdefault(variant_name(first, a), masks[(first, a)])
     if not chosen:
         return {}, ""
-    markdown = mask_analytics_markdown(chosen, out, heatmaps=heatmaps)
     # The anchor (the first method at the focus alpha) is named: report.json sorts the keys.
     anchor = next(iter(chosen))
-    return {"alpha": alpha, "anchor": anchor, "jaccard": jaccard_matrix(chosen)}, markdown
+    # Overlaps need the same coordinates: a method masking other tensors (Wanda in delta space
+    # masks the merged update in the base weights, not the LoRA factors) is left out, and said so.
+    apart = [n for n, m in chosen.items() if set(m) != set(chosen[anchor])]
+    chosen = {n: m for n, m in chosen.items() if n not in apart}
+    markdown = mask_analytics_markdown(chosen, out, heatmaps=[h for h in heatmaps if h in chosen])
+    if apart:
+        markdown += (
+            f"\nLeft out of these overlaps: {', '.join(apart)}, whose masks cover other tensors than "
+            f"{anchor}'s (e.g. the merged update instead of the LoRA factors).\n"
+        )
+    return {"alpha": alpha, "anchor": anchor, "jaccard": jaccard_matrix(chosen), "left_out": apart}, markdown
 
 
 def durability_section(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, seed: Any = None) -> str:

@@ -114,7 +114,7 @@ def run_seeds(
     seeds: list[int],
     stages,
     repair,
-    evaluation: str,
+    evaluation: str | list[str],
     output_dir: str,
     references: list[str] | None = None,
     force: bool = False,

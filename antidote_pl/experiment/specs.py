@@ -222,14 +222,17 @@ def check_last_is_fit(stages: list[StageSpec], field: str, why: str) -> None:
 
 
 def run_inputs(
-    stages: list[StageSpec], repair: RepairSpec, evaluation: str, baselines: list[BaselineSpec] | None
+    stages: list[StageSpec],
+    repair: RepairSpec,
+    evaluation: str | list[str],
+    baselines: list[BaselineSpec] | None,
 ) -> dict[str, Any]:
     """A run's config files, ``field -> paths``, which its output directory must stay apart from."""
     return {
         "stages": [c for s in stages for c in s.configs],
         "repair.config": repair.config,
         "repair.methods": list(repair.methods.values()),
-        "evaluation": evaluation,
+        "evaluation": config_list(evaluation),
         "baselines": [c for b in baselines or [] for s in b.stages for c in s.configs],
     }
 

@@ -28,14 +28,16 @@ def _evaluate(evaluator, datamodule, trainer, out_dir: Path) -> dict[str, Any]:
     return dict(evaluator.results)
 
 
-def evaluate_stage(evaluation: str, stage: str, out_dir: Path) -> dict[str, Any]:
-    """Evaluates a stage output directory (adapter merged) with the evaluation config into ``out_dir``."""
+def evaluate_stage(evaluation: str | list[str], stage: str, out_dir: Path) -> dict[str, Any]:
+    """Evaluates a stage output directory (adapter merged) with the evaluation config (one file, or
+    several composed in order) into ``out_dir``."""
     return _evaluate(*_evaluator(evaluation, stage, True), out_dir)
 
 
-def _evaluator(config: str, stage: str, merge: bool):
+def _evaluator(config: str | list[str], stage: str, merge: bool):
     values = {"model.init_args.stage": stage, "model.init_args.merge_adapter": merge}
-    cli = build_cli([config], {**values, "model.init_args.output_dir": None})
+    configs = [config] if isinstance(config, str) else list(config)
+    cli = build_cli(configs, {**values, "model.init_args.output_dir": None})
     return cli.model, cli.datamodule, cli.trainer
 
 
@@ -43,11 +45,11 @@ class AdapterSweep:
     """The fine-tuned model loaded once for evaluation, with masks applied and undone per variant.
 
     Args:
-        evaluation: The evaluation config.
+        evaluation: The evaluation config (or its files, composed in order).
         stage: The fine-tuned stage (its adapter stays unmerged, so masks apply to it).
     """
 
-    def __init__(self, evaluation: str, stage: str) -> None:
+    def __init__(self, evaluation: str | list[str], stage: str) -> None:
         self.evaluator, self.datamodule, self.trainer = _evaluator(evaluation, stage, merge=False)
         self.model = self.evaluator.model
         self._original = {n: p.detach().clone() for n, p in self.model.named_parameters()}
