@@ -212,8 +212,11 @@ def test_pipeline_config_parses(configs):
             assert (REPO / path).is_file(), path
         if stage.command == "fit":
             resolve(*(REPO / f for f in files))  # a base and its fragment compose
-    for path in [cfg.repair.config, cfg.evaluation, *cfg.repair.methods.values()]:
+    evaluation = [cfg.evaluation] if isinstance(cfg.evaluation, str) else list(cfg.evaluation)
+    for path in [cfg.repair.config, *evaluation, *cfg.repair.methods.values()]:
         assert (REPO / path).is_file(), path
+    if len(evaluation) > 1:
+        resolve(*(REPO / f for f in evaluation))  # the evaluation's files compose too
     for base in built.baselines or []:
         assert base.repair_fragment is None or (REPO / base.repair_fragment).is_file()
 

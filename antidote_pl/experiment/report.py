@@ -85,20 +85,36 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     _plot_sweeps(ax, report)
     _plot_single_points(ax, report)
     ax.set_xlabel("fine-tune accuracy FA (%)")
     ax.set_ylabel("harmful score HS (%)")
-    ax.set_title("Repair trade-off per method (from the unrepaired model); bars: Wilson 95%")
+    ax.set_title("Repair trade-off per method over its knob (from the unrepaired model); bars: Wilson 95%")
     ax.grid(alpha=0.3)
-    ax.legend()
+    outside_legend(ax)
     save_png(fig, path)
+
+
+#: Markers cycled with the 20 colours, so up to 20 curves stay apart in print and in grey.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def curve_style(index: int) -> dict[str, Any]:
+    """Colour and marker of the ``index``-th method's curve (tab20 colours, cycled markers)."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](index % 20), "marker": MARKERS[index % len(MARKERS)]}
+
+
+def outside_legend(ax) -> None:
+    """The legend to the right of the axes, where it covers no curve."""
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def _plot_sweeps(ax, report: dict[str, Any]) -> None:
     none = next((r for r in report["rows"] if r["method"] == "none"), None)
-    for method in report["methods"]:
+    for i, method in enumerate(report["methods"]):
         pts = [r for r in report["rows"] if r["method"] == method]
         if none is not None:
             pts = [none, *pts]
@@ -107,9 +123,9 @@ def _plot_sweeps(ax, report: dict[str, Any]) -> None:
             [p["harmful_score"] for p in pts],
             xerr=_error_bars(pts, "finetune_accuracy", "n_finetune_accuracy"),
             yerr=_error_bars(pts, "harmful_score", "n_harmful_score"),
-            marker="o",
             capsize=2,
             label=method,
+            **curve_style(i),
         )
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from antidote_pl.errors import bad_value
 from antidote_pl.experiment.leaderboard import leaderboard, leaderboard_markdown
 from antidote_pl.experiment.pipeline import run_pipeline
-from antidote_pl.experiment.report import extra_judge_names, format_knob
+from antidote_pl.experiment.report import curve_style, extra_judge_names, format_knob, outside_legend
 from antidote_pl.experiment.sections import seeds_analysis_markdown
 from antidote_pl.experiment.specs import run_inputs
 from antidote_pl.utils.intervals import cell_bounds, cell_distances
@@ -357,7 +357,7 @@ def plot_aggregate(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     _plot_sweeps(ax, report)
     _plot_single_points(ax, report["rows"], report["methods"])
     rows = report["rows"]
@@ -366,25 +366,25 @@ def plot_aggregate(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"harmful score HS, {_primary(report)} (%), n={n_h} prompts per seed")
     seeds = ", ".join(str(s) for s in report["seeds"])
     spread = "95% Wilson intervals over prompts" if len(report["seeds"]) == 1 else "mean ± std over seeds"
-    ax.set_title(f"Alpha sweep per method, {spread}; seeds {seeds}", fontsize=10)
+    ax.set_title(f"Each method over its knob (alpha, lambda, ...), {spread}; seeds {seeds}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    outside_legend(ax)
     save_png(fig, path)
 
 
 def _plot_sweeps(ax, report: dict[str, Any]) -> None:
     rows = report["rows"]
     none = next((r for r in rows if r["method"] == "none"), None)
-    for method in report["methods"]:
+    for i, method in enumerate(report["methods"]):
         pts = ([none] if none is not None else []) + [r for r in rows if r["method"] == method]
         ax.errorbar(
             [p["finetune_accuracy_mean"] or 0 for p in pts],
             [p["harmful_score_mean"] or 0 for p in pts],
             xerr=_bars(pts, "finetune_accuracy"),
             yerr=_bars(pts, "harmful_score"),
-            marker="o",
             capsize=3,
             label=method,
+            **curve_style(i),
         )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from antidote_pl.experiment.leaderboard import leaderboard_markdown
 from antidote_pl.experiment.sections import seeds_analysis_markdown
 from antidote_pl.experiment.seeds import (
     aggregate_markdown,
@@ -194,6 +195,14 @@ def _header(run: Path, report: dict[str, Any], configured: list[int] | None) -> 
     ]
 
 
+def _leaderboard(report: dict[str, Any]) -> list[str]:
+    """The repair leaderboard across seeds (runs written before it existed have none)."""
+    board = report.get("leaderboard")
+    if not board:
+        return []
+    return [leaderboard_markdown(board, report.get("primary_judge") or "primary judge"), ""]
+
+
 def render(
     run: Path,
     png_name: str,
@@ -208,6 +217,7 @@ def render(
     parts = [
         *_header(run, report, configured),
         "",
+        *_leaderboard(report),
         "## The issue's bars",
         "",
         *checks(report),
