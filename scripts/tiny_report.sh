@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tiny world's committed reports in one command, from the repository root: the single-seed main
-# job (docs/results/tiny/) and the same job over 3 seeds (docs/results/tiny_seeds/), each copied from
+# job (docs/results/tiny/) and the same job over 5 seeds (docs/results/tiny_seeds/), each copied from
 # its pipeline output, plus the cross-seed mask analysis (a rerun reuses finished steps; --force true
 # reruns them).
 #   bash scripts/tiny_report.sh
