@@ -13,12 +13,14 @@ from antidote_pl.commands.pipeline import build_parser
 from antidote_pl.errors import ConfigError
 from antidote_pl.evaluation.evaluator import EvalDataModule
 from antidote_pl.experiment import pipeline as pipeline_module
+from antidote_pl.experiment.cache import ResultCache, StepTimes
 from antidote_pl.experiment.manifest import (
     MANIFEST_FILE,
     build_manifest,
     check_differences,
     check_manifest,
     check_table,
+    code_version,
     datamodule_from_config,
     file_entries,
     git_state,
@@ -30,6 +32,7 @@ from antidote_pl.experiment.pipeline import Pipeline
 from antidote_pl.experiment.replay import replay
 from antidote_pl.experiment.specs import BaselineSpec, StageSpec
 from antidote_pl.tinyworld.world import TinyWorldSource
+from antidote_pl.utils.hashing import path_identity
 
 
 def _key(r):
@@ -238,6 +241,7 @@ def recorded_run(tmp_path, monkeypatch):
     run.update(output_dir=str(tmp_path / "run"), baselines=[baseline], durability=init.durability)
     pipe = Pipeline(**run)
     pipe.alphas = list(init.repair.alphas)  # what validate() would set
+    pipe.results = ResultCache(tmp_path / "results", StepTimes())  # what run() would set
     pipe.stage_dirs = {s.name: str(tmp_path / s.name) for s in [*pipe.stages, stage]}
     captured = {}
 
@@ -299,3 +303,38 @@ def test_replay_refuses_differences_and_its_own_directory(recorded_run, tmp_path
     with pytest.raises(ConfigError, match="no 'pipeline' spec"):
         replay(str(path), new, runner=lambda **kw: calls.append(kw))
     assert len(calls) == 1
+
+
+def test_a_hand_edited_manifest_is_refused(recorded_run, capsys):
+    _, path = recorded_run
+    assert run(["replay", "check", str(path)]) == 0
+    edited = json.loads(path.read_text())
+    edited["pipeline"]["repair"]["alphas"] = [0.5]  # what a replay would run: no longer the run's
+    path.write_text(json.dumps(edited))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["replay", "check", str(path)])
+    assert exit_info.value.code == 2
+    assert "does not match its manifest_sha256 (edited by hand?)" in capsys.readouterr().err
+
+
+def test_check_compares_the_inputs_each_result_recorded(tmp_path):
+    config, data, path = _hand_made(tmp_path, tmp_path)
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    (judge / "judge.safetensors").write_bytes(b"weights")
+    built = read_manifest(path)
+    files = {str(data): path_identity(data), str(judge): path_identity(judge)}
+    code = code_version()
+    built["inputs"] = {
+        "none": {"files": files, "code": code},
+        # Computed by an earlier run, from an older version of the data file.
+        "wanda_a0.1": {"files": {str(data): "0" * 64}, "code": {**code, "source": "older"}},
+    }
+    write_manifest(built, path)
+    statuses = _statuses(check_manifest(read_manifest(path)))
+    assert statuses[("input", f"{data} (1 results)")] == "differs"
+    assert statuses[("input", str(judge))] == "match"
+    assert statuses[("code", "source (1 results)")] == "differs"
+    (judge / "judge.safetensors").write_bytes(b"retrained in place")
+    items = check_manifest(read_manifest(path))
+    assert ("input", str(judge)) in {(i["kind"], i["name"]) for i in check_differences(items)}

@@ -43,7 +43,14 @@ from typing import Any
 import torch
 
 from antidote_pl.errors import ConfigError, bad_value
-from antidote_pl.experiment.cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
+from antidote_pl.experiment.cache import (
+    ResultCache,
+    RunInputs,
+    StageOutput,
+    StepTimes,
+    cache_key,
+    stage_fingerprint,
+)
 from antidote_pl.experiment.manifest import (
     build_manifest,
     datamodule_from_config,
@@ -167,7 +174,10 @@ class Pipeline:
         )
         mark_output_dir(self.output_dir, "pipeline")
         self.times = StepTimes()
-        self.results = ResultCache(self.out / "results", self.times, self.force)
+        self.fingerprints = RunInputs()  # what each step reads, hashed once per run, part of its key
+        self.results = ResultCache(
+            self.out / "results", self.times, self.force, self.fingerprints.evaluation(self.evaluation)
+        )
         try:
             self.train_stages()
             self.score()
@@ -276,7 +286,7 @@ class Pipeline:
             self.upstream = self._run_stage(spec, text, self.upstream, f"stage {i + 1}/{len(self.stages)}")
 
     def _run_stage(self, spec: StageSpec, text: str, upstream: str, label: str) -> str:
-        key = _key(upstream, text, *spec.overrides)
+        key = _key(upstream, text, *spec.overrides, self.fingerprints.stage(spec))
         directory = self.stage_dirs[spec.name]
         if self._reused(StageOutput(Path(directory)), key, f"stage/{spec.name}"):
             say(f"{label} {spec.name}: reusing {directory}")
@@ -328,7 +338,8 @@ class Pipeline:
         directory = self.out / "scores" / method
         extra = self.repair.args(method)
         sweep = ["sweep_alphas", *map(str, self.alphas)]
-        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra)
+        reads = self.fingerprints.step([*self.repair.configs, fragment], extra, adapter=self.finetuned)
+        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra, reads)
         if self._reused(StageOutput(directory), key, f"scores/{method}"):
             say(f"scores {method}: reusing {directory}")
             return key
@@ -423,7 +434,10 @@ class Pipeline:
         """Repairs a baseline's last stage with its fragment (once) and evaluates it."""
         combined = base.combined_name
         directory = self.out / "combined" / combined
-        repair_key = _key(key, self.repair_text, self.baseline_texts[base.name][-1], str(base.repair_alpha))
+        reads = self.fingerprints.step([*self.repair.configs, base.repair_fragment], adapter=final)
+        repair_key = _key(
+            key, self.repair_text, self.baseline_texts[base.name][-1], str(base.repair_alpha), reads
+        )
         if not self._reused(StageOutput(directory), repair_key, f"stage/{combined}"):
             say(f"baseline {combined}: repairing {final}")
             values = self._combined_values(base, final, directory)
@@ -532,6 +546,8 @@ class Pipeline:
             "methods": list(self.repair.methods),
             "output_dir": self.output_dir,
             "tokenizer_stages": tokenizers,
+            # Per result, the files and code it was computed from, as recorded when it was computed.
+            "inputs": self.results.recorded,
             # The run's own spec, enough to rebuild it (``python -m antidote_pl replay replay``).
             "pipeline": {
                 "stages": [asdict(s) for s in self.stages],
