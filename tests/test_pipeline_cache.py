@@ -1,9 +1,10 @@
-"""Cache keys cover every input a step reads (issue #24).
+"""Cache keys cover every input a step reads; a faithful replay reports "same" (issues #24, #25).
 
 A small tiny-world pipeline (two methods, two alphas) whose fine-tune reads a local harmful JSONL
 and whose evaluation carries an n-gram judge saved in the work directory, run once per module. Each
 test copies that work directory, changes one input (a data file, the judge retrained in place, the
-code version) and resumes: the steps that read it rerun, the others are reused.
+code version) and resumes: the steps that read it rerun, the others are reused. The replay tests
+rerun the recorded run into a new directory and compare its report with the recorded one.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from antidote_pl.commands.dispatch import run
 from antidote_pl.experiment import cache as cache_module
 from antidote_pl.experiment import manifest as manifest_module
 from antidote_pl.experiment.cache import (
+    DONE_FILE,
     ResultCache,
     RunInputs,
     StageOutput,
     StepTimes,
     cache_key,
     inputs_key,
+    stage_fingerprint,
 )
 from antidote_pl.experiment.manifest import check_differences, check_manifest, read_manifest
+from antidote_pl.experiment.replay import compare_reports
 from antidote_pl.experiment.specs import StageSpec
 from antidote_pl.judges.offline import OfflineJudge
 from antidote_pl.tinyworld.world import TinyWorldSource
@@ -196,6 +200,44 @@ def test_a_code_change_reruns_everything(recorded, world, monkeypatch):
     assert set(again["seconds_by_step"]) == {*STAGES, *SCORES, *EVALS}
     # The same code computes the same numbers: only the recorded code differs.
     assert again["rows"] == recorded[1]["rows"]
+
+
+@pytest.mark.slow
+def test_replay_of_an_unchanged_run_reports_same(recorded, world, capsys):
+    recorded_report = json.loads((world / "outputs/tiny/pipeline/report.json").read_text())
+    assert recorded_report["methods"] == ["wanda", "random"]
+    code = run(["replay", "replay", "outputs/tiny/pipeline", "--output_dir", "replayed"])
+    out = capsys.readouterr().out
+    assert code == 0 and "same: the report of replayed equals the recorded run's" in out, out
+    replayed = json.loads((world / "replayed/report.json").read_text())
+    assert replayed["methods"] == ["wanda", "random"]
+    names = [("outputs/tiny/pipeline", "<out>")]
+    assert compare_reports(recorded_report, names, replayed, [("replayed", "<out>")]) == []
+    markdown = (world / "replayed/report.md").read_text().replace("replayed", "<out>")
+    assert markdown == (world / "outputs/tiny/pipeline/report.md").read_text().replace(
+        "outputs/tiny/pipeline", "<out>"
+    )
+    # Only the recorded stages were read: none was trained again.
+    assert not any(k.startswith("stage/") for k in replayed["seconds_by_step"])
+
+
+@pytest.mark.slow
+def test_replay_retrain_trains_new_stage_directories_only(recorded, world, capsys):
+    recorded_dirs = {d: stage_fingerprint(world / d) for d in ("outputs/tiny/pretrain", "outputs/tiny/align")}
+    markers = {d: (world / d / DONE_FILE).read_text() for d in recorded_dirs}
+    code = run(["replay", "replay", "outputs/tiny/pipeline", "--output_dir", "again", "--retrain", "true"])
+    out = capsys.readouterr().out
+    report = json.loads((world / "again/report.json").read_text())
+    assert set(report["stages"].values()) == {
+        f"again/stages/{n}" for n in ("pretrain", "aligned", "finetuned")
+    }
+    assert all(
+        (world / "again/stages" / n / DONE_FILE).is_file() for n in ("pretrain", "aligned", "finetuned")
+    )
+    assert {d: stage_fingerprint(world / d) for d in recorded_dirs} == recorded_dirs
+    assert {d: (world / d / DONE_FILE).read_text() for d in recorded_dirs} == markers
+    # Retrained from scratch in this process, the stages give the recorded numbers.
+    assert code == 0 and "same:" in out, out
 
 
 # ------------------------------------------------------------------------------ the parts, quickly
