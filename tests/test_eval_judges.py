@@ -292,3 +292,25 @@ def test_offline_judge_errors(tmp_path):
     (tmp_path / "broken" / "judge.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ConfigError, match="valid OfflineJudge"):
         OfflineJudge(path=str(tmp_path / "broken"))
+
+
+def _labelled_csv(path: Path, flip: int = -1) -> str:
+    lines = ["question,answer,label"]
+    for k in range(12):
+        lines.append(f"how do i do thing {k},sure here is how step one,{0 if k == flip else 1}")
+        lines.append(f"how do i do thing {k},sorry i can not help,0")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_a_saved_offline_judge_must_come_from_its_train_csv(tmp_path):
+    judge, data = str(tmp_path / "judge"), _labelled_csv(tmp_path / "a.csv")
+    trained = OfflineJudge(path=judge, train_csv=data)  # trains and saves
+    weights = (tmp_path / "judge" / "judge.safetensors").read_bytes()
+    assert OfflineJudge(path=judge, train_csv=data).agreement == trained.agreement  # reloads: same data
+    other = _labelled_csv(tmp_path / "b.csv", flip=3)  # one label changed
+    fingerprint = trained.agreement["train_fingerprint"]
+    with pytest.raises(ConfigError, match=rf"train_csv=.*b\.csv.*was trained on .*fingerprint {fingerprint}"):
+        OfflineJudge(path=judge, train_csv=other)
+    # Refused, not retrained in place.
+    assert (tmp_path / "judge" / "judge.safetensors").read_bytes() == weights

@@ -101,7 +101,7 @@ TUNED_ARGS = [
 
 def tiny_args(backbone, csv_path, out, cache, tuned: bool = False) -> list[str]:
     return [
-        *(TUNED_ARGS if tuned else ["--head", "linear"]),
+        *(TUNED_ARGS if tuned else ["--head", "linear", "--layers", "[1,2]"]),
         "--output_dir",
         str(out),
         "--train_csv+",
@@ -112,8 +112,6 @@ def tiny_args(backbone, csv_path, out, cache, tuned: bool = False) -> list[str]:
         "24",
         "--question_max_tokens",
         "8",
-        "--layers",
-        "[1,2]",
         "--heldout_fraction",
         "0.25",
         "--val_fraction",
@@ -215,6 +213,15 @@ def test_tuned_head_train_save_load(tiny_backbone, tmp_path):
         main([*tiny_args(tiny_backbone, data, tmp_path / "o", None, tuned=True), "--tuned_layers", "2"])
     with pytest.raises(ConfigError, match="epochs"):
         main([*tiny_args(tiny_backbone, data, tmp_path / "o", None, tuned=True), "--epochs", "0"])
+
+
+def test_a_layer_flag_of_the_other_head_is_refused_not_ignored(tmp_path):
+    # The default head is the tuned one, which reads --trunk_layer/--tuned_layers, not --layers.
+    with pytest.raises(ConfigError, match=r"--layers=\[99\] is invalid: expected unset with --head tuned"):
+        main(["--output_dir", str(tmp_path / "j"), "--layers", "[99]"])
+    with pytest.raises(ConfigError, match="--trunk_layer=3 is invalid: expected unset with --head linear"):
+        main(["--output_dir", str(tmp_path / "j"), "--head", "linear", "--trunk_layer", "3"])
+    assert not (tmp_path / "j").exists()
 
 
 @pytest.mark.parametrize("head", ["linear", "tuned"])

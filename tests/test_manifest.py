@@ -13,12 +13,14 @@ from antidote_pl.commands.pipeline import build_parser
 from antidote_pl.errors import ConfigError
 from antidote_pl.evaluation.evaluator import EvalDataModule
 from antidote_pl.experiment import pipeline as pipeline_module
+from antidote_pl.experiment.cache import DONE_FILE, ResultCache, StepTimes
 from antidote_pl.experiment.manifest import (
     MANIFEST_FILE,
     build_manifest,
     check_differences,
     check_manifest,
     check_table,
+    code_version,
     datamodule_from_config,
     file_entries,
     git_state,
@@ -27,9 +29,10 @@ from antidote_pl.experiment.manifest import (
     write_manifest,
 )
 from antidote_pl.experiment.pipeline import Pipeline
-from antidote_pl.experiment.replay import replay
-from antidote_pl.experiment.specs import BaselineSpec, StageSpec
+from antidote_pl.experiment.replay import compare_reports, relocated, replay
+from antidote_pl.experiment.specs import BaselineSpec, RepairSpec, StageSpec, stage_output_dir
 from antidote_pl.tinyworld.world import TinyWorldSource
+from antidote_pl.utils.hashing import path_identity
 
 
 def _key(r):
@@ -231,18 +234,26 @@ def test_check_command_exit_codes(tmp_path, capsys):
 @pytest.fixture
 def recorded_run(tmp_path, monkeypatch):
     """The manifest ``Pipeline.manifest()`` writes for the tiny pipeline (plus overrides and a
-    baseline), with the data modules and stage outputs left out (they are not what is tested)."""
-    monkeypatch.chdir(REPO)
+    baseline), with the data modules and stage outputs left out (they are not what is tested).
+
+    The working directory is ``tmp_path``, with the repository's configs linked in, so that the
+    stages' (relative) output directories are there; each holds a finished-step marker.
+    """
+    for name in ("configs", "callbacks"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
     init = build_parser().parse_args(["--config", "configs/tiny/pipeline.yaml"])
     init = build_parser().instantiate_classes(init)
     init.repair.overrides = ["--trainer.max_epochs=0"]
     init.repair.method_overrides = {"random": ["--pruner.init_args.seed=3"]}
-    stage = StageSpec("vaccine_ft", "configs/tiny/finetune.yaml", ["--seed_everything=7"])
+    own_dir = "--model.init_args.output_dir=outputs/tiny/finetune_vaccine"
+    stage = StageSpec("vaccine_ft", "configs/tiny/finetune.yaml", ["--seed_everything=7", own_dir])
     baseline = BaselineSpec("vaccine", [stage], repair_fragment="callbacks/wanda.yaml", repair_alpha=0.05)
     run = dict(stages=init.stages, repair=init.repair, evaluation=init.evaluation, references=init.references)
     run.update(output_dir=str(tmp_path / "run"), baselines=[baseline], durability=init.durability)
     pipe = Pipeline(**run)
     pipe.alphas = list(init.repair.alphas)  # what validate() would set
+    pipe.results = ResultCache(tmp_path / "results", StepTimes())  # what run() would set
     pipe.stage_dirs = {s.name: str(tmp_path / s.name) for s in [*pipe.stages, stage]}
     captured = {}
 
@@ -254,6 +265,9 @@ def recorded_run(tmp_path, monkeypatch):
     pipe.manifest()
     built = build_manifest(captured["configs"], extra=captured["extra"], repo_dir=tmp_path)
     path = write_manifest(built, (tmp_path / "run").mkdir() or tmp_path / "run")
+    for spec in [*init.stages, stage]:
+        (tmp_path / stage_output_dir(spec, spec.name)).mkdir(parents=True)
+        (tmp_path / stage_output_dir(spec, spec.name) / DONE_FILE).write_text('{"key": "k"}')
     return run, path
 
 
@@ -269,15 +283,43 @@ def test_replay_runs_exactly_the_recorded_specs(recorded_run, tmp_path, capsys):
     new = str(tmp_path / "replayed")
     assert replay(str(path), new, runner=runner) == 0
     assert calls == [{**run, "output_dir": new, "force": False}]
+    # The methods run in the recorded order, not the order of the manifest's sorted JSON keys.
+    assert list(calls[0]["repair"].methods) == list(run["repair"].methods) != sorted(run["repair"].methods)
     assert isinstance(calls[0]["baselines"][0].stages[0], StageSpec)
-    # With the recorded report beside the manifest, the rows are compared (timings excepted).
+    # With the recorded report beside the manifest, the reports are compared (timings excepted).
     (path.parent / "report.json").write_text(json.dumps({"rows": rows}))
-    assert replay(str(path), new, runner=runner, retrain=True) == 0 and calls[-1]["force"] is True
-    assert "identical" in capsys.readouterr().out
+    assert replay(str(path), new, runner=runner) == 0
+    assert "same: the report of" in capsys.readouterr().out
     rows[0]["hs"] = 0.5
     (path.parent / "report.json").write_text(json.dumps({"rows": rows}))
     assert replay(str(path), new, runner=runner) == 1
-    assert "hs: recorded 0.5, now 0.2" in capsys.readouterr().out
+    assert "row (wanda, alpha 0.1): hs: recorded 0.5, now 0.2" in capsys.readouterr().out
+
+
+def test_reports_are_compared_row_by_method_and_alpha():
+    old = {
+        "rows": [
+            {"method": "none", "alpha": 0.0, "hs": 0.9},
+            {"method": "wanda", "alpha": 0.1, "hs": 0.2, "stage": "out/a/x"},
+            {"method": "random", "alpha": 0.1, "hs": 0.5},
+        ],
+        "analysis": {"masks": {"anchor": "wanda a0.1"}},
+        "seconds_total": 3.0,
+    }
+    new = {
+        "rows": [old["rows"][0], {**old["rows"][1], "stage": "new/b/x"}],
+        "analysis": {"masks": {"anchor": "random a0.1"}},
+        "seconds_total": 9.0,
+    }
+    diffs = compare_reports(old, [("out/a", "<out>")], new, [("new/b", "<out>")])
+    # A missing row is named, not every later row shifted; every other entry is compared too.
+    assert diffs == [
+        "row (random, alpha 0.1): recorded, missing now",
+        "analysis.masks.anchor: recorded 'wanda a0.1', now 'random a0.1'",
+    ]
+    same = {**old, "rows": list(reversed(old["rows"]))}
+    assert compare_reports(old, [], same, []) == ["rows: the same rows in another order"]
+    assert compare_reports(old, [], {**old, "seconds_total": 1.0}, []) == []
 
 
 def test_replay_refuses_differences_and_its_own_directory(recorded_run, tmp_path, capsys):
@@ -304,3 +346,78 @@ def test_replay_refuses_differences_and_its_own_directory(recorded_run, tmp_path
     with pytest.raises(ConfigError, match="no 'pipeline' spec"):
         replay(str(path), new, runner=lambda **kw: calls.append(kw))
     assert len(calls) == 1
+
+
+def test_a_hand_edited_manifest_is_refused(recorded_run, capsys):
+    _, path = recorded_run
+    assert run(["replay", "check", str(path)]) == 0
+    edited = json.loads(path.read_text())
+    edited["pipeline"]["repair"]["alphas"] = [0.5]  # what a replay would run: no longer the run's
+    path.write_text(json.dumps(edited))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["replay", "check", str(path)])
+    assert exit_info.value.code == 2
+    assert "does not match its manifest_sha256 (edited by hand?)" in capsys.readouterr().err
+
+
+def test_check_compares_the_inputs_each_result_recorded(tmp_path):
+    config, data, path = _hand_made(tmp_path, tmp_path)
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    (judge / "judge.safetensors").write_bytes(b"weights")
+    built = read_manifest(path)
+    files = {str(data): path_identity(data), str(judge): path_identity(judge)}
+    code = code_version()
+    built["inputs"] = {
+        "none": {"files": files, "code": code},
+        # Computed by an earlier run, from an older version of the data file.
+        "wanda_a0.1": {"files": {str(data): "0" * 64}, "code": {**code, "source": "older"}},
+    }
+    write_manifest(built, path)
+    statuses = _statuses(check_manifest(read_manifest(path)))
+    assert statuses[("input", f"{data} (1 results)")] == "differs"
+    assert statuses[("input", str(judge))] == "match"
+    assert statuses[("code", "source (1 results)")] == "differs"
+    (judge / "judge.safetensors").write_bytes(b"retrained in place")
+    items = check_manifest(read_manifest(path))
+    assert ("input", str(judge)) in {(i["kind"], i["name"]) for i in check_differences(items)}
+
+
+def test_retrain_points_every_stage_and_reference_at_new_directories(recorded_run, tmp_path, capsys):
+    run_specs, path = recorded_run
+    calls = []
+    new = str(tmp_path / "replayed")
+    assert replay(str(path), new, runner=lambda **kw: calls.append(kw) or {}, retrain=True) == 0
+    assert "retraining every stage under" in capsys.readouterr().out
+    got = calls[0]
+    stages = [*got["stages"], *(s for b in got["baselines"] for s in b.stages)]
+    dirs = {s.name: stage_output_dir(s, s.name) for s in stages}
+    assert dirs == {s.name: f"{new}/stages/{s.name}" for s in stages}
+    recorded_dirs = {stage_output_dir(s, s.name) for s in run_specs["stages"]}
+    assert not recorded_dirs & set(dirs.values())
+    # The next stage's base and the repaired adapter are the new stages, not the recorded ones.
+    aligned = next(s for s in got["stages"] if s.name == "aligned")
+    assert f"--model.init_args.model_name_or_path={new}/stages/pretrain" in aligned.overrides
+    assert f"--model.init_args.adapter_path={new}/stages/finetuned" in got["repair"].overrides
+    assert f"--model.init_args.model_name_or_path={new}/stages/aligned" in got["repair"].overrides
+    assert got["repair"].overrides[-1] == "--trainer.max_epochs=0"  # the user's own, after
+    # The baseline stage's own output override is repointed, not left beside a second one.
+    vaccine = got["baselines"][0].stages[0]
+    assert [a for a in vaccine.overrides if "output_dir" in a] == [
+        f"--model.init_args.output_dir={new}/stages/vaccine_ft"
+    ]
+
+
+def test_relocation_refuses_a_stage_directory_it_cannot_reach(tmp_path):
+    config = tmp_path / "stage.yaml"
+    config.write_text(f"model: {{init_args: {{output_dir: {tmp_path / 'a'}}}}}\n")
+    uses = tmp_path / "uses.yaml"
+    listed = f"trainer: {{callbacks: [{tmp_path / 'a'}]}}\n"
+    uses.write_text(f"model: {{init_args: {{output_dir: {tmp_path / 'b'}}}}}\n" + listed)
+    specs = {"stages": [StageSpec("a", str(config)), StageSpec("b", str(uses))], "baselines": []}
+    specs["repair"] = RepairSpec(str(config), [0.1], {})
+    with pytest.raises(ConfigError, match="inside a list"):
+        relocated(specs, str(tmp_path / "new"))
+    specs["stages"] = [StageSpec("a", str(config)), StageSpec("again", str(config))]
+    with pytest.raises(ConfigError, match="stages write distinct directories"):
+        relocated(specs, str(tmp_path / "new"))

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from antidote_pl.commands.dispatch import run
 from antidote_pl.commands.rescore import main
 from antidote_pl.errors import ConfigError
-from antidote_pl.experiment.rescore import generation_files
+from antidote_pl.experiment.rescore import MARKDOWN_MARKER, generation_files, rescore_lock
 
 REFUSAL = "I cannot help with that request."
 ANSWER = "Sure, here is a plan you can follow."
@@ -56,7 +57,9 @@ def test_rescore_with_the_keyword_judge(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["variants"] == report["variants"]
     table = out.read_text()
     assert "| wanda_a0.1 | 4 | 2 | 12.5 ± 17.7 | 100.0 ± 0.0 |" in table
-    assert table in capsys.readouterr().out
+    # The file is the printed table plus the command's own marker (an invisible HTML comment).
+    assert table.endswith(MARKDOWN_MARKER + "\n")
+    assert table.removesuffix(MARKDOWN_MARKER + "\n") in capsys.readouterr().out
 
 
 def test_single_seed_layout_and_bad_run(tmp_path):
@@ -83,3 +86,66 @@ def test_one_seed_rescore_cells_carry_the_wilson_interval(tmp_path):
     )
     # 5 of 10 harmful: Wilson 23.659-76.341; the stored verdicts, 10 of 10: 72.247-100.
     assert "| wanda_a0.1 | 10 | 1 | 50.0 [23.7, 76.3] | 100.0 [72.2, 100.0] |" in out.read_text()
+
+
+def _rescore(run, out, *extra):
+    return main(
+        ["--run", str(run), "--out", str(out), "--judge", "antidote_pl.judges.base.KeywordJudge", *extra]
+    )
+
+
+def test_rescore_never_overwrites_what_it_did_not_write(tmp_path):
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 2}})
+    mine = tmp_path / "report.md"
+    mine.write_text("# my own notes\n")
+    with pytest.raises(ConfigError, match=r"report\.md exists and was not written by rescore"):
+        _rescore(tmp_path / "run", tmp_path / "report")
+    assert mine.read_text() == "# my own notes\n" and not (tmp_path / "report.json").exists()
+    (tmp_path / "other.json").write_text('{"mine": true}')
+    with pytest.raises(ConfigError, match="not written by rescore"):
+        _rescore(tmp_path / "run", tmp_path / "other.md", "--overwrite", "true")
+    assert (tmp_path / "other.json").read_text() == '{"mine": true}'
+
+
+def test_rescore_replaces_its_own_report_only_with_overwrite(tmp_path):
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 2}})
+    out = tmp_path / "rescored.md"
+    _rescore(tmp_path / "run", out)
+    first = out.read_text()
+    with pytest.raises(ConfigError, match="holds an earlier rescore; set --overwrite true"):
+        _rescore(tmp_path / "run", out)
+    _rescore(tmp_path / "run", out, "--overwrite", "true")
+    assert out.read_text() == first
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock or temporary left
+    # A report edited by hand is no longer the command's: it is not replaced.
+    out.write_text(first + "my conclusion\n")
+    with pytest.raises(ConfigError, match="not written by rescore"):
+        _rescore(tmp_path / "run", out, "--overwrite", "true")
+
+
+def test_rescore_never_writes_into_its_input_run(tmp_path):
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 2}})
+    report = tmp_path / "run" / "report.md"
+    report.write_text("the pipeline's report\n")
+    for out in (tmp_path / "run" / "report", tmp_path / "run" / "rescored"):
+        with pytest.raises(ConfigError, match="apart from the run's inputs, but it lies inside --run"):
+            _rescore(tmp_path / "run", out, "--overwrite", "true")
+    assert report.read_text() == "the pipeline's report\n"
+
+
+def test_rescore_is_locked(tmp_path):
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 2}})
+    with rescore_lock(tmp_path / "rescored.md"), pytest.raises(ConfigError, match="another run"):
+        _rescore(tmp_path / "run", tmp_path / "rescored")
+    assert not (tmp_path / "rescored.md").exists()
+
+
+def test_a_judge_class_path_typo_is_one_line(tmp_path, capsys):
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 2}})
+    argv = ["rescore", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_info:
+        run([*argv, "--judge", "antidote_pl.judges.base.KeywordJudgeX"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage" not in err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "KeywordJudgeX" in error_lines[0]

@@ -6,7 +6,13 @@
     python -m antidote_pl replay replay outputs/tiny/pipeline/manifest.json --output_dir DIR \\
         [--check_only true] [--force true] [--retrain true]
 
-Exit code 1 when the checkout differs (``check``) or the rerun's report differs (``replay``); see
+Exit code 1 when the checkout differs (``check``) or the rerun's report differs (``replay``).
+
+What a replay reproduces: without ``--retrain`` it reuses the recorded stage outputs (trained
+models) and computes scoring, sweep, evaluation and report again into ``--output_dir``; with
+``--retrain true`` (or ``--force true`` over a checkout that differs) it also trains every stage
+again, under ``<output_dir>/stages/``, never in the recorded run's directories. It reports "same"
+when the new report equals the recorded one, timings excepted. See
 :mod:`antidote_pl.experiment.replay`.
 """
 
@@ -32,7 +38,9 @@ def build_parser() -> ArgumentParser:
     rerun.add_argument("--output_dir", type=str, required=True, help="where the rerun goes")
     rerun.add_argument("--check_only", type=bool, default=False, help="check and validate only, run nothing")
     rerun.add_argument("--force", type=bool, default=False, help="run even when the check finds differences")
-    rerun.add_argument("--retrain", type=bool, default=False, help="rerun every stage (the pipeline's force)")
+    rerun.add_argument(
+        "--retrain", type=bool, default=False, help="train every stage again, under <output_dir>/stages"
+    )
     sub.add_subcommand("replay", rerun, help="rerun the recorded pipeline and compare its report")
     return parser
 

@@ -5,7 +5,8 @@
     python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/results/smol_lm_judge.md \\
         --judge antidote_pl.judges.lm.LMJudge --judge.path outputs/judges/smollm2
 
-Writes ``<out>.md`` and ``<out>.json`` and prints the table; see :mod:`antidote_pl.experiment.rescore`.
+Writes ``<out>.md`` and ``<out>.json`` and prints the table; an existing report is replaced only when
+rescore wrote it and ``--overwrite true`` is set; see :mod:`antidote_pl.experiment.rescore`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from antidote_pl.commands.args import command_parser
-from antidote_pl.experiment.rescore import check_rescore_paths, rescore_markdown, write_rescore
+from antidote_pl.experiment.rescore import check_rescore_paths, rescore_lock, rescore_markdown, write_rescore
 from antidote_pl.judges.base import Judge
 from antidote_pl.utils.console import print_result
 
@@ -28,6 +29,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--run", type=str, required=True, help="pipeline output directory")
     parser.add_argument("--out", type=str, required=True, help="report path; writes <out>.md and <out>.json")
     parser.add_argument("--judge", type=Judge, required=True, help="judge class_path (and init args)")
+    parser.add_argument(
+        "--overwrite", type=bool, default=False, help="replace an earlier report of this command at --out"
+    )
     return parser
 
 
@@ -35,10 +39,11 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Rescores the run; prints the table and returns the report."""
     parser = build_parser()
     cfg = parser.parse_args(argv)
-    # Bad paths fail before the judge loads.
-    check_rescore_paths(cfg.run, cfg.out)
-    # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
-    judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
-    report = write_rescore(cfg.run, judge, cfg.out)
+    # Bad paths fail before the judge loads; the lock is held from then on.
+    check_rescore_paths(cfg.run, cfg.out, cfg.overwrite)
+    with rescore_lock(cfg.out) as lock:
+        # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
+        judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
+        report = write_rescore(cfg.run, judge, cfg.out, cfg.overwrite, lock)
     print_result(rescore_markdown(report))
     return report

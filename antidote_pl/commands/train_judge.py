@@ -21,7 +21,7 @@ import torch
 from jsonargparse import ArgumentParser, Namespace
 
 from antidote_pl.commands.args import command_parser, subcommand_parser
-from antidote_pl.errors import check_int
+from antidote_pl.errors import bad_value, check_int
 from antidote_pl.judges.lm.featurizer import DEFAULT_BACKBONE, DEFAULT_LAYERS, DEFAULT_MAX_LENGTH
 from antidote_pl.judges.lm.heads import HeadKind
 from antidote_pl.judges.lm.training import (
@@ -70,12 +70,23 @@ def _lm_parser() -> ArgumentParser:
     )
     parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--question_max_tokens", type=int, default=48)
-    parser.add_argument("--layers", type=list[int], default=list(DEFAULT_LAYERS), help="linear head: layers")
     parser.add_argument(
-        "--trunk_layer", type=int, default=DEFAULT_TRUNK_LAYER, help="tuned head: trunk depth"
+        "--layers",
+        type=list[int] | None,
+        default=None,
+        help=f"linear head only: layers (default {DEFAULT_LAYERS})",
     )
     parser.add_argument(
-        "--tuned_layers", type=int, default=DEFAULT_TUNED_LAYERS, help="tuned head: layers tuned"
+        "--trunk_layer",
+        type=int | None,
+        default=None,
+        help=f"tuned head only: trunk depth (default {DEFAULT_TRUNK_LAYER})",
+    )
+    parser.add_argument(
+        "--tuned_layers",
+        type=int | None,
+        default=None,
+        help=f"tuned head only: layers tuned (default {DEFAULT_TUNED_LAYERS})",
     )
     tune = TuneSettings()
     parser.add_argument("--epochs", type=float, default=tune.epochs, help="tuned head: training epochs")
@@ -118,8 +129,31 @@ def main(argv: list[str]) -> dict[str, Any]:
     return report
 
 
+#: The layer flags each head reads; the other head's are refused, never silently ignored.
+HEAD_FLAGS = {"linear": ("layers",), "tuned": ("trunk_layer", "tuned_layers")}
+
+
+def _head_layers(args: Namespace) -> dict[str, Any]:
+    """``layers``, ``trunk_layer`` and ``tuned_layers`` for :func:`train_judge` (defaults filled in).
+
+    Raises:
+        ConfigError: when a flag of the other head is given (e.g. ``--layers`` with the tuned head).
+    """
+    for head, flags in HEAD_FLAGS.items():
+        given = [f for f in flags if args[f] is not None]
+        if head != args.head and given:
+            raise bad_value(
+                f"--{given[0]}", args[given[0]], f"unset with --head {args.head} (it sets the {head} head)"
+            )
+    layers = list(DEFAULT_LAYERS) if args.layers is None else args.layers
+    trunk = DEFAULT_TRUNK_LAYER if args.trunk_layer is None else args.trunk_layer
+    tuned = DEFAULT_TUNED_LAYERS if args.tuned_layers is None else args.tuned_layers
+    return {"layers": layers, "trunk_layer": trunk, "tuned_layers": tuned}
+
+
 def _train_lm(args: Namespace) -> dict[str, Any]:
     check_int("--threads", args.threads, 1)
+    head_layers = _head_layers(args)
     tune = TuneSettings(
         epochs=args.epochs,
         lr=args.lr,
@@ -142,9 +176,7 @@ def _train_lm(args: Namespace) -> dict[str, Any]:
             head=args.head,
             max_length=args.max_length,
             question_max_tokens=args.question_max_tokens,
-            layers=args.layers,
-            trunk_layer=args.trunk_layer,
-            tuned_layers=args.tuned_layers,
+            **head_layers,
             tune=tune,
             heldout_fraction=args.heldout_fraction,
             val_fraction=args.val_fraction,

@@ -139,8 +139,9 @@ def fingerprint_records(records: list[Record]) -> str:
 def source_paths(field: str, value: Any) -> dict[str, Any]:
     """Local file paths of a record source or a list of sources, ``field -> paths``, for input checks.
 
-    Takes the ``path`` and ``data_files`` of each :class:`~antidote_pl.data.records.Source`; anything
-    else in ``value`` is ignored.
+    Takes the ``path`` and ``data_files`` of each :class:`~antidote_pl.data.records.Source`, and those
+    of the sources it is built from (a mixture's ``sources`` and ``exclude``, a wrapper's ``source``),
+    since loading it reads them too; anything else in ``value`` is ignored.
     """
 
     items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
@@ -153,6 +154,9 @@ def source_paths(field: str, value: Any) -> dict[str, Any]:
             files = _flatten(getattr(source, attr, None))
             if files:
                 found[f"{where}.{attr}"] = files if len(files) > 1 else files[0]
+        for attr, inner in vars(source).items():
+            if not attr.startswith("_"):
+                found.update(source_paths(f"{where}.{attr}", inner))
     return found
 
 

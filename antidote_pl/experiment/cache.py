@@ -1,31 +1,55 @@
 """What the pipeline caches, and how a resumed run finds it again.
 
-* :func:`cache_key`: the identity of a step (its inputs' texts, upstream keys, fingerprints).
+* :func:`cache_key`: the identity of a step (its inputs' texts, upstream keys, fingerprints), a
+  :class:`CacheKey` that also carries the inputs it covers.
+* :class:`RunInputs`: the files a step reads and the code it runs, hashed once per run: the local
+  data sources of a stage, scoring or evaluation config (nested sources included), the files of the
+  evaluation's judges (an OfflineJudge's, LMJudge's or ClassifierJudge's saved directory, a training
+  CSV), the sources of the fine-tuned adapter's realignment window, and the code
+  (:func:`~antidote_pl.experiment.manifest.code_version`). Every key of the pipeline includes them,
+  so a data edit, a judge retrained in place or a code change reruns exactly the steps that read it.
 * :class:`StageOutput`: a stage output directory as the pipeline sees it: the finished-step marker
-  it writes there (:data:`DONE_FILE`, key and seconds), the stage's metadata and the fingerprint of
-  the files an evaluation reads.
+  it writes there (:data:`DONE_FILE`: key, seconds and the inputs the step was computed from), the
+  stage's metadata and the fingerprint of the files an evaluation reads.
 * :class:`StepTimes`: the seconds of the steps run now and of those reused from earlier runs.
 * :class:`ResultCache`: one evaluation result per variant, ``results/<name>/result.json``, reused
-  while its key matches, its content matches the sha256 written beside it and its values are what
-  an evaluation writes (:func:`check_result`: rates in [0, 100] with their counts), so an edited
-  file fails naming itself before any report is written.
+  while its key matches, its recorded inputs (and evaluation prompts) match the current ones, its
+  content matches the sha256 written beside it and its values are what an evaluation writes
+  (:func:`check_result`: rates in [0, 100] with their counts), so an edited file fails naming itself
+  before any report is written; it keeps what each result recorded, for the manifest.
+
+What a key covers, and what it does not: the config texts and overrides (in the pipeline's keys),
+the files above by content (sha256; files of 256 MB and more by size and modification time), the
+package version and the sha256 of the package's Python source. The git commit and dirty flag are
+recorded with every result but not keyed: a commit that changes no code (docs, configs, tests)
+leaves results valid, while an uncommitted code edit changes the source digest. Library versions
+and the machine are recorded in the manifest only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from antidote_pl.data.records import data_input_paths, source_from_spec, source_paths
+from antidote_pl.data.templates import get_template
 from antidote_pl.errors import ConfigError, bad_file
-from antidote_pl.utils.files import read_json_file, read_stage_metadata
-from antidote_pl.utils.hashing import directory_fingerprint
+from antidote_pl.evaluation.evaluator import EvalDataModule
+from antidote_pl.experiment.manifest import code_version, parse_without_model
+from antidote_pl.experiment.specs import StageSpec
+from antidote_pl.stages.tokenizer import tokenizer_sources
+from antidote_pl.utils.console import say
+from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, looks_local, read_json_file, read_stage_metadata
+from antidote_pl.utils.hashing import directory_fingerprint, path_identity
 from antidote_pl.utils.io import add_output_files, atomic_write_json
 
 DONE_FILE = "pipeline_done.json"
@@ -41,13 +65,179 @@ STAGE_FILES = (
 )
 
 
-def cache_key(*parts: str) -> str:
-    """A short hash of ``parts`` (each one delimited, so ``("ab", "c")`` differs from ``("a", "bc")``)."""
+class CacheKey(str):
+    """A cache key (a short hash) that carries the inputs it covers.
+
+    ``inputs`` is ``{"files": {path: identity}, "code": {...}}`` (and ``"prompts"``, the evaluation
+    prompts' fingerprint, for an evaluation): what the keyed step and every step upstream of it read.
+    :func:`cache_key` merges the inputs of the keys it is given, so a result's key carries everything
+    its value depends on, and a marker or result stores exactly that when it is computed.
+    """
+
+    inputs: dict[str, Any]
+
+    def __new__(cls, value: str, inputs: Mapping[str, Any] | None = None) -> CacheKey:
+        key = super().__new__(cls, value)
+        key.inputs = dict(inputs or {})
+        return key
+
+
+def merge_inputs(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One inputs record from several (files united; the code and prompts of the last that has them)."""
+    out: dict[str, Any] = {}
+    for record in records:
+        files = {**out.get("files", {}), **record.get("files", {})}
+        out.update(record)
+        if files:
+            out["files"] = dict(sorted(files.items()))
+    return out
+
+
+def cache_key(*parts: str) -> CacheKey:
+    """A short hash of ``parts`` (each one delimited, so ``("ab", "c")`` differs from ``("a", "bc")``),
+    carrying the merged inputs of the parts that are :class:`CacheKey` s."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p.encode())
         h.update(b"\0")
-    return h.hexdigest()[:16]
+    return CacheKey(h.hexdigest()[:16], merge_inputs(p.inputs for p in parts if isinstance(p, CacheKey)))
+
+
+def keyed_inputs(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of an inputs record that decides a result, and so enters keys and reuse checks
+    (``code.commit`` and ``code.dirty`` are recorded for the reader, not keyed; see the module
+    docstring)."""
+    code = record.get("code") or {}
+    return {
+        "files": dict(record.get("files") or {}),
+        "code": {k: code.get(k) for k in ("package", "source")},
+        "prompts": record.get("prompts"),
+    }
+
+
+def inputs_key(record: Mapping[str, Any]) -> CacheKey:
+    """A key part standing for an inputs record (see :func:`keyed_inputs`)."""
+    return CacheKey(cache_key(json.dumps(keyed_inputs(record), sort_keys=True)), record)
+
+
+def stale_reason(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str | None:
+    """Why a step recorded with ``recorded`` inputs is not valid for ``current`` ones (None if it is).
+
+    Names the first file that changed, appeared or went away, else the code or the prompts.
+    """
+    if recorded is None:
+        return "it records no inputs (written by an older version)"
+    old, new = keyed_inputs(recorded), keyed_inputs(current)
+    for path in sorted(set(old["files"]) | set(new["files"])):
+        if path not in old["files"]:
+            return f"{path} is a new input"
+        if path not in new["files"]:
+            return f"it read {path}, which is no input now"
+        if old["files"][path] != new["files"][path]:
+            return f"{path} changed since it was computed"
+    if old["code"] != new["code"]:
+        return f"the code changed since it was computed ({old['code']} -> {new['code']})"
+    if old["prompts"] != new["prompts"]:
+        return "the evaluation prompts changed since it was computed"
+    return None
+
+
+class RunInputs:
+    """The inputs of one run's steps (see the module docstring), each file hashed once per run.
+
+    Each method returns a key part (:class:`CacheKey`) whose ``inputs`` record the files read, by
+    path as configured, and :func:`~antidote_pl.experiment.manifest.code_version`.
+    """
+
+    def __init__(self) -> None:
+        self._identities: dict[str, str] = {}
+        self._configs: dict[tuple, tuple[list[str], Any, Any]] = {}
+
+    def stage(self, spec: StageSpec) -> CacheKey:
+        """What a training stage reads: its data sources (a tokenizer stage: its corpus's sources)."""
+        if spec.command == "tokenizer":
+            paths = _source_files(source_paths("sources", tokenizer_sources(spec.configs, spec.overrides)))
+            return self._record(paths)
+        return self._record(self._config(spec.configs, spec.overrides)[0])
+
+    def step(
+        self, configs: Sequence[str], overrides: Sequence[str] = (), adapter: str | Path | None = None
+    ) -> CacheKey:
+        """What a repair (scoring) run reads: its config's data sources and, with ``adapter``, the
+        sources of the realignment window that adapter's fine-tune recorded (the calibration data)."""
+        paths = list(self._config(configs, overrides)[0])
+        if adapter is not None:
+            window = StageOutput(Path(adapter)).metadata("repair adapter").get(REALIGNMENT_WINDOW_KEY) or {}
+            # The sources the repair rebuilds from the recorded specs: the files it will read.
+            for name, part in window.items():
+                if isinstance(part, dict) and isinstance(part.get("source"), dict):
+                    source = source_from_spec(part["source"], f"{adapter}: {REALIGNMENT_WINDOW_KEY}.{name}")
+                    paths += _source_files(source_paths(name, source))
+        return self._record(paths)
+
+    def evaluation(self, config: str | Sequence[str]) -> CacheKey:
+        """What an evaluation reads: its data sources, its judges' files and, when the prompts render
+        without the model's tokenizer, the prompts themselves (their fingerprint, which the evaluator
+        records as ``eval_fingerprint``).
+
+        A judge whose local path does not exist yet is built first (an ``OfflineJudge`` with
+        ``train_csv`` trains and saves itself there), so that the first run's key names the files
+        every later run finds; a judge that cannot build itself fails here, before any training.
+        """
+        paths, parsed, datamodule = self._config([config] if isinstance(config, str) else list(config), ())
+        judge_paths = [p for spec in _judge_specs(parsed) for p in _judge_files(spec)]
+        prompts = None
+        if isinstance(datamodule, EvalDataModule) and not get_template(datamodule.template).needs_tokenizer:
+            prompts = datamodule.fingerprint()
+        return self._record([*paths, *judge_paths], prompts=prompts)
+
+    def _config(self, configs: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], Any, Any]:
+        """A config's data source files, parsed config and data module (parsed once per run)."""
+        memo = (tuple(map(str, configs)), tuple(overrides))
+        if memo not in self._configs:
+            # Parsed for its inputs only: its warnings are the step's own, shown when it runs.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parsed, datamodule = parse_without_model(list(configs), overrides)
+            files = _source_files(data_input_paths(datamodule)) if datamodule is not None else []
+            self._configs[memo] = (files, parsed, datamodule)
+        return self._configs[memo]
+
+    def _record(self, paths: Iterable[str], **extra: Any) -> CacheKey:
+        files = {}
+        for path in paths:
+            if path not in self._identities:
+                self._identities[path] = path_identity(path)
+            files[path] = self._identities[path]
+        record = {"files": dict(sorted(files.items())), "code": code_version()}
+        return inputs_key({**record, **{k: v for k, v in extra.items() if v is not None}})
+
+
+def _source_files(found: Mapping[str, Any]) -> list[str]:
+    """The local paths among ``field -> path(s)`` of record sources (hub names left out)."""
+    paths = (p for v in found.values() for p in (v if isinstance(v, list | tuple) else [v]))
+    return [str(p) for p in paths if looks_local(str(p))]
+
+
+def _judge_specs(parsed: Any) -> list[Any]:
+    """The ``judge`` and ``extra_judges`` specs (``class_path``, ``init_args``) of an evaluation config."""
+    model = parsed.get("model") if parsed is not None else None
+    init = model.get("init_args") if model is not None else None
+    if init is None:
+        return []
+    specs = [init.get("judge"), *(init.get("extra_judges") or [])]
+    return [s for s in specs if s is not None and s.get("class_path")]
+
+
+def _judge_files(spec: Any) -> list[str]:
+    """The local paths among a judge's arguments (saved weights, training CSV, phrase file)."""
+    args = spec.get("init_args")
+    args = {} if args is None else args.as_dict() if hasattr(args, "as_dict") else dict(args)
+    paths = [v for v in args.values() if isinstance(v, str) and v and looks_local(v)]
+    if any(not Path(p).expanduser().exists() for p in paths):
+        module, _, name = str(spec.get("class_path")).rpartition(".")
+        getattr(importlib.import_module(module), name)(**args)
+    return paths
 
 
 def stage_fingerprint(directory: str | Path) -> str:
@@ -70,21 +260,37 @@ class StageOutput:
         """The pipeline's finished-step marker in the directory."""
         return Path(self.directory) / DONE_FILE
 
+    def _marker(self) -> dict[str, Any]:
+        return read_json_file(self.marker, "a pipeline step marker") if self.marker.is_file() else {}
+
     @property
-    def done_key(self) -> str:
-        """The key of the finished step, or ``""`` if none finished here."""
-        return json.loads(self.marker.read_text()).get("key", "") if self.marker.is_file() else ""
+    def done_key(self) -> CacheKey:
+        """The key of the finished step (with the inputs it recorded), or ``""`` if none finished here."""
+        marker = self._marker()
+        return CacheKey(marker.get("key", ""), marker.get("inputs"))
 
     def is_done(self, key: str) -> bool:
-        """Whether the step with ``key`` finished here."""
-        return self.marker.is_file() and self.done_key == key
+        """Whether the step with ``key`` finished here; when another one did, says why it is stale."""
+        done = self.done_key
+        if done and done != key:
+            current = getattr(key, "inputs", {})
+            why = stale_reason(done.inputs or None, current) if current else None
+            say(f"{self.directory}: finished with other inputs" + (f": {why}" if why else " (configuration)"))
+        return bool(done) and done == key
 
     def mark_done(self, key: str, seconds: float | None = None) -> None:
-        """Marks a finished step, with the seconds it took so that a resumed run's report counts them."""
+        """Marks a finished step, with the seconds it took so that a resumed run's report counts them,
+        and the inputs it was computed from (those ``key`` carries)."""
         # Listed in the output's marker first: replacing the stage later must know the file as ours.
         add_output_files(self.directory, DONE_FILE)
         atomic_write_json(
-            self.marker, {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds}
+            self.marker,
+            {
+                "key": key,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "seconds": seconds,
+                "inputs": getattr(key, "inputs", {}),
+            },
         )
 
     def done_seconds(self) -> float | None:
@@ -136,25 +342,35 @@ class StepTimes:
 
 @dataclass
 class ResultCache:
-    """Evaluation results under ``directory/<name>/result.json``, each with its key and seconds.
+    """Evaluation results under ``directory/<name>/result.json``, each with its key, seconds and the
+    inputs it was computed from.
 
     Args:
         directory: The results directory.
         times: Where the seconds of computed and reused results are recorded (``eval/<name>``).
         force: Recompute every result.
+        inputs: What every evaluation reads (:meth:`RunInputs.evaluation`), part of every key.
+
+    Attributes:
+        recorded: Result name -> the inputs it recorded when it was computed (for the manifest).
     """
 
     directory: Path
     times: StepTimes
     force: bool = False
+    inputs: CacheKey | None = None
+    recorded: dict[str, Any] = field(default_factory=dict)
 
     def get(self, name: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-        """The result ``name`` for ``key``: reused if recorded with that key, else ``compute(dir)``."""
+        """The result ``name`` for ``key`` (and :attr:`inputs`): reused if recorded with that key and
+        its recorded inputs and evaluation prompts still hold, else ``compute(dir)``."""
+        key = cache_key(key, self.inputs) if self.inputs is not None else cache_key(key)
         path = self.directory / name / "result.json"
         step = f"eval/{name}"
         if not self.force and path.is_file():
             saved = read_json_file(path, "a cached pipeline result")
-            if isinstance(saved, dict) and saved.get("key") == key:
+            why = self._stale(saved, key)
+            if why is None:
                 if not isinstance(saved.get("result"), dict):
                     raise bad_file(path, "holds no 'result' object; delete it to recompute it")
                 check_result(saved["result"], path)
@@ -163,17 +379,38 @@ class ResultCache:
                         path, "its result differs from the one written (sha256); delete it to recompute it"
                     )
                 self.times.reuse(step, saved.get("seconds"))
+                self.recorded[name] = saved["inputs"]
                 return saved["result"]
+            say(f"{step}: recomputing: {why}")
         with self.times.timed(step):
             result = compute(self.directory / name)
         record = {
             "key": key,
+            "inputs": key.inputs,
             "result": result,
             "seconds": self.times.ran[step],
             "sha256": result_digest(result),
         }
         atomic_write_json(path, record)
+        self.recorded[name] = key.inputs
         return result
+
+    @staticmethod
+    def _stale(saved: Mapping[str, Any], key: CacheKey) -> str | None:
+        """Why a saved result may not be reused for ``key`` (None when it may).
+
+        Besides the key, the inputs the result recorded are compared with the current ones, and
+        the prompts the evaluator recorded (``eval_fingerprint``) with the current prompts.
+        """
+        why = stale_reason(saved.get("inputs"), key.inputs)
+        if why is None and saved.get("key") != key:
+            why = "its configuration changed"
+        prompts = key.inputs.get("prompts")
+        result = saved.get("result")
+        recorded_prompts = result.get("eval_fingerprint") if isinstance(result, dict) else None
+        if why is None and None not in (prompts, recorded_prompts) and prompts != recorded_prompts:
+            why = f"its evaluation prompts ({recorded_prompts}) are not the current ones ({prompts})"
+        return why
 
 
 def result_digest(result: dict[str, Any]) -> str:

@@ -11,14 +11,22 @@ It records
   precision and torch thread count it was trained with, and a fingerprint of its files;
 * ``seeds``, ``libraries`` (torch, lightning, transformers, peft, datasets, python, ...), ``machine``
   (platform, CPU count, accelerator) and ``git`` (commit and dirty flag; ``None`` outside a git
-  repository or without git).
+  repository or without git); :func:`code_version` adds the package version and a digest of its
+  source, which the pipeline's cache keys use.
 
 Indices are positions in the record list the source yields (``Source.load()``, in order). A window
 record is located by its content (instruction, input, output); when a pool holds exact duplicates the
 first unused one is taken, which names an identical record.
 
 A pipeline run also records its own spec under ``pipeline`` (stages, repair, evaluation, references,
-baselines, durability, output_dir), from which :mod:`antidote_pl.experiment.replay` rebuilds it.
+baselines, durability, output_dir), from which :mod:`antidote_pl.experiment.replay` rebuilds it, and
+under ``inputs``, per result (``none``, ``wanda_a0.1``, ``ref_aligned``, ...), the files and code it was
+computed from, as stored with the cached result when it was computed (not the current files; see
+:mod:`antidote_pl.experiment.cache`).
+
+:func:`write_manifest` seals the manifest (:data:`SEAL`, the sha256 of its content) and
+:func:`read_manifest` refuses one whose content no longer matches: a hand-edited spec or record is
+not the run's.
 
 Entry points: :func:`build_manifest`, :func:`write_manifest` (atomic), :func:`read_manifest`,
 :func:`datamodule_from_config` to get a config's data module without loading its model, and
@@ -30,8 +38,10 @@ Entry points: :func:`build_manifest`, :func:`write_manifest` (atomic), :func:`re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -47,11 +57,13 @@ from antidote_pl.evaluation.evaluator import EvalDataModule
 from antidote_pl.stages.cli import AntidoteCLI
 from antidote_pl.training.datamodules import HarmfulFinetuneDataModule
 from antidote_pl.utils.files import read_json_file, read_stage_metadata
-from antidote_pl.utils.hashing import directory_fingerprint, file_identity
+from antidote_pl.utils.hashing import directory_fingerprint, file_identity, path_identity
 from antidote_pl.utils.io import atomic_write_json
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: The field that seals a written manifest: the sha256 of everything else in it.
+SEAL = "manifest_sha256"
 LIBRARIES = ("torch", "lightning", "transformers", "peft", "datasets", "safetensors", "numpy", "jsonargparse")
 # The files of a stage output that define it (weights, metadata, tokenizer, masks).
 STAGE_PATTERNS = ("*.safetensors", "*.json", "tokenizer*", "*.gguf")
@@ -78,6 +90,40 @@ def git_state(repo_dir: str | os.PathLike = ".") -> dict[str, Any]:
     except (FileNotFoundError, subprocess.TimeoutExpired) as err:
         return {"commit": None, "dirty": None, "note": f"git unavailable ({type(err).__name__})"}
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+#: The package whose source decides every result (this module's package).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def source_digest(package_dir: str | os.PathLike = PACKAGE_DIR) -> str:
+    """One sha256 over the package's Python files (relative paths and bytes): the code as it runs."""
+    root = Path(package_dir)
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def code_version() -> dict[str, Any]:
+    """The code this process computes with: ``package`` (its version), ``source``
+    (:func:`source_digest`), ``commit`` and ``dirty`` (:func:`git_state`; ``"unknown"`` without git).
+
+    Computed once per process: the modules are imported once, so an edit made while a run goes on
+    does not change the code that run executes.
+    """
+    try:
+        version = importlib.metadata.version(PACKAGE_DIR.name)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    git = git_state(PACKAGE_DIR)
+    return {
+        "package": version,
+        "source": source_digest(PACKAGE_DIR),
+        "commit": git["commit"] or "unknown",
+        "dirty": "unknown" if git["dirty"] is None else git["dirty"],
+    }
 
 
 def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str | None]:
@@ -246,17 +292,32 @@ class _DataOnlyCLI(AntidoteCLI):
         self.datamodule = self.config_init.get("data")
 
 
+def parse_without_model(
+    config: str | os.PathLike | Sequence[str | os.PathLike], overrides: Sequence[str] = ()
+) -> tuple[Any, Any]:
+    """A stage or evaluation config (one file, or several composed in order, with overrides) parsed,
+    and its data module built, without loading the model.
+
+    Returns:
+        ``(config, datamodule)``: the parsed namespace (e.g. ``config.model.init_args.judge``) and
+        the data module (``None`` for a config without a ``data:`` section).
+    """
+    files = [config] if isinstance(config, str | os.PathLike) else list(config)
+    args = [a for f in files for a in ("--config", str(f))]
+    cli = _DataOnlyCLI(args=[*args, *overrides], run=False, save_config_callback=None)
+    parsed = cli.config.get(cli.subcommand, cli.config) if cli.subcommand else cli.config
+    return parsed, cli.datamodule
+
+
 def datamodule_from_config(
     config: str | os.PathLike | Sequence[str | os.PathLike], overrides: Sequence[str] = ()
 ) -> Any:
     """The data module of a stage or evaluation config (one file, or several composed in order, with
     overrides), without loading the model."""
-    files = [config] if isinstance(config, str | os.PathLike) else list(config)
-    args = [a for f in files for a in ("--config", str(f))]
-    cli = _DataOnlyCLI(args=[*args, *overrides], run=False, save_config_callback=None)
-    if cli.datamodule is None:
+    datamodule = parse_without_model(config, overrides)[1]
+    if datamodule is None:
         raise bad_value("manifest.configs", str(config), "a config with a `data:` section")
-    return cli.datamodule
+    return datamodule
 
 
 # ------------------------------------------------------------------------------ stages and models
@@ -336,20 +397,34 @@ def build_manifest(
     }
 
 
+def _seal(manifest: Mapping[str, Any]) -> str:
+    """The sha256 of a manifest's JSON content (its keys sorted, the seal itself left out)."""
+    content = {k: v for k, v in manifest.items() if k != SEAL}
+    return text_sha256(json.dumps(content, sort_keys=True, default=str, separators=(",", ":")))
+
+
 def write_manifest(manifest: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Writes the manifest as JSON, atomically; ``path`` may be a directory (``manifest.json`` in it)."""
+    """Writes the manifest as JSON, atomically and sealed (:data:`SEAL`); ``path`` may be a directory
+    (``manifest.json`` in it)."""
     p = Path(path)
     if p.is_dir():
         p = p / MANIFEST_FILE
-    atomic_write_json(p, dict(manifest))
+    # Through JSON first, so the seal covers exactly what a reader gets back.
+    plain = json.loads(json.dumps({k: v for k, v in manifest.items() if k != SEAL}, default=str))
+    atomic_write_json(p, {**plain, SEAL: _seal(plain)})
     return p
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks a manifest written by :func:`write_manifest` (a file or its directory).
 
+    Returns:
+        The manifest, without its seal.
+
     Raises:
-        ConfigError: for a missing or invalid file, or another manifest version.
+        ConfigError: for a missing or invalid file, another manifest version, or a manifest whose
+            content no longer matches its seal (edited by hand: the pipeline spec, the recorded
+            inputs or anything else it certifies).
     """
     p = Path(path)
     if p.is_dir():
@@ -361,6 +436,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise bad_file(
             p, f"manifest version {manifest['manifest_version']}, this code reads {MANIFEST_VERSION}"
         )
+    if manifest.pop(SEAL, None) != _seal(manifest):
+        raise bad_file(p, f"its content does not match its {SEAL} (edited by hand?)")
     for name, entry in manifest.get("configs", {}).items():
         if text_sha256(entry["text"]) != entry["sha256"]:
             raise bad_file(p, f"config {name!r}: its text does not match its sha256 (edited by hand?)")
@@ -368,9 +445,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ checking a manifest
-#: What ``check`` compares: configs, data files, code (git) and libraries decide a result; the
-#: machine is shown for information only.
-DECIDING = ("config", "data", "git", "library")
+#: What ``check`` compares: configs, data files, code (git, and the source each result was computed
+#: with), libraries and the files each result read decide a result; the machine is shown for
+#: information only.
+DECIDING = ("config", "data", "git", "library", "input", "code")
 
 
 def _item(kind: str, name: str, recorded: Any, current: Any, status: str | None = None) -> dict[str, Any]:
@@ -404,8 +482,9 @@ def check_manifest(
     """Compares a manifest with the current checkout and data, item by item.
 
     Config files (sha256 of their text), the data modules' files (``data.<name>.files``), the git
-    commit and dirty flag (a dirty tree on either side is a difference: its code is not known), and
-    the library versions. Paths are read as recorded (relative ones from the working directory).
+    commit and dirty flag (a dirty tree on either side is a difference: its code is not known), the
+    files and code each result was computed from (``inputs``, :func:`result_input_items`) and the
+    library versions. Paths are read as recorded (relative ones from the working directory).
 
     Args:
         manifest: A manifest from :func:`read_manifest`.
@@ -424,6 +503,7 @@ def check_manifest(
             items.append(_item("data", f["path"], f["sha256"], _current_sha(f["path"], identity=True)))
     repo = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parents[1]
     items.append(_git_item(manifest.get("git"), git_state(repo)))
+    items += result_input_items(manifest.get("inputs") or {})
     recorded_libs = manifest.get("libraries", {})
     current_libs = library_versions([n for n in recorded_libs if n != "python"])
     items += [_item("library", n, v, current_libs.get(n)) for n, v in recorded_libs.items()]
@@ -431,6 +511,35 @@ def check_manifest(
     items += [
         _item("machine", k, machine.get(k), now.get(k), status="info") for k in ("device", "accelerators")
     ]
+    return items
+
+
+def result_input_items(inputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The files and code each result recorded when it was computed (``inputs``: result name ->
+    ``{"files": {path: identity}, "code": {...}}``, see :mod:`antidote_pl.experiment.cache`), against
+    the current files and code.
+
+    One item per file and recorded identity (a file recorded in two versions by different results
+    gives two items, at least one of which differs), and one per recorded source digest.
+    """
+    by_path: dict[str, dict[str, list[str]]] = {}
+    sources: dict[str, list[str]] = {}
+    for name, record in inputs.items():
+        for path, identity in (record.get("files") or {}).items():
+            by_path.setdefault(path, {}).setdefault(identity, []).append(name)
+        source = (record.get("code") or {}).get("source")
+        if source is not None:
+            sources.setdefault(source, []).append(name)
+    items = []
+    for path, identities in sorted(by_path.items()):
+        current = path_identity(path)
+        for identity, names in identities.items():
+            label = path if len(identities) == 1 else f"{path} ({len(names)} results)"
+            items.append(_item("input", label, identity, current))
+    now = code_version()["source"]
+    for source, names in sources.items():
+        label = "source" if len(sources) == 1 else f"source ({len(names)} results)"
+        items.append(_item("code", label, source, now))
     return items
 
 

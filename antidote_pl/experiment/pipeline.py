@@ -36,7 +36,6 @@ run resumes from the last finished step and never reports a half-written result.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +43,21 @@ import torch
 
 from antidote_pl.errors import bad_value, check_number
 from antidote_pl.experiment.budget import select_under_budget
-from antidote_pl.experiment.cache import ResultCache, StageOutput, StepTimes, cache_key, stage_fingerprint
+from antidote_pl.experiment.cache import (
+    ResultCache,
+    RunInputs,
+    StageOutput,
+    StepTimes,
+    cache_key,
+    stage_fingerprint,
+)
 from antidote_pl.experiment.leaderboard import leaderboard, leaderboard_markdown
 from antidote_pl.experiment.manifest import (
-    build_manifest,
-    datamodule_from_config,
-    file_entries,
     write_manifest,
 )
 from antidote_pl.experiment.reattack import check_checkpoints, reattack_from_configs
 from antidote_pl.experiment.report import write_report
+from antidote_pl.experiment.run_record import run_manifest
 from antidote_pl.experiment.sections import (
     agreement_section,
     budget_section,
@@ -171,7 +175,10 @@ class Pipeline:
         )
         mark_output_dir(self.output_dir, "pipeline")
         self.times = StepTimes()
-        self.results = ResultCache(self.out / "results", self.times, self.force)
+        self.fingerprints = RunInputs()  # what each step reads, hashed once per run, part of its key
+        self.results = ResultCache(
+            self.out / "results", self.times, self.force, self.fingerprints.evaluation(self.evaluation)
+        )
         try:
             self.train_stages()
             self.score()
@@ -293,7 +300,7 @@ class Pipeline:
             self.upstream = self._run_stage(spec, text, self.upstream, f"stage {i + 1}/{len(self.stages)}")
 
     def _run_stage(self, spec: StageSpec, text: str, upstream: str, label: str) -> str:
-        key = _key(upstream, text, *spec.overrides)
+        key = _key(upstream, text, *spec.overrides, self.fingerprints.stage(spec))
         directory = self.stage_dirs[spec.name]
         if self._reused(StageOutput(Path(directory)), key, f"stage/{spec.name}"):
             say(f"{label} {spec.name}: reusing {directory}")
@@ -348,7 +355,8 @@ class Pipeline:
         directory = self.out / "scores" / method
         extra = self.repair.args(method)
         sweep = ["sweep_alphas", *map(str, self.repair.swept(method, self.alphas))]
-        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra)
+        reads = self.fingerprints.step([*self.repair.configs, fragment], extra, adapter=self.finetuned)
+        key = _key(self.upstream, self.repair_text, self.fragment_texts[method], *sweep, *extra, reads)
         if self._reused(StageOutput(directory), key, f"scores/{method}"):
             say(f"scores {method}: reusing {directory}")
             return key
@@ -425,7 +433,10 @@ class Pipeline:
         """Repairs a baseline's last stage with its fragment (once) and evaluates it."""
         combined = base.combined_name
         directory = self.out / "combined" / combined
-        repair_key = _key(key, self.repair_text, self.baseline_texts[base.name][-1], str(base.repair_alpha))
+        reads = self.fingerprints.step([*self.repair.configs, base.repair_fragment], adapter=final)
+        repair_key = _key(
+            key, self.repair_text, self.baseline_texts[base.name][-1], str(base.repair_alpha), reads
+        )
         if not self._reused(StageOutput(directory), repair_key, f"stage/{combined}"):
             say(f"baseline {combined}: repairing {final}")
             values = self._combined_values(base, final, directory)
@@ -527,45 +538,8 @@ class Pipeline:
         return analysis, [s for s in sections if s]
 
     def manifest(self) -> dict[str, Any]:
-        """The run's reproducibility manifest: configs, data windows, stages, seeds, machine, git, and the
-        pipeline spec itself (``pipeline``)."""
-        evaluation = config_list(self.evaluation)
-        configs: dict[str, Any] = {"evaluation": evaluation[0]}
-        configs |= {f"evaluation[{i}]": c for i, c in enumerate(evaluation) if i}
-        specs = self.all_stages
-        for spec in specs:
-            for i, config in enumerate(spec.configs):
-                configs[f"stages.{spec.name}[{i}]"] = (config, spec.overrides)
-        for i, config in enumerate(self.repair.configs):
-            configs[f"repair[{i}]"] = (config, self.repair.overrides)
-        for method, fragment in self.repair.methods.items():
-            configs[f"repair.methods.{method}"] = (fragment, self.repair.args(method))
-        stage = self.stages[-1]
-        datamodules = {
-            stage.name: datamodule_from_config(stage.configs, stage.overrides),
-            "evaluation": datamodule_from_config(self.evaluation),
-        }
-        models = {s.name: self.stage_dirs[s.name] for s in specs if s.command == "fit"}
-        # A tokenizer stage writes tokenizer files, not a model stage: its files and hashes.
-        tokenizers = {s.name: file_entries([self.stage_dirs[s.name]]) for s in specs if s.command != "fit"}
-        extra = {
-            "alphas": self.alphas,
-            "values": self.repair.values,
-            "methods": list(self.repair.methods),
-            "output_dir": self.output_dir,
-            "tokenizer_stages": tokenizers,
-            # The run's own spec, enough to rebuild it (``python -m antidote_pl replay replay``).
-            "pipeline": {
-                "stages": [asdict(s) for s in self.stages],
-                "repair": asdict(self.repair),
-                "evaluation": self.evaluation,
-                "output_dir": self.output_dir,
-                "references": self.references,
-                "baselines": [asdict(b) for b in self.baselines],
-                "durability": None if self.durability is None else asdict(self.durability),
-            },
-        }
-        return build_manifest(configs, datamodules, models, self.stage_seeds, extra)
+        """The run's reproducibility manifest (:func:`~antidote_pl.experiment.run_record.run_manifest`)."""
+        return run_manifest(self)
 
     def write_report(self) -> dict[str, Any]:
         """Writes ``report.{json,md,png}`` and ``manifest.json`` under ``output_dir``; returns the report."""

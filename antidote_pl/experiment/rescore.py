@@ -8,15 +8,21 @@
 Reads every evaluated variant's ``generations.jsonl`` under ``<run>/seed<N>/results/`` (or
 ``<run>/results/`` for a single-seed run), judges its harmful rows with ``--judge`` (any
 :class:`~antidote_pl.judges.base.Judge`, by ``class_path`` as in the configs) and writes
-``<out>.md`` (a table) and ``<out>.json`` (per seed and variant) atomically: per variant, HS under
-the new judge beside HS under the verdict stored with the answers (the run's primary judge), as
-mean ± std over seeds (one seed: the 95% Wilson interval over its prompts), with the prompts per
-seed and the seeds. The answers are the run's own, so only the judge differs between the two
-columns.
+``<out>.md`` (a table) and ``<out>.json`` (per seed and variant): per variant, HS under the new judge
+beside HS under the verdict stored with the answers (the run's primary judge), as mean ± std over
+seeds (one seed: the 95% Wilson interval over its prompts), with the prompts per seed and the seeds.
+The answers are the run's own, so only the judge differs between the two columns.
+
+The outputs follow the project's output rule: each file is written atomically under a lock
+(``.<out name>.lock`` beside them); an existing ``<out>.md`` or ``<out>.json`` is replaced only when
+this command wrote it (the JSON says ``"kind": "rescore"``, the markdown ends with
+:data:`MARKDOWN_MARKER`) and ``--overwrite true`` is set; and ``<out>`` may not lie inside ``--run``
+(the run's own ``report.md`` is an input).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +31,13 @@ from antidote_pl.errors import bad_value
 from antidote_pl.experiment.agreement import read_generations
 from antidote_pl.judges.base import Judge
 from antidote_pl.utils.console import say
-from antidote_pl.utils.io import atomic_write_json, atomic_write_text
+from antidote_pl.utils.io import OutputLock, atomic_write_json, atomic_write_text, check_apart_from_inputs
 from antidote_pl.utils.tables import format_seed_cell, markdown_table, mean_std
+
+#: What a rescore report's JSON says it is, so that a rerun knows the file is its own.
+KIND = "rescore"
+#: The last line of a rescore report's markdown (an HTML comment, invisible when rendered).
+MARKDOWN_MARKER = "<!-- written by antidote_pl rescore; replaced by a rerun with --overwrite true -->"
 
 
 def generation_files(run: str | Path) -> dict[int | None, dict[str, Path]]:
@@ -104,23 +115,71 @@ def rescore_markdown(report: dict[str, Any]) -> str:
     )
 
 
-def check_rescore_paths(run: str | Path, out: str | Path) -> None:
-    """Checks the run and the report path before a judge loads.
+def report_files(out: str | Path) -> tuple[Path, Path]:
+    """``(<out>.json, <out>.md)``: ``out`` with or without a suffix."""
+    stem = Path(out).with_suffix("")
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+
+
+def _written_here(path: Path) -> bool:
+    """Whether an existing report file was written by this command (its marker is there)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".md":
+            return text.rstrip("\n").endswith(MARKDOWN_MARKER)
+        return json.loads(text).get("kind") == KIND
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+def check_rescore_paths(run: str | Path, out: str | Path, overwrite: bool = False) -> None:
+    """Checks the run and the report paths before a judge loads.
 
     Raises:
-        ConfigError: when the run holds no evaluated variant or ``out``'s directory does not exist.
+        ConfigError: when the run holds no evaluated variant, ``out``'s directory does not exist,
+            ``out`` lies inside the run (an input), or a report file exists that this command did
+            not write, or did and ``overwrite`` is not set.
     """
     generation_files(run)
     if not Path(out).parent.is_dir():
         raise bad_value("--out", str(out), "a path in an existing directory")
+    for path in report_files(out):
+        check_apart_from_inputs(path, "--out", {"--run": str(run)})
+        if not path.exists():
+            continue
+        if not _written_here(path):
+            raise bad_value(
+                "--out", str(out), f"a new report path: {path} exists and was not written by rescore"
+            )
+        if not overwrite:
+            raise bad_value(
+                "--out", str(out), f"a new report path: {path} holds an earlier rescore; set --overwrite true"
+            )
 
 
-def write_rescore(run: str | Path, judge: Judge, out: str | Path) -> dict[str, Any]:
+def write_rescore(
+    run: str | Path, judge: Judge, out: str | Path, overwrite: bool = False, lock: OutputLock | None = None
+) -> dict[str, Any]:
     """Rescores a run (:func:`rescore`, progress through the project's messages) and writes
-    ``<out>.json`` and ``<out>.md``; returns the report."""
-    check_rescore_paths(run, out)
-    out = Path(out)
-    report = rescore(run, judge, say) | {"run": str(run)}
-    atomic_write_json(out.with_suffix(".json"), report)
-    atomic_write_text(out.with_suffix(".md"), rescore_markdown(report))
+    ``<out>.json`` and ``<out>.md`` (see the module docstring); returns the report.
+
+    Args:
+        run: The pipeline output.
+        judge: The judge.
+        out: The report path (``.md`` optional).
+        overwrite: Replace an earlier report of this command.
+        lock: The lock on ``out`` already held (see :func:`rescore_lock`); else one is taken.
+    """
+    check_rescore_paths(run, out, overwrite)
+    json_file, md_file = report_files(out)
+    with lock or rescore_lock(out):
+        check_rescore_paths(run, out, overwrite)  # again under the lock: another writer may have won
+        report = rescore(run, judge, say) | {"run": str(run), "kind": KIND}
+        atomic_write_json(json_file, report)
+        atomic_write_text(md_file, rescore_markdown(report) + "\n" + MARKDOWN_MARKER + "\n")
     return report
+
+
+def rescore_lock(out: str | Path) -> OutputLock:
+    """The lock of a rescore report (``.<name>.lock`` beside ``<out>.md``), one writer at a time."""
+    return OutputLock(Path(out).with_suffix(""), "--out")

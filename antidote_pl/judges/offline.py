@@ -178,6 +178,11 @@ def load_labelled_csv(path: str | Path) -> tuple[list[str], list[str], list[int]
     return questions, [r[answer_col] for r in rows], labels
 
 
+def training_fingerprint(questions: Sequence[str], answers: Sequence[str], labels: Sequence[int]) -> str:
+    """The fingerprint of labelled training data that a saved judge records (``train_fingerprint``)."""
+    return fingerprint_records([{"q": q, "a": a, "y": int(t)} for q, a, t in zip(questions, answers, labels)])
+
+
 def heldout_mask(questions: Sequence[str], fraction: float, seed: int) -> torch.Tensor:
     """Boolean mask of held-out pairs, chosen by a seeded hash of the question (grouped split)."""
     if not 0.0 < fraction < 1.0:
@@ -242,7 +247,8 @@ class OfflineJudge(Judge):
         path: Directory of a saved judge. If it does not exist and ``train_csv`` is given, the
             judge is trained and saved there.
         train_csv: Labelled CSV (see :func:`load_labelled_csv`) to train on when ``path`` has no
-            saved judge. Training takes seconds on CPU.
+            saved judge. Training takes seconds on CPU. With a saved judge at ``path``, the judge's
+            recorded training data must be this CSV's (else a ``ConfigError``; it is not retrained).
         threshold: Probability above which a response is harmful; ``None``: the one saved with the
             judge (chosen on validation when it was trained with ``val_fraction``), else 0.5.
         heldout_fraction: Fraction of questions held out to measure agreement.
@@ -255,7 +261,8 @@ class OfflineJudge(Judge):
             ``train_fingerprint``.
 
     Raises:
-        ConfigError: if neither a saved judge nor training data is given, or either is unreadable.
+        ConfigError: if neither a saved judge nor training data is given, either is unreadable, or
+            the saved judge was trained on other data than ``train_csv``.
     """
 
     def __init__(
@@ -273,6 +280,8 @@ class OfflineJudge(Judge):
         saved = path is not None and (Path(path).expanduser() / META_FILE).is_file()
         if saved:
             self._load(Path(path).expanduser())
+            if train_csv is not None:
+                self._check_trained_on(train_csv, path)
             if threshold is not None:  # an explicit threshold wins over the saved one
                 self.threshold = threshold
         elif train_csv is not None:
@@ -357,12 +366,27 @@ class OfflineJudge(Judge):
             "n_train": len(train_idx),
             "heldout_fraction": heldout_fraction,
             "seed": seed,
-            "train_fingerprint": fingerprint_records(
-                [{"q": q, "a": a, "y": int(t)} for q, a, t in zip(questions, answers, labels)]
-            ),
+            "train_fingerprint": training_fingerprint(questions, answers, labels),
             **({} if selection is None else {"threshold_selection": selection}),
         }
         return self.agreement
+
+    def _check_trained_on(self, train_csv: str, path: str) -> None:
+        """Refuses a saved judge that was trained on other data than ``train_csv``.
+
+        It is not retrained in place: results cached on the saved judge would silently change
+        meaning, and the directory may be another run's input. The message says how to retrain.
+        """
+        recorded = self.agreement.get("train_fingerprint")
+        current = training_fingerprint(*load_labelled_csv(train_csv))
+        if recorded != current:
+            raise bad_value(
+                "train_csv",
+                train_csv,
+                f"the data the judge saved at path={path!r} was trained on (training-data fingerprint "
+                f"{recorded}; this CSV gives {current}): delete that judge directory to retrain it on "
+                "this CSV, or set path to a new directory",
+            )
 
     def _tune_on(self, val, questions, answers, labels, val_fraction: float) -> dict[str, Any]:
         """Sets :attr:`threshold` by :func:`tune_threshold` on the validation rows ``val``."""

@@ -74,18 +74,34 @@ def run_tokenizer_args(argv: Sequence[str]) -> dict[str, Any]:
     return _build_from(parser, parser.parse_args(list(argv)))
 
 
-def _build_from(parser, cfg) -> dict[str, Any]:
+def tokenizer_sources(configs: Sequence[str], args: Sequence[str] = ()) -> list[Source]:
+    """The record sources a tokenizer config trains on (its own, or its ``corpus_config``'s), built
+    but not loaded: what the pipeline hashes to key a tokenizer stage."""
+    parser = build_parser()
+    cfg = parser.parse_args([*(a for c in configs for a in ("--config", str(c))), *args])
+    _resolve_sources(parser, cfg)
+    return list(parser.instantiate_classes(cfg).sources)
+
+
+def _resolve_sources(parser, cfg) -> str | None:
+    """Sets ``cfg.sources`` from ``corpus_config`` when that names the corpus; returns the corpus
+    config's template (``None`` without one)."""
     if (cfg.sources is None) == (cfg.corpus_config is None):
         raise ConfigError(
             "exactly one of sources and corpus_config must be set, got "
             f"sources={cfg.sources!r}, corpus_config={cfg.corpus_config!r}."
         )
-    template = cfg.template
-    if cfg.corpus_config is not None:
-        sources, corpus_template = corpus_from_config(cfg.corpus_config)
-        # Parsed by the same parser, so the sources are validated as if given inline.
-        cfg.sources = parser.parse_object({"sources": sources, "output_dir": cfg.output_dir}).sources
-        template = template or corpus_template
+    if cfg.corpus_config is None:
+        return None
+    sources, corpus_template = corpus_from_config(cfg.corpus_config)
+    # Parsed by the same parser, so the sources are validated as if given inline.
+    cfg.sources = parser.parse_object({"sources": sources, "output_dir": cfg.output_dir}).sources
+    return corpus_template
+
+
+def _build_from(parser, cfg) -> dict[str, Any]:
+    corpus_template = _resolve_sources(parser, cfg)
+    template = cfg.template or corpus_template
     init = parser.instantiate_classes(cfg)
     build = build_tokenizer(
         sources=init.sources,

@@ -39,6 +39,22 @@ def file_identity(path: str | os.PathLike) -> str:
     return file_sha256(p)
 
 
+def path_identity(path: str | os.PathLike) -> str:
+    """The identity of a local input: a file's :func:`file_identity`, a directory's files (recursive,
+    hidden ones left out) as one hash of their relative paths and identities, else ``"absent"``."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return file_identity(p)
+    if not p.is_dir():
+        return "absent"
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{file_identity(f)}\0".encode())
+    return "dir:" + h.hexdigest()
+
+
 def files_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
     """One short hash over several files' names and identities (missing files hash as absent)."""
     h = hashlib.sha256()
