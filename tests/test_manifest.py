@@ -12,7 +12,7 @@ from antidote_pl.commands.dispatch import run
 from antidote_pl.commands.pipeline import build_parser
 from antidote_pl.errors import ConfigError
 from antidote_pl.evaluation.evaluator import EvalDataModule
-from antidote_pl.experiment import pipeline as pipeline_module
+from antidote_pl.experiment import run_record
 from antidote_pl.experiment.cache import DONE_FILE, ResultCache, StepTimes
 from antidote_pl.experiment.manifest import (
     MANIFEST_FILE,
@@ -260,8 +260,8 @@ def recorded_run(tmp_path, monkeypatch):
     def fake_build(configs, datamodules, stages, seeds, extra):
         captured.update(configs=configs, extra=extra)
 
-    monkeypatch.setattr(pipeline_module, "datamodule_from_config", lambda *a: None)
-    monkeypatch.setattr(pipeline_module, "build_manifest", fake_build)
+    monkeypatch.setattr(run_record, "datamodule_from_config", lambda *a: None)
+    monkeypatch.setattr(run_record, "build_manifest", fake_build)
     pipe.manifest()
     built = build_manifest(captured["configs"], extra=captured["extra"], repo_dir=tmp_path)
     path = write_manifest(built, (tmp_path / "run").mkdir() or tmp_path / "run")

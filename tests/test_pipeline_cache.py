@@ -259,7 +259,7 @@ def test_result_cache_checks_recorded_inputs_and_prompts(tmp_path):
 
     def compute(directory):
         calls.append(directory)
-        return {"harmful_score": 0.5, "eval_fingerprint": "p1"}
+        return {"harmful_score": 0.5, "n_harmful_score": 2, "eval_fingerprint": "p1"}
 
     def cache(prompts, source="s"):
         record = {"files": {"d.jsonl": "x"}, "code": {"package": "1", "source": source}, "prompts": prompts}
