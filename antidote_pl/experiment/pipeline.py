@@ -560,15 +560,7 @@ class Pipeline:
         return report
 
 
-def run_pipeline(
-    stages: list[StageSpec],
-    repair: RepairSpec,
-    evaluation: str | list[str],
-    output_dir: str,
-    references: list[str] | None = None,
-    force: bool = False,
-    baselines: list[BaselineSpec] | None = None,
-    durability: DurabilitySpec | None = None,
-) -> dict[str, Any]:
-    """Runs the whole experiment and writes the report: ``Pipeline(...).run()``; see :class:`Pipeline`."""
-    return Pipeline(stages, repair, evaluation, output_dir, references, force, baselines, durability).run()
+def run_pipeline(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Runs the whole experiment and writes the report: ``Pipeline(*args, **kwargs).run()``, with
+    :class:`Pipeline`'s arguments."""
+    return Pipeline(*args, **kwargs).run()
