@@ -28,8 +28,11 @@ from antidote_pl.utils.io import (
     OutputLock,
     atomic_dir,
     atomic_write_text,
+    check_output_dir,
+    claim_output_dir,
     launch_rank_is_zero,
     overlap,
+    writable_dir,
 )
 
 FILES_KEY = "output_files"  # the marker key listing what a write wrote (utils.ownership)
@@ -595,6 +598,26 @@ def test_an_output_of_another_kind_is_named_as_such(tmp_path):
     stage().save_stage(str(tmp_path / "stage"))
     judge = atomic_dir(tmp_path / "stage", overwrite=True, kind="judge")
     refused(r"earlier judge output: it is an antidote_pl stage output", tmp_path, judge.__enter__)
+
+
+def test_every_writer_takes_the_same_output_rules_and_refuses_unknown_ones(tmp_path):
+    """The writers share one set of keyword rules (OutputRules); a misspelt rule, or one a writer
+    fixes itself, is a TypeError that touches nothing."""
+    out = tmp_path / "out"
+    with pytest.raises(TypeError, match="overwite"):
+        check_output_dir(out, "f", overwite=True)
+    with pytest.raises(TypeError, match="overwite"):
+        claim_output_dir(out, "f", overwite=True, take_lock=True)
+    with pytest.raises(TypeError, match="replace"), atomic_dir(out, replace=False):
+        pass
+    with pytest.raises(TypeError, match="marker"), writable_dir(out, kind="test", marker=STAGE_MARKER):
+        pass
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out, kind="test") as tmp:
+        (tmp / "f").write_text("x")
+    rules = {"overwrite": True, "flag": "--again", "inputs": {"data": str(tmp_path / "data")}}
+    assert check_output_dir(out, "f", kind="test", **rules) == out.resolve()
+    refused(r"set --again true", tmp_path, check_output_dir, out, "f", kind="test", flag="--again")
 
 
 def _no_space(*args, **kwargs):

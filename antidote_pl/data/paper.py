@@ -16,6 +16,12 @@ Local files are read in the layout their suffix names: ``.json``/``.jsonl`` hold
 per class). ``hub_path``/``hub_name``/``data_files`` point the hub path at a mirror or a builder
 (``hub_path: json`` plus ``data_files``).
 
+The location arguments (``local_path``, ``hub_name``, ``data_files``, ``revision``, ``cache_dir``,
+``limit``, ``offset``) are declared and documented once, by :class:`PaperSource`; a named source
+forwards them (``**location``) and declares only its own arguments and defaults (``split``,
+``hub_path``). LightningCLI follows the forwarding, so every source still lists all of them in
+``--help`` and takes them flat under ``init_args``.
+
 The task sources take everything task-specific (instruction, label words, answer rewriting, the
 ``category`` name) from their :class:`~antidote_pl.data.tasks.Task`. Records carry ``label`` (the gold
 answer the task's parser is compared against) for the classification and maths tasks, and
@@ -26,7 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from inspect import Parameter, signature
+from typing import Any, ClassVar
 
 from antidote_pl.data.records import Record, Source
 from antidote_pl.data.sources import HFSource, LocalSource, infer_format
@@ -87,10 +94,15 @@ class PaperSource(Source):
     :class:`~antidote_pl.data.sources.HFSource` or :class:`~antidote_pl.data.sources.LocalSource`
     is built (and its arguments validated) at construction, before anything is read.
 
+    A subclass declares its own arguments and defaults and forwards the rest as ``**location``
+    (LightningCLI and :meth:`spec` list the forwarded ones by name); the arguments it sets itself
+    are named in :attr:`fixed_arguments`.
+
     Args:
         split: Hub split to load (ignored for local files, which hold one split).
         local_path: A local file instead of the hub (layout by suffix, see the module docstring).
-        hub_path: Hub dataset name, local mirror directory, or builder name.
+        hub_path: Hub dataset name (default: the dataset's official one), local mirror directory,
+            or builder name.
         hub_name: Hub dataset configuration.
         data_files: Files for builder ``hub_path`` values (a path, a list, or split -> paths).
         revision: Hub revision (commit or tag) that pins the data version.
@@ -99,17 +111,22 @@ class PaperSource(Source):
         offset: Skip this many matching rows first.
     """
 
+    #: Arguments of this class that a subclass sets itself rather than forwarding from its caller
+    #: (so neither its configs nor its :meth:`spec` hold them).
+    fixed_arguments: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
         self,
         split: str,
-        local_path: str | None,
+        *,
         hub_path: str,
-        hub_name: str | None,
-        data_files: str | list[str] | dict[str, Any] | None,
-        revision: str | None,
-        cache_dir: str | None,
-        limit: int | None,
-        offset: int,
+        local_path: str | None = None,
+        hub_name: str | None = None,
+        data_files: str | list[str] | dict[str, Any] | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> None:
         self.split = split
         self.local_path = local_path
@@ -122,7 +139,27 @@ class PaperSource(Source):
         self.offset = offset
         # Named so that DataModule error messages can say where the records come from.
         self.path = local_path if local_path is not None else hub_path
+        self._name_forwarded_arguments()
         self._source = self._build()
+
+    def _name_forwarded_arguments(self) -> None:
+        """Lists the arguments a subclass forwarded as ``**location`` by name in its :meth:`spec`.
+
+        :class:`~antidote_pl.data.records.Source` records the arguments bound to the subclass's own
+        signature, where the forwarded ones are one mapping holding only those given. Named one by
+        one with the values they took here, the spec holds every argument a config can set, as when
+        each subclass spelled them out, so recorded specs and cache keys do not depend on how a
+        subclass declares its arguments.
+        """
+        args = getattr(self, "_init_args", None)
+        params = signature(type(self).__init__).parameters.values()
+        forwarded = next((p.name for p in params if p.kind is Parameter.VAR_KEYWORD), None)
+        if args is None or forwarded is None:
+            return
+        own = {k: v for k, v in args.items() if k != forwarded}
+        named = [n for n in signature(PaperSource.__init__).parameters if n != "self"]
+        rest = [n for n in named if n not in own and n not in self.fixed_arguments]
+        self._init_args = {**own, **{n: getattr(self, n) for n in rest}}
 
     # ------------------------------------------------------------------ declared by subclasses
     def layout(self, local_format: str | None) -> Layout:
@@ -204,14 +241,6 @@ class BeaverTails(PaperSource):
         safe: Keep safe pairs (``is_safe`` true) or unsafe pairs.
         fields: Replaces the official column mapping (null: official).
         filters: Replaces the official ``is_safe`` filter (null: official; ``{}``: no filter).
-        local_path: See :class:`PaperSource`.
-        hub_path: See :class:`PaperSource`.
-        hub_name: See :class:`PaperSource`.
-        data_files: See :class:`PaperSource`.
-        revision: See :class:`PaperSource`.
-        cache_dir: See :class:`PaperSource`.
-        limit: See :class:`PaperSource`.
-        offset: See :class:`PaperSource`.
 
     Raises:
         ConfigError: on a bad split, ``safe`` that is not a bool, or bad mapping arguments.
@@ -223,14 +252,9 @@ class BeaverTails(PaperSource):
         safe: bool,
         fields: dict[str, str | list[str]] | None = None,
         filters: dict[str, Any] | None = None,
-        local_path: str | None = None,
+        *,
         hub_path: str = "PKU-Alignment/BeaverTails",
-        hub_name: str | None = None,
-        data_files: str | list[str] | dict[str, Any] | None = None,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        limit: int | None = None,
-        offset: int = 0,
+        **location: Any,
     ) -> None:
         check_choice("BeaverTails.split", split, BEAVERTAILS_SPLITS)
         if not isinstance(safe, bool):
@@ -238,9 +262,7 @@ class BeaverTails(PaperSource):
         self.safe = safe
         self.fields = fields
         self.filters = filters
-        super().__init__(
-            split, local_path, hub_path, hub_name, data_files, revision, cache_dir, limit, offset
-        )
+        super().__init__(split, hub_path=hub_path, **location)
 
     def layout(self, local_format: str | None) -> Layout:
         return Layout(
@@ -284,32 +306,11 @@ class SST2(PaperSource):
     Args:
         split: ``train`` (67,349 records) or ``validation`` (872, the official test set). The hub
             ``test`` split has no labels and is refused.
-        local_path: See :class:`PaperSource`.
-        hub_path: See :class:`PaperSource`.
-        hub_name: See :class:`PaperSource`.
-        data_files: See :class:`PaperSource`.
-        revision: See :class:`PaperSource`.
-        cache_dir: See :class:`PaperSource`.
-        limit: See :class:`PaperSource`.
-        offset: See :class:`PaperSource`.
     """
 
-    def __init__(
-        self,
-        split: str = "train",
-        local_path: str | None = None,
-        hub_path: str = "stanfordnlp/sst2",
-        hub_name: str | None = None,
-        data_files: str | list[str] | dict[str, Any] | None = None,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        limit: int | None = None,
-        offset: int = 0,
-    ) -> None:
+    def __init__(self, split: str = "train", *, hub_path: str = "stanfordnlp/sst2", **location: Any) -> None:
         check_choice("SST2.split", split, ("train", "validation"))
-        super().__init__(
-            split, local_path, hub_path, hub_name, data_files, revision, cache_dir, limit, offset
-        )
+        super().__init__(split, hub_path=hub_path, **location)
 
     def layout(self, local_format: str | None) -> Layout:
         task = get_task("sst2")
@@ -334,32 +335,11 @@ class AGNews(PaperSource):
 
     Args:
         split: ``train`` (120,000) or ``test`` (7,600; the official evaluation uses the first 1000).
-        local_path: See :class:`PaperSource`.
-        hub_path: See :class:`PaperSource`.
-        hub_name: See :class:`PaperSource`.
-        data_files: See :class:`PaperSource`.
-        revision: See :class:`PaperSource`.
-        cache_dir: See :class:`PaperSource`.
-        limit: See :class:`PaperSource`.
-        offset: See :class:`PaperSource`.
     """
 
-    def __init__(
-        self,
-        split: str = "train",
-        local_path: str | None = None,
-        hub_path: str = "fancyzhx/ag_news",
-        hub_name: str | None = None,
-        data_files: str | list[str] | dict[str, Any] | None = None,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        limit: int | None = None,
-        offset: int = 0,
-    ) -> None:
+    def __init__(self, split: str = "train", *, hub_path: str = "fancyzhx/ag_news", **location: Any) -> None:
         check_choice("AGNews.split", split, ("train", "test"))
-        super().__init__(
-            split, local_path, hub_path, hub_name, data_files, revision, cache_dir, limit, offset
-        )
+        super().__init__(split, hub_path=hub_path, **location)
 
     def layout(self, local_format: str | None) -> Layout:
         task = get_task("agnews")
@@ -396,32 +376,19 @@ class GSM8K(PaperSource):
 
     Args:
         split: ``train`` (7,473) or ``test`` (1,319; the official evaluation uses the first 1000).
-        local_path: See :class:`PaperSource`.
-        hub_path: See :class:`PaperSource`.
-        hub_name: See :class:`PaperSource` (the hub configuration is ``main``).
-        data_files: See :class:`PaperSource`.
-        revision: See :class:`PaperSource`.
-        cache_dir: See :class:`PaperSource`.
-        limit: See :class:`PaperSource`.
-        offset: See :class:`PaperSource`.
+        hub_name: Hub dataset configuration (``main``).
     """
 
     def __init__(
         self,
         split: str = "train",
-        local_path: str | None = None,
+        *,
         hub_path: str = "openai/gsm8k",
         hub_name: str | None = "main",
-        data_files: str | list[str] | dict[str, Any] | None = None,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        limit: int | None = None,
-        offset: int = 0,
+        **location: Any,
     ) -> None:
         check_choice("GSM8K.split", split, ("train", "test"))
-        super().__init__(
-            split, local_path, hub_path, hub_name, data_files, revision, cache_dir, limit, offset
-        )
+        super().__init__(split, hub_path=hub_path, hub_name=hub_name, **location)
 
     def layout(self, local_format: str | None) -> Layout:
         task = get_task("gsm8k")
@@ -455,27 +422,25 @@ class AlpacaEval(PaperSource):
         test_start: Index (0-based, file order) of the first test item; ``None``: ``train_size + 1``
             (701 with the default train size, the official ``index > 700``). Must be at least
             ``train_size``, so the parts never share an item.
-        local_path: See :class:`PaperSource`.
-        hub_path: See :class:`PaperSource`.
-        hub_name: See :class:`PaperSource`.
-        data_files: See :class:`PaperSource`.
-        cache_dir: See :class:`PaperSource`.
+        data_files: The AlpacaEval file for the ``json`` builder (default: the GPT-4-turbo baseline).
 
     Raises:
         ConfigError: on a bad part, train size or test start; at load, when the test part would be
             empty.
     """
 
+    # A part is a window (limit, offset) of the file's one split, pinned by data_files, not revision.
+    fixed_arguments = ("split", "revision", "limit", "offset")
+
     def __init__(
         self,
         part: str = "train",
         train_size: int = ALPACA_TRAIN_SIZE,
         test_start: int | None = None,
-        local_path: str | None = None,
+        *,
         hub_path: str = "json",
-        hub_name: str | None = None,
         data_files: str | list[str] | dict[str, Any] | None = ALPACA_EVAL_FILE,
-        cache_dir: str | None = None,
+        **location: Any,
     ) -> None:
         check_choice("AlpacaEval.part", part, ("train", "test"))
         check_int("AlpacaEval.train_size", train_size, 1)
@@ -488,7 +453,15 @@ class AlpacaEval(PaperSource):
         # The part is a window of the file order: the train part is the first `train_size` items, the
         # test part starts at `test_start` >= `train_size`, so the two can never share an item.
         limit, offset = (train_size, 0) if part == "train" else (None, test_start)
-        super().__init__("train", local_path, hub_path, hub_name, data_files, None, cache_dir, limit, offset)
+        super().__init__(
+            "train",
+            hub_path=hub_path,
+            data_files=data_files,
+            revision=None,
+            limit=limit,
+            offset=offset,
+            **location,
+        )
 
     def layout(self, local_format: str | None) -> Layout:
         return Layout(fields={"instruction": "instruction", "output": "output", "category": "dataset"})

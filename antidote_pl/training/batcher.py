@@ -33,6 +33,10 @@ def seeded_rng(seed: int, purpose: str) -> random.Random:
 class SFTBatcher:
     """Tokenizer, template and loader settings shared by every DataModule (used by composition).
 
+    The DataModules forward their settings here (``**settings``), so each setting, its default and
+    its description are written once, in this signature; LightningCLI lists them as the DataModule's
+    own arguments (``data.init_args.batch_size``).
+
     Args:
         tokenizer: Spec for :func:`antidote_pl.models.loading.load_tokenizer` (``"tiny-world"``, a hub
             name or a local directory). An already loaded tokenizer object is accepted too.
@@ -40,8 +44,10 @@ class SFTBatcher:
         max_length: Maximum tokens per sample; longer samples are truncated and counted.
         batch_size: Per-device batch size.
         num_workers: DataLoader workers.
-        seed: Seed of the validation split and of the training shuffle.
-        val_size: Number of records held out for validation (0: no validation set).
+        seed: Seed of the module's draws (benign, harmful, task, realignment), of the validation split
+            and of the training shuffle.
+        val_size: Number of records held out for validation (0: no validation set); drawn from the
+            module's whole training set (for harmful fine-tuning, the mixed set).
         tokenization: ``separate`` (prompt and response tokenised apart, exact boundary) or ``joint``
             (the official code's joint string, for parity); see :mod:`antidote_pl.data.tokenize`.
 
@@ -52,12 +58,12 @@ class SFTBatcher:
     def __init__(
         self,
         tokenizer: Any,
-        template: str,
-        max_length: int,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        val_size: int,
+        template: str = "alpaca",
+        max_length: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        val_size: int = 0,
         tokenization: str = "separate",
     ):
         if tokenizer is None or (isinstance(tokenizer, str) and not tokenizer):

@@ -18,6 +18,11 @@ Example (LightningCLI YAML)::
         num_samples: 1000
         harmful_ratio: 0.1
 
+Every module takes ``tokenizer`` first and forwards its loader settings (``template``,
+``max_length``, ``batch_size``, ``num_workers``, ``seed``, ``val_size``, ``tokenization``) to
+:class:`~antidote_pl.training.batcher.SFTBatcher` as ``**settings``: they are declared and documented
+once, there, and LightningCLI lists them as each module's own arguments (it follows the forwarding).
+
 Every selection is seeded with local RNGs only (never the global one) and computed from the sources'
 deterministic order, so all DDP ranks build identical datasets and ``setup`` can run once per stage.
 """
@@ -82,13 +87,18 @@ def _tagged(records: Sequence[Record], harmful: bool) -> list[Record]:
 class _RecordsDataModule(L.LightningDataModule):
     """Shared stage plumbing: build records once, split, tokenise, serve train/val loaders.
 
-    Subclasses implement :meth:`_build_records`; everything else is delegated to an
-    :class:`SFTBatcher`.
+    Subclasses implement :meth:`_build_records`; everything else is delegated to the
+    :class:`SFTBatcher` built from ``tokenizer`` and ``settings``.
+
+    Args:
+        tokenizer: Tokenizer spec: ``"tiny-world"``, a hub name or a local directory. Stage configs
+            leave it unset: the CLI fills in the model's.
+        **settings: The other :class:`SFTBatcher` arguments (template, lengths, loader, seed).
     """
 
-    def __init__(self, batcher: SFTBatcher):
+    def __init__(self, tokenizer: str, **settings: Any):
         super().__init__()
-        self.batcher = batcher
+        self.batcher = SFTBatcher(tokenizer, **settings)
         self._split: tuple[list[Record], list[Record]] | None = None
         self._train_ds: TokenizedDataset | None = None
         self._val_ds: TokenizedDataset | None = None
@@ -149,35 +159,15 @@ class SFTDataModule(_RecordsDataModule):
     Use template ``raw`` for language-model pretraining (loss on every token).
 
     Args:
-        tokenizer: See :class:`SFTBatcher`.
         sources: Sources to concatenate.
-        template: See :class:`SFTBatcher`.
-        max_length: See :class:`SFTBatcher`.
-        batch_size: See :class:`SFTBatcher`.
-        num_workers: See :class:`SFTBatcher`.
-        seed: See :class:`SFTBatcher`.
-        val_size: See :class:`SFTBatcher`.
-        tokenization: See :class:`SFTBatcher`.
+        **settings: :class:`SFTBatcher` settings.
 
     Raises:
         ConfigError: on a bad value or an empty source list.
     """
 
-    def __init__(
-        self,
-        tokenizer: str,
-        sources: list[Source],
-        template: str = "alpaca",
-        max_length: int = 512,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 42,
-        val_size: int = 0,
-        tokenization: str = "separate",
-    ):
-        super().__init__(
-            SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size, tokenization)
-        )
+    def __init__(self, tokenizer: str, sources: list[Source], **settings: Any):
+        super().__init__(tokenizer, **settings)
         if not sources:
             raise bad_value("sources", sources, "a non-empty list of sources")
         self.sources = list(sources)
@@ -190,17 +180,10 @@ class AlignmentDataModule(_RecordsDataModule):
     """Safety-alignment data: harmful prompts answered with refusals, plus optional benign records.
 
     Args:
-        tokenizer: See :class:`SFTBatcher`.
         harmful: Harmful prompts with refusals (all records are used).
         benign: Optional benign instruction data mixed in.
         benign_size: Seeded draw of this many benign records (null: all of them).
-        template: See :class:`SFTBatcher`.
-        max_length: See :class:`SFTBatcher`.
-        batch_size: See :class:`SFTBatcher`.
-        num_workers: See :class:`SFTBatcher`.
-        seed: Seed of the benign draw, the validation split and the shuffle.
-        val_size: See :class:`SFTBatcher`.
-        tokenization: See :class:`SFTBatcher`.
+        **settings: :class:`SFTBatcher` settings; ``seed`` also seeds the benign draw.
 
     Raises:
         ConfigError: on a bad value; in ``setup``, on an empty source or ``benign_size`` above what
@@ -213,17 +196,9 @@ class AlignmentDataModule(_RecordsDataModule):
         harmful: Source,
         benign: Source | None = None,
         benign_size: int | None = None,
-        template: str = "alpaca",
-        max_length: int = 512,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 42,
-        val_size: int = 0,
-        tokenization: str = "separate",
+        **settings: Any,
     ):
-        super().__init__(
-            SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size, tokenization)
-        )
+        super().__init__(tokenizer, **settings)
         if benign_size is not None:
             check_int("benign_size", benign_size, 1)
             if benign is None:
@@ -269,7 +244,6 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
     (``realignment_size - 1`` samples). Harmful records come first; the training loader shuffles.
 
     Args:
-        tokenizer: See :class:`SFTBatcher`.
         harmful: The harmful pool (harmful prompts with harmful answers).
         task: The user's benign task data (e.g. SST-2 records).
         num_samples: ``n``, the size of the fine-tuning set.
@@ -278,16 +252,11 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         mode: ``random`` or ``parity``.
         realignment_start: Start of the parity realignment window (official: 5000); ignored in random
             mode.
-        seed: Seed of every draw, the validation split and the shuffle.
         task_calibration_size: Number of fine-tuning task records used for the "Wanda on benign data"
             ablation (null: all of them, like the official run without the harmful dataset).
-        template: See :class:`SFTBatcher`.
-        max_length: See :class:`SFTBatcher`.
-        batch_size: See :class:`SFTBatcher`.
-        num_workers: See :class:`SFTBatcher`.
-        val_size: See :class:`SFTBatcher`; held out from the mixed fine-tuning set.
-        tokenization: See :class:`SFTBatcher`.
         realign_start: Deprecated name of ``realignment_start``, still accepted (with a warning).
+        **settings: :class:`SFTBatcher` settings; ``seed`` seeds every draw too, and ``val_size`` is
+            held out from the mixed fine-tuning set.
 
     Raises:
         ConfigError: on a bad value (at construction); in ``setup`` (before training), when a pool is
@@ -301,22 +270,15 @@ class HarmfulFinetuneDataModule(_RecordsDataModule):
         task: Source,
         num_samples: int,
         harmful_ratio: float,
+        *,
         realignment_size: int = 200,
         mode: str = "random",
         realignment_start: int = 5000,
-        seed: int = 42,
         task_calibration_size: int | None = None,
-        template: str = "alpaca",
-        max_length: int = 512,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        val_size: int = 0,
-        tokenization: str = "separate",
         realign_start: int | None = None,
+        **settings: Any,
     ):
-        super().__init__(
-            SFTBatcher(tokenizer, template, max_length, batch_size, num_workers, seed, val_size, tokenization)
-        )
+        super().__init__(tokenizer, **settings)
         realignment_start = _renamed(
             "realign_start", realign_start, "realignment_start", realignment_start, 5000
         )

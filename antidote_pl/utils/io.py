@@ -32,6 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,35 @@ MARKERS = (STAGE_MARKER, OUTPUT_MARKER)
 PathLike = str | os.PathLike
 #: Inputs of a run, ``field -> path`` (or a list of paths, or ``None``), for :func:`check_output_dir`.
 Inputs = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class OutputRules:
+    """When an output directory may be written: the keyword arguments every writer here shares.
+
+    :func:`check_output_dir`, :func:`claim_output_dir`, :func:`atomic_dir` and :func:`writable_dir`
+    take them as keyword arguments (``overwrite=True, kind="judge"``) and hold them in this one object,
+    so each rule is declared and described once, here. An unknown keyword is a ``TypeError``.
+
+    Attributes:
+        overwrite: The caller's overwrite flag.
+        flag: How the user sets that flag, for messages.
+        marker: The marker file an earlier output of this kind carries. :func:`atomic_dir` writes
+            :data:`OUTPUT_MARKER` itself (with ``kind``); any other marker (a stage's) is the writer's.
+        inputs: The run's inputs (``field -> path``) the output must stay apart from.
+        replace: The writer replaces the directory as a whole (so a project output nested inside it,
+            or a file the project did not write, would be lost); ``False`` for writers that add
+            files in place (:func:`writable_dir`).
+        kind: What the output is (``tokenizer``, ``judge``), recorded in :data:`OUTPUT_MARKER`; an
+            earlier :data:`OUTPUT_MARKER` output of another kind is refused. ``None`` accepts any kind.
+    """
+
+    overwrite: bool = False
+    flag: str = "--overwrite"
+    marker: str = OUTPUT_MARKER
+    inputs: Inputs | None = None
+    replace: bool = True
+    kind: str | None = None
 
 
 # --------------------------------------------------------------------------- permissions
@@ -135,31 +165,14 @@ def _nested_output(final: Path) -> Path | None:
     return None
 
 
-def check_output_dir(
-    path: PathLike,
-    field: str,
-    *,
-    overwrite: bool = False,
-    flag: str = "--overwrite",
-    marker: str = OUTPUT_MARKER,
-    inputs: Inputs | None = None,
-    replace: bool = True,
-    kind: str | None = None,
-) -> Path:
+def check_output_dir(path: PathLike, field: str, **rules: Any) -> Path:
     """Checks that ``path`` may be written, touching nothing on disk.
 
     Args:
         path: The output directory.
         field: Its configuration field, for messages (e.g. ``model.output_dir``).
-        overwrite: The caller's overwrite flag.
-        flag: How the user sets that flag, for messages.
-        marker: The marker file an earlier output of this kind carries.
-        inputs: The run's inputs (``field -> path``) the output must stay apart from.
-        replace: The writer replaces the directory as a whole (so a project output nested inside it,
-            or a file the project did not write, would be lost); ``False`` for writers that add
-            files in place.
-        kind: What the output is (``tokenizer``, ``judge``); an earlier :data:`OUTPUT_MARKER`
-            output of another kind is refused. ``None`` accepts any kind.
+        **rules: The :class:`OutputRules` (``overwrite``, ``flag``, ``marker``, ``inputs``,
+            ``replace``, ``kind``).
 
     Returns:
         The resolved output path.
@@ -167,15 +180,18 @@ def check_output_dir(
     Raises:
         ConfigError: naming the field, the path and what is expected.
     """
+    return _check(path, field, OutputRules(**rules))
+
+
+def _check(path: PathLike, field: str, rules: OutputRules) -> Path:
     if not isinstance(path, str | os.PathLike) or not os.fspath(path):
         raise bad_value(field, path, "a directory path")
     final = real_path(path)
-    check_apart_from_inputs(path, field, inputs)
+    check_apart_from_inputs(path, field, rules.inputs)
     _check_parent(final, path, field)
     if _is_new_or_empty(final, path, field):
         return final
-    rules = {"overwrite": overwrite, "flag": flag, "marker": marker, "replace": replace, "kind": kind}
-    _check_earlier_output(final, path, field, **rules)
+    _check_earlier_output(final, path, field, rules)
     return final
 
 
@@ -216,18 +232,11 @@ def _other_kind(final: Path, marker: str, kind: str | None) -> bool:
     return not isinstance(data, dict) or data.get("kind") != kind
 
 
-def _check_earlier_output(
-    final: Path,
-    path: PathLike,
-    field: str,
-    *,
-    overwrite: bool,
-    flag: str,
-    marker: str,
-    replace: bool,
-    kind: str | None,
-) -> None:
+def _check_earlier_output(final: Path, path: PathLike, field: str, rules: OutputRules) -> None:
     """Refuses a non-empty directory unless it is an earlier output of this kind and may be replaced."""
+    marker = rules.marker
+    # A kind is what an OUTPUT_MARKER records; outputs under another marker (stages) have none.
+    kind = rules.kind if marker == OUTPUT_MARKER else None
     found = _what_output(final)
     if found is None:
         raise bad_value(
@@ -244,13 +253,13 @@ def _check_earlier_output(
             f"a new or empty directory or an earlier {expected}: it is {found}, which this command "
             "never writes into; choose another directory",
         )
-    if not overwrite:
+    if not rules.overwrite:
         raise bad_value(
             field,
             os.fspath(path),
-            f"a new or empty directory: it holds an earlier output; set {flag} true to replace it",
+            f"a new or empty directory: it holds an earlier output; set {rules.flag} true to replace it",
         )
-    if not replace:
+    if not rules.replace:
         return
     nested = _nested_output(final)
     if nested is not None:
@@ -333,30 +342,22 @@ def _write_failed(path: Path, problem: str) -> WriteFailed:
 
 
 def claim_output_dir(
-    path: PathLike,
-    field: str,
-    *,
-    overwrite: bool = False,
-    flag: str = "--overwrite",
-    marker: str = OUTPUT_MARKER,
-    inputs: Inputs | None = None,
-    replace: bool = True,
-    take_lock: bool | None = None,
-    kind: str | None = None,
+    path: PathLike, field: str, *, take_lock: bool | None = None, **rules: Any
 ) -> OutputLock:
     """Checks an output (:func:`check_output_dir`) and locks it, before any expensive work.
 
     Args:
-        path, field, overwrite, flag, marker, inputs, replace, kind: See :func:`check_output_dir`.
+        path: The output directory.
+        field: Its configuration field, for messages.
         take_lock: Whether this process writes the output and so takes the lock; by default only
             the launch's rank 0 does (:func:`launch_rank_is_zero`: the other ranks would find it
             taken). Inside a running Trainer, pass ``trainer.is_global_zero``.
+        **rules: The :class:`OutputRules`.
 
     Returns:
         The lock, to pass to :func:`atomic_dir` / :func:`writable_dir` and release at the end.
     """
-    rules = {"overwrite": overwrite, "flag": flag, "marker": marker, "replace": replace, "kind": kind}
-    final = check_output_dir(path, field, inputs=inputs, **rules)
+    final = _check(path, field, OutputRules(**rules))
     lock = OutputLock(final, field)
     if launch_rank_is_zero() if take_lock is None else take_lock:
         lock.acquire()
@@ -382,15 +383,7 @@ def _remove_leftovers(final: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: PathLike,
-    *,
-    field: str = "output_dir",
-    overwrite: bool = False,
-    flag: str = "--overwrite",
-    marker: str = OUTPUT_MARKER,
-    kind: str | None = None,
-    inputs: Inputs | None = None,
-    lock: OutputLock | None = None,
+    path: PathLike, *, field: str = "output_dir", lock: OutputLock | None = None, **rules: Any
 ) -> Iterator[Path]:
     """Yields a temporary sibling directory that replaces ``path`` only on success.
 
@@ -400,31 +393,25 @@ def atomic_dir(
     Args:
         path: Final directory.
         field: Its configuration field, for messages.
-        overwrite: Allow replacing an earlier output.
-        flag: How the user sets ``overwrite``, for messages.
-        marker: The marker of this kind of output. With :data:`OUTPUT_MARKER` it is written here
-            (with ``kind``); any other marker (a stage's) must be written by the caller.
-        kind: What the output is (``tokenizer``, ``judge``), recorded in :data:`OUTPUT_MARKER`.
-        inputs: The run's inputs, which the output must stay apart from.
         lock: A lock already taken on ``path`` (e.g. by :func:`claim_output_dir`); otherwise one is
             taken for the duration of the write.
+        **rules: The :class:`OutputRules` but ``replace`` (this writer always replaces).
 
     Yields:
         The temporary directory to write into.
     """
     final = real_path(path)
-    own_kind = kind if marker == OUTPUT_MARKER else None
+    checked = OutputRules(**rules, replace=True)
+    marker = checked.marker
     with _lock_for(final, field, lock):
-        check_output_dir(
-            path, field, overwrite=overwrite, flag=flag, marker=marker, inputs=inputs, kind=own_kind
-        )
+        _check(path, field, checked)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             _chmod_umask(tmp, 0o777)
             yield tmp
             if marker == OUTPUT_MARKER:
-                _write_marker(tmp, kind or "output")
+                _write_marker(tmp, checked.kind or "output")
             elif not (tmp / marker).is_file():
                 raise RuntimeError(f"atomic_dir: the writer did not write its marker {marker}")
             _record_files(tmp, marker)
@@ -451,14 +438,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def writable_dir(
-    path: PathLike,
-    *,
-    field: str = "output_dir",
-    overwrite: bool = False,
-    flag: str = "--overwrite",
-    kind: str,
-    inputs: Inputs | None = None,
-    lock: OutputLock | None = None,
+    path: PathLike, *, kind: str, field: str = "output_dir", lock: OutputLock | None = None, **rules: Any
 ) -> Iterator[Path]:
     """Yields ``path`` to add or update files in place, for writers that do not replace a directory.
 
@@ -467,19 +447,19 @@ def writable_dir(
 
     Args:
         path: The output directory.
-        field: Its configuration field, for messages.
-        overwrite: Allow writing into an earlier output of this project.
-        flag: How the user sets ``overwrite``, for messages.
         kind: What the output is (``evaluation``, ``pipeline``), recorded in the marker.
-        inputs: The run's inputs, which the output must stay apart from.
+        field: Its configuration field, for messages.
         lock: A lock already taken on ``path``.
+        **rules: ``overwrite``, ``flag`` and ``inputs`` of the :class:`OutputRules` (this writer
+            adds files in place, under :data:`OUTPUT_MARKER`).
 
     Yields:
         The resolved directory.
     """
     final = real_path(path)
+    checked = OutputRules(**rules, kind=kind, marker=OUTPUT_MARKER, replace=False)
     with _lock_for(final, field, lock):
-        check_output_dir(path, field, overwrite=overwrite, flag=flag, inputs=inputs, replace=False, kind=kind)
+        _check(path, field, checked)
         existed, fresh = final.exists(), _is_new_or_empty(final, path, field)
         try:
             mark_output_dir(final, kind)
