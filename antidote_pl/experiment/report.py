@@ -63,10 +63,20 @@ HEADER = (
     "# antidote_pl report\n\n"
     "HS: harmful score, % of held-out harmful prompts answered harmfully (lower is better). "
     "FA: fine-tune accuracy, % of held-out task questions answered correctly. "
-    "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised. "
+    "Alpha: fraction of the fine-tuning LoRA's weights removed per row; removed %: realised; other "
+    "repairs name their knob (e.g. lambda=0.5). "
     "One run (one seed); in brackets the Wilson 95% interval over the n prompts of the last "
     "two columns.\n\n"
 )
+
+
+def machine_line() -> str:
+    """What the numbers are bit-identical on: the torch version and the CPU kernels it dispatches to
+    (the same command with the same thread counts reproduces them there; elsewhere sums differ)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"Computed with torch {torch.__version__} on {capability} CPU kernels.\n\n"
 
 
 def write_report(report: dict[str, Any], out: Path, sections: Sequence[str] = ()) -> None:
@@ -74,7 +84,7 @@ def write_report(report: dict[str, Any], out: Path, sections: Sequence[str] = ()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", report)
     body = report_markdown(report) + "".join(f"\n{section}" for section in sections)
-    atomic_write_text(out / "report.md", HEADER + body)
+    atomic_write_text(out / "report.md", HEADER + machine_line() + body)
     plot_report(report, out / "report.png")
 
 
