@@ -8,6 +8,7 @@ is copied to ``C`` and moved to ``B``, and every stage is loaded from there.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,17 @@ def test_paths_outside_the_project_and_old_records_stay_absolute(tmp_path):
     meta = {"kind": "adapter", "base_model": str(outside), "merged_adapters": [], "tokenizer": "tiny-world"}
     written = relocatable_stage_metadata(meta, project / "outputs" / "ft", root=project)
     assert written["base_model"] == str(outside) and written["tokenizer"] == "tiny-world"
+    # A path relative to the working directory that leaves the project (../shared/data) is written
+    # absolute: read back against the stage directory it would name another file.
+    project.mkdir()
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        relative = {**meta, "base_model": "../models/base"}
+        written = relocatable_stage_metadata(relative, project / "outputs" / "ft")
+    finally:
+        os.chdir(cwd)
+    assert written["base_model"] == str(outside)
     # A record written before the rule (absolute, no paths_relative_to) is read as it is.
     stage = tmp_path / "old"
     stage.mkdir()

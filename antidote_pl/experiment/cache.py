@@ -33,6 +33,7 @@ import hashlib
 import importlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -205,12 +206,22 @@ class RunInputs:
 
     def _record(self, paths: Iterable[str], **extra: Any) -> CacheKey:
         files = {}
-        for path in paths:
+        for path in dict.fromkeys(_project_path(p) for p in paths):
             if path not in self._identities:
                 self._identities[path] = path_identity(path)
             files[path] = self._identities[path]
         record = {"files": dict(sorted(files.items())), "code": code_version()}
         return inputs_key({**record, **{k: v for k, v in extra.items() if v is not None}})
+
+
+def _project_path(path: str | os.PathLike) -> str:
+    """One name per file, however a config or a stage record spells it (``harmful.jsonl``,
+    ``outputs/ft/../../harmful.jsonl``, absolute): relative to the working directory inside the
+    project (so a copied or moved project keeps its keys), absolute outside it."""
+    full = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    cwd = os.getcwd()
+    inside = os.path.commonpath([full, cwd]) == cwd
+    return os.path.relpath(full, cwd) if inside else full
 
 
 def _source_files(found: Mapping[str, Any]) -> list[str]:

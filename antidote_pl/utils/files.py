@@ -279,7 +279,9 @@ def relocatable_stage_metadata(
             return value  # a hub name, a builder name, or a path that is not here
         target = _lexical_abs(value)
         if not target.is_relative_to(project):
-            return value
+            # Absolute: a path relative to the cwd that leaves the project (``../shared/data``) would
+            # otherwise be read back against the stage directory.
+            return str(target)
         rel = os.path.relpath(target, out_dir)
         return rel if rel.startswith("..") else f"./{rel}"
 
