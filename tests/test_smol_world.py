@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -162,8 +163,13 @@ def test_stages_record_the_gguf_source(smol_run):
         meta = json.loads((work / f"outputs/smol/{stage}/antidote_stage.json").read_text())
         assert meta["kind"] == "adapter" and meta["base_model"] == SPEC, stage
         assert meta["base_source"]["sha256"] == expected and meta["base_source"]["spec"] == SPEC
+    from antidote_pl.utils.files import read_stage_metadata
+
+    # Recorded relative to the stage (the project can move), read back as the project's own align.
     meta = json.loads((work / "outputs/smol/seed0/finetune/antidote_stage.json").read_text())
-    assert meta["merged_adapters"] == [str((work / "outputs/smol/align").resolve())]
+    assert meta["merged_adapters"] == ["../../align"]
+    read = read_stage_metadata(str(work / "outputs/smol/seed0/finetune"))
+    assert [Path(p).resolve() for p in read["merged_adapters"]] == [(work / "outputs/smol/align").resolve()]
     # Stage outputs stay Hugging Face safetensors, with the model's tokenizer and chat template.
     assert (work / "outputs/smol/align/adapter_model.safetensors").is_file()
     assert (work / "outputs/smol/align/chat_template.jinja").is_file()

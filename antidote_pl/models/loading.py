@@ -290,7 +290,7 @@ def load_stage(path: str, dtype: str = "fp32", field: str = "stage", merge: bool
         base = meta["base_model"]
         if not isinstance(base, str):
             raise ConfigError(f"{field}={path!r}: its base model was random-init and cannot be rebuilt.")
-        if looks_local(base) and not Path(base).expanduser().exists():
+        if looks_local(base) and not is_gguf_spec(base) and not Path(base).expanduser().exists():
             raise ConfigError(
                 f"{Path(path) / STAGE_FILE}: its base_model {base!r} does not exist; a stage loads the base "
                 "it was trained on, so keep a project's stages together when moving or copying it."
