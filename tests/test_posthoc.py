@@ -131,6 +131,25 @@ def test_single_seed_run_and_cli(tmp_path):
     assert "| KeywordJudge" not in text and "| primary | OfflineJudge | 8 | 50.0 |" in text
 
 
+def test_edit_repairs_and_masks_of_other_tensors_are_left_out(tmp_path):
+    """A weight-editing repair (repair.json, no mask) is skipped; a mask over other tensors (Wanda in
+    delta space) is named as left out instead of failing the overlap (issue #27's 16-method run)."""
+    run = _make_run(tmp_path / "run", seeds=(0,))
+    seed = run / "seed0"
+    (seed / "scores" / "delta_scaling").mkdir(parents=True)
+    (seed / "scores" / "delta_scaling" / "repair.json").write_text(json.dumps({"knob": "lambda"}))
+    other = {"base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": torch.rand(1, 8)}
+    sweep = {a: select_masks(other, a, "row") for a in ALPHAS}
+    report = {"target": "delta", "scope": "row", "alpha": 0.25, "protect_fraction": 0.0}
+    report |= {"removed_fraction": 0.25, "sweep_removed_fraction": {str(a): a for a in ALPHAS}}
+    write_artifacts(seed / "scores" / "wanda_delta", sweep[0.25], other, report, sweep=sweep)
+    methods = [*SCORES, "wanda_delta", "delta_scaling"]
+    (seed / "report.json").write_text(json.dumps({"methods": methods, "alphas": ALPHAS}))
+    assert find_runs(seed)[0].methods == [*SCORES, "wanda_delta"]
+    text = render(seed, tmp_path / "docs", None, "")
+    assert "Left out of these overlaps: wanda_delta" in text and "delta_scaling" not in text
+
+
 def test_judge_from_manifest(tmp_path):
     run = find_runs(_make_run(tmp_path, seeds=(0,)))[0]
     entry = {"text": "model:\n  init_args:\n    judge: {class_path: my.pkg.StrictJudge}\n"}

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from antidote_pl.experiment.sections import focus_alpha, variant_name
 from antidote_pl.pruning import masks_for_alphas
 from antidote_pl.pruning.artifacts import MASK_FILE, SWEEP_FILE, RepairArtifacts, read_masks
 from antidote_pl.pruning.targets import merged_param_name
+from antidote_pl.repair.artifacts import EDIT_REPORT_FILE
 from antidote_pl.utils.console import say
 from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.io import atomic_write_text
@@ -108,7 +109,11 @@ def _seed_run(label: str, directory: Path) -> SeedRun:
     report = read_json_file(directory / "report.json", "the pipeline's report.json")
     if not isinstance(report, dict) or not report.get("methods") or not report.get("alphas"):
         raise bad_file(directory / "report.json", "has no 'methods' and 'alphas'; expected a pipeline report")
-    return SeedRun(label, directory, list(report["methods"]), [float(a) for a in report["alphas"]])
+    # Weight-editing repairs (repair.json, no mask) have no removed set to overlap.
+    pruning = [m for m in report["methods"] if not (directory / "scores" / m / EDIT_REPORT_FILE).is_file()]
+    if not pruning:
+        raise bad_file(directory / "report.json", "names no pruning method; the mask analysis needs masks")
+    return SeedRun(label, directory, pruning, [float(a) for a in report["alphas"]])
 
 
 def method_masks(directory: Path, alphas: Sequence[float]) -> dict[float, dict[str, torch.Tensor]]:
@@ -297,6 +302,7 @@ def seed_table(masks: Mapping, runs: Sequence[SeedRun], alpha: float) -> str:
 
 def mask_sections(masks: Mapping, runs: Sequence[SeedRun], out_dir: Path) -> str:
     """Heat maps and overlaps across methods, alphas, seeds, calibration sets, Wanda vs magnitude."""
+    runs, apart = _same_tensors(masks, runs)
     first, alpha = runs[0], focus_alpha(runs[0].alphas)
     by_method = {variant_name(m, alpha): masks[(first.label, m, alpha)] for m in first.methods}
     parts = [
@@ -316,7 +322,23 @@ def mask_sections(masks: Mapping, runs: Sequence[SeedRun], out_dir: Path) -> str
             parts.append(pair_table(masks, runs, a_method, b_method))
         else:
             parts.append(f"The run has no `{a_method}` and `{b_method}` pair.\n")
+    if apart:
+        parts.append(
+            f"\nLeft out of these overlaps: {', '.join(apart)}, whose masks cover other tensors than "
+            f"{first.methods[0]}'s (e.g. the merged update instead of the LoRA factors).\n"
+        )
     return "".join(parts) + _modules_markdown(masks, runs, lead, alpha)
+
+
+def _same_tensors(masks: Mapping, runs: Sequence[SeedRun]) -> tuple[list[SeedRun], list[str]]:
+    """The runs restricted to the methods whose masks name the first method's tensors (overlaps need
+    the same coordinates: Wanda in delta space masks the base weights), and the methods left out."""
+    first = runs[0]
+    alpha = first.alphas[0]
+    anchor = set(masks[(first.label, first.methods[0], alpha)])
+    apart = [m for m in first.methods if set(masks[(first.label, m, alpha)]) != anchor]
+    kept = [replace(r, methods=[m for m in r.methods if m not in apart]) for r in runs]
+    return kept, apart
 
 
 def _modules_markdown(masks: Mapping, runs: Sequence[SeedRun], lead: str, alpha: float) -> str:
