@@ -232,8 +232,8 @@ def _overlap_across_seeds(by_seed: Mapping[Any, Mapping[str, Any]]) -> str:
         f"{anchor}, within each seed (masks of one adapter, alpha as in each seed's mask section), mean "
         "± std over seeds (a value seen in one seed only is marked (1 seed): an overlap is no rate over "
         "items, so it has no Wilson interval). Masks of different seeds are not compared entry by entry: "
-        "each seed's LoRA has its own arbitrary rank axis (BA = (BM)(M⁻¹A)); `python -m "
-        "antidote_pl.experiment.posthoc` compares them on the input and output features they touch.\n\n"
+        "each seed's LoRA has its own arbitrary rank axis (BA = (BM)(M⁻¹A)); `python -m antidote_pl "
+        "posthoc` compares them on the input and output features they touch.\n\n"
     )
     return intro + markdown_table(["mask", "other mask", "Jaccard", "seeds"], body)
 
