@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_llama
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.models import gguf, gguf_cache
@@ -95,7 +96,7 @@ def test_packaged_smollm2_tokenizer_and_model(tmp_path):
 # ---------------------------------------------------------------------------- dequantised-weights cache
 def _tiny_gguf_loader(monkeypatch, calls: list):
     """Replaces reading a GGUF file by building a small seeded Llama (the same weights every call)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     original = AutoModelForCausalLM.from_pretrained
 
@@ -103,17 +104,7 @@ def _tiny_gguf_loader(monkeypatch, calls: list):
         if gguf_file is None:
             return original(name, *args, dtype=dtype, **kwargs)
         calls.append(dtype)
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-        return LlamaForCausalLM(config).to(dtype)
+        return small_llama(tie_word_embeddings=True, max_position_embeddings=2048).to(dtype)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
 

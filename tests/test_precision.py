@@ -8,11 +8,10 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, make_stages, quiet_trainer_kwargs, tiny_finetune_data
+from conftest import REPO, make_stages, quiet_trainer_kwargs, small_llama, tiny_finetune_data
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from test_eval_judges import _save_causal, save_classifier
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from antidote_pl.judges.base import ClassifierJudge, GuardJudge
 from antidote_pl.pruning import collect, find_targets, run_calibration
@@ -120,17 +119,8 @@ def test_guard_judge_generates_in_bf16(tmp_path):
 
 
 def _lora_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    base = small_llama(hidden_size=64, intermediate_size=128)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import small_llama
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.pruning import (
@@ -264,17 +264,7 @@ def test_bf16_inputs_are_squared_and_accumulated_in_fp32():
 
 
 def test_bf16_model_calibration_accumulates_fp32():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(small_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model = model.to(torch.bfloat16)
     targets = find_targets(model, "lora")
     ids = torch.randint(1, 64, (2, 5))

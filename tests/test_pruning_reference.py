@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from antidote_pl.pruning import (
     collect,
@@ -37,19 +37,8 @@ class _StopForward(Exception):
 
 
 def _tiny_lora_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
     model = get_peft_model(
-        LlamaForCausalLM(config),
+        small_llama(attn_implementation="eager"),
         LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]),
     )
     # peft initialises B to zero; a random B makes both factors' statistics and scores matter.
