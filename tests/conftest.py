@@ -145,20 +145,24 @@ def tiny_pipeline(tmp_path_factory):
     return workdir, report
 
 
+#: A 2-layer decoder's config fields (hidden 32, 4 heads, 2 KV heads, vocab 64), shared by the tests
+#: that build Llama-style models of several architectures.
+SMALL_DECODER = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def small_llama(seed: int = 0, **overrides):
-    """A randomly initialised 2-layer Llama (hidden 32, 4 heads, 2 KV heads, vocab 64) for tests that
-    need a real decoder's module layout; ``overrides`` change any config field."""
+    """A randomly initialised :data:`SMALL_DECODER` Llama for tests that need a real decoder's module
+    layout; ``overrides`` change any config field."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(LlamaConfig(**(fields | overrides)))
+    return LlamaForCausalLM(LlamaConfig(**(SMALL_DECODER | overrides)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SMALL_DECODER
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
@@ -34,15 +35,7 @@ from antidote_pl.pruning import (
     wanda_scores,
 )
 
-_DECODER = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+_DECODER = SMALL_DECODER
 ARCHS = {
     "llama": (lambda: LlamaForCausalLM(LlamaConfig(**_DECODER)), ["q_proj", "k_proj", "v_proj"]),
     "mistral": (lambda: MistralForCausalLM(MistralConfig(**_DECODER)), ["q_proj", "k_proj", "v_proj"]),
