@@ -309,7 +309,7 @@ def mask_sections(masks: Mapping, runs: Sequence[SeedRun], out_dir: Path) -> str
         f"Methods at alpha {alpha:g}, {first.label} (heat maps and per-layer tables below).\n\n",
         mask_analytics_markdown(by_method, out_dir).replace("## Mask analytics\n\n", "", 1),
     ]
-    lead = first.methods[0] if WANDA not in first.methods else WANDA
+    lead = _lead(first.methods)
     by_alpha = {variant_name(lead, a): masks[(first.label, lead, a)] for a in first.alphas}
     parts += [f"\n## {lead} across alphas ({first.label})\n\n", overlap_markdown(by_alpha)]
     parts += [f"\n## Across seeds at alpha {alpha:g}\n\n", _seeds_markdown(masks, runs, lead, alpha)]
@@ -325,17 +325,23 @@ def mask_sections(masks: Mapping, runs: Sequence[SeedRun], out_dir: Path) -> str
     if apart:
         parts.append(
             f"\nLeft out of these overlaps: {', '.join(apart)}, whose masks cover other tensors than "
-            f"{first.methods[0]}'s (e.g. the merged update instead of the LoRA factors).\n"
+            f"{lead}'s (e.g. the merged update instead of the LoRA factors).\n"
         )
     return "".join(parts) + _modules_markdown(masks, runs, lead, alpha)
 
 
+def _lead(methods: Sequence[str]) -> str:
+    """The method the mask sections lead with and compare others to: Wanda when the run has it."""
+    return WANDA if WANDA in methods else methods[0]
+
+
 def _same_tensors(masks: Mapping, runs: Sequence[SeedRun]) -> tuple[list[SeedRun], list[str]]:
-    """The runs restricted to the methods whose masks name the first method's tensors (overlaps need
+    """The runs restricted to the methods whose masks name the lead method's tensors (overlaps need
     the same coordinates: Wanda in delta space masks the base weights), and the methods left out."""
     first = runs[0]
     alpha = first.alphas[0]
-    anchor = set(masks[(first.label, first.methods[0], alpha)])
+    lead = _lead(first.methods)
+    anchor = set(masks[(first.label, lead, alpha)])
     apart = [m for m in first.methods if set(masks[(first.label, m, alpha)]) != anchor]
     kept = [replace(r, methods=[m for m in r.methods if m not in apart]) for r in runs]
     return kept, apart
