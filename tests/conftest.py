@@ -166,3 +166,38 @@ def small_llama(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**(SMALL_DECODER | overrides)))
+
+
+def small_eval_config() -> dict:
+    """``configs/tiny/eval.yaml`` shrunk for pipeline tests: 60 harmful prompts, 40 test and 20
+    validation questions (the FA budget's choice)."""
+    import yaml
+
+    ev = yaml.safe_load((REPO / "configs/tiny/eval.yaml").read_text())
+    data = ev["data"]["init_args"]
+    data["harmful"]["init_args"]["limit"] = data["task"]["init_args"]["limit"] = 60
+    data["task_limit"], data["fa_validation_size"] = 40, 20
+    return ev
+
+
+def small_tiny_stages(finetune_config: str | list[str] | None = None) -> list[dict]:
+    """The tiny world's pretrain, aligned and finetuned stages, shrunk to seconds (pipeline specs)."""
+    quiet = "--trainer.enable_progress_bar=false"
+    fast = "--model.init_args.model_config=tiny-world-fast"
+    return [
+        {
+            "name": "pretrain",
+            "config": str(REPO / "configs/tiny/pretrain.yaml"),
+            "overrides": [fast, "--trainer.max_steps=20", quiet],
+        },
+        {
+            "name": "aligned",
+            "config": str(REPO / "configs/tiny/align.yaml"),
+            "overrides": ["--trainer.max_steps=5", quiet],
+        },
+        {
+            "name": "finetuned",
+            "config": finetune_config or str(REPO / "configs/tiny/finetune.yaml"),
+            "overrides": ["--trainer.max_epochs=1", "--data.init_args.num_samples=64", quiet],
+        },
+    ]

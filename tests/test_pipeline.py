@@ -7,7 +7,7 @@ import os
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, small_eval_config, small_tiny_stages
 
 from antidote_pl.errors import ConfigError
 from antidote_pl.experiment.manifest import read_manifest
@@ -16,40 +16,13 @@ from antidote_pl.experiment.specs import StageSpec
 from antidote_pl.pruning.artifacts import RepairArtifacts, alpha_key
 
 pytestmark = pytest.mark.slow
-FAST = "--model.init_args.model_config=tiny-world-fast"
 
 
 def write_pipeline(tmp_path, alphas=(0.05, 0.2)) -> str:
-    eval_cfg = yaml.safe_load((REPO / "configs/tiny/eval.yaml").read_text())
-    eval_cfg["data"]["init_args"]["harmful"]["init_args"]["limit"] = 60
-    eval_cfg["data"]["init_args"]["task"]["init_args"]["limit"] = 60
-    # 40 test questions, then 20 validation questions (the FA budget's alpha choice).
-    eval_cfg["data"]["init_args"]["task_limit"] = 40
-    eval_cfg["data"]["init_args"]["fa_validation_size"] = 20
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(small_eval_config()))
     cfg = {
         "output_dir": "outputs/tiny/pipeline",
-        "stages": [
-            {
-                "name": "pretrain",
-                "config": str(REPO / "configs/tiny/pretrain.yaml"),
-                "overrides": [FAST, "--trainer.max_steps=20", "--trainer.enable_progress_bar=false"],
-            },
-            {
-                "name": "aligned",
-                "config": str(REPO / "configs/tiny/align.yaml"),
-                "overrides": ["--trainer.max_steps=5", "--trainer.enable_progress_bar=false"],
-            },
-            {
-                "name": "finetuned",
-                "config": str(REPO / "configs/tiny/finetune.yaml"),
-                "overrides": [
-                    "--trainer.max_epochs=1",
-                    "--data.init_args.num_samples=64",
-                    "--trainer.enable_progress_bar=false",
-                ],
-            },
-        ],
+        "stages": small_tiny_stages(),
         "references": ["aligned", "finetuned"],
         "repair": {
             "config": str(REPO / "configs/tiny/repair.yaml"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, small_eval_config, small_tiny_stages
 
 from antidote_pl.commands.dispatch import run
 from antidote_pl.experiment import cache as cache_module
@@ -39,8 +39,6 @@ from antidote_pl.judges.offline import OfflineJudge
 from antidote_pl.tinyworld.world import TinyWorldSource
 from antidote_pl.utils.hashing import path_identity
 
-FAST = "--model.init_args.model_config=tiny-world-fast"
-QUIET = "--trainer.enable_progress_bar=false"
 #: A clean checkout, whatever state the developer's tree is in (a dirty tree never "matches").
 GIT = {"commit": "0" * 40, "dirty": False}
 STAGES = ("stage/pretrain", "stage/aligned", "stage/finetuned")
@@ -72,32 +70,13 @@ def _write_world(root: Path) -> None:
             rows.writerow([r["instruction"], r["output"], 1])
             rows.writerow([r["instruction"], "sorry , i can not help with that .", 0])
     OfflineJudge(train_csv="judge.csv").save("judge")
-    ev = yaml.safe_load((REPO / "configs/tiny/eval.yaml").read_text())
-    data = ev["data"]["init_args"]
-    data["harmful"]["init_args"]["limit"] = data["task"]["init_args"]["limit"] = 60
-    data["task_limit"], data["fa_validation_size"] = 40, 20
+    ev = small_eval_config()
     judge = {"class_path": "antidote_pl.judges.offline.OfflineJudge", "init_args": {"path": "judge"}}
     ev["model"]["init_args"]["extra_judges"].append(judge)
     (root / "eval.yaml").write_text(yaml.safe_dump(ev))
     cfg = {
         "output_dir": "outputs/tiny/pipeline",
-        "stages": [
-            {
-                "name": "pretrain",
-                "config": str(REPO / "configs/tiny/pretrain.yaml"),
-                "overrides": [FAST, "--trainer.max_steps=20", QUIET],
-            },
-            {
-                "name": "aligned",
-                "config": str(REPO / "configs/tiny/align.yaml"),
-                "overrides": ["--trainer.max_steps=5", QUIET],
-            },
-            {
-                "name": "finetuned",
-                "config": [str(REPO / "configs/tiny/finetune.yaml"), "finetune_data.yaml"],
-                "overrides": ["--trainer.max_epochs=1", "--data.init_args.num_samples=64", QUIET],
-            },
-        ],
+        "stages": small_tiny_stages([str(REPO / "configs/tiny/finetune.yaml"), "finetune_data.yaml"]),
         "references": ["aligned", "finetuned"],
         "repair": {
             "config": str(REPO / "configs/tiny/repair.yaml"),
