@@ -21,7 +21,7 @@ from antidote_pl.callbacks.repair import BaseRepairCallback, Edits, LoraSlot, ro
 from antidote_pl.errors import bad_value, check_int, check_number
 from antidote_pl.pruning.targets import lora_delta_weight
 from antidote_pl.repair import HessianAccumulator, safe_delta_layers
-from antidote_pl.utils.threads import set_threads
+from antidote_pl.utils.threads import pinned_threads
 
 
 def safety_hessians(
@@ -129,13 +129,10 @@ class SafeDeltaCallback(BaseRepairCallback):
         # The compensation walks the columns one by one with small tensor ops, where thread start-up
         # costs more than the work (a SmolLM2 layer: 0.27 s on one thread, 8.5 s on two busy ones);
         # one thread always, so the result does not depend on the stage's thread count either.
-        previous = set_threads(1)
-        try:
+        with pinned_threads(1):
             new, infos = safe_delta_layers(
                 state["aligned"], state["deltas"], state["hessians"], value, **options
             )
-        finally:
-            set_threads(previous)
         kept = sum(i.get("kept", 0) for i in infos.values())
         entries = sum(i.get("entries", 0) for i in infos.values())
         state["kept"][repr(float(value))] = kept / entries if entries else 1.0

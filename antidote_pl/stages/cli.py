@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from jsonargparse.typing import register_type
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -26,7 +25,7 @@ from antidote_pl.errors import ConfigError, bad_file, bad_value
 from antidote_pl.models.loading import TINY_WORLD
 from antidote_pl.utils.console import StageProgressBar
 from antidote_pl.utils.files import read_yaml_file
-from antidote_pl.utils.threads import DEFAULT_THREADS, check_threads, set_threads
+from antidote_pl.utils.threads import DEFAULT_THREADS, check_threads, pinned_threads, set_threads
 
 DEFAULT_SEED = 42
 #: ``trainer.deterministic`` unless a config says otherwise: torch's deterministic algorithms,
@@ -235,11 +234,8 @@ def run_fit(
         The CLI, after the fit finished. The caller's torch thread count is restored (the stage ran
         with its own ``threads``).
     """
-    previous = torch.get_num_threads()
-    try:
+    with pinned_threads():
         return _OverridingCLI(args=["fit", *_config_args(configs, args)], overrides=overrides)
-    finally:
-        set_threads(previous)
 
 
 def build_cli(

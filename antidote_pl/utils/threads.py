@@ -12,6 +12,9 @@ and torch allows setting it only once per process, before any parallel work.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from antidote_pl.errors import bad_value
@@ -45,3 +48,16 @@ def set_threads(threads: int) -> int:
     if threads != previous:
         torch.set_num_threads(threads)
     return previous
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None = None) -> Iterator[None]:
+    """Runs a block with torch's thread count set to ``threads`` (``None``: left as the block sets
+    it) and restores the caller's count after, also on error."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        set_threads(threads)
+    try:
+        yield
+    finally:
+        set_threads(previous)
