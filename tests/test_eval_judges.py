@@ -16,6 +16,7 @@ from antidote_pl.judges.base import (
     BEAVER_DAM_TEMPLATE,
     ClassifierJudge,
     GuardJudge,
+    Judge,
     KeywordJudge,
     Verdict,
     is_coherent,
@@ -314,3 +315,22 @@ def test_a_saved_offline_judge_must_come_from_its_train_csv(tmp_path):
         OfflineJudge(path=judge, train_csv=other)
     # Refused, not retrained in place.
     assert (tmp_path / "judge" / "judge.safetensors").read_bytes() == weights
+
+
+class _AutocastProbe(Judge):
+    """Records whether autocast was on when it judged."""
+
+    def _judge(self, prompts, responses):
+        self.autocast_on = torch.is_autocast_enabled("cpu")
+        return [Verdict(harmful=False, score=0.0) for _ in responses]
+
+
+def test_judges_run_outside_the_evaluated_stages_autocast():
+    # A bf16-mixed evaluation runs test_step under autocast; a judge must not inherit it (its
+    # verdicts would depend on the judged model's precision, and the LM judge's fp16 token states
+    # cannot be concatenated under a bf16 autocast).
+    probe = _AutocastProbe()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probe(["q"], ["a"])
+        assert torch.is_autocast_enabled("cpu")  # restored for the stage
+    assert probe.autocast_on is False

@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,15 @@ class Verdict:
         return asdict(self)
 
 
+@contextmanager
+def _no_autocast() -> Iterator[None]:
+    """Autocast off on the CPU and, where there is one, the GPU (naming an absent device warns)."""
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 class Judge(ABC):
     """Base class: judges a batch of (prompt, response) pairs."""
 
@@ -106,7 +116,11 @@ class Judge(ABC):
             )
         if not responses:
             return []
-        return self._judge(list(prompts), list(responses))
+        # A judge is a fixed instrument: its verdicts must not depend on the precision of the model
+        # it judges, so the evaluator's autocast (bf16-mixed stages) is switched off here; a judge
+        # with its own precision setting turns autocast back on inside.
+        with _no_autocast():
+            return self._judge(list(prompts), list(responses))
 
     @abstractmethod
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
