@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from argparse import ArgumentError
+
 import pytest
 import yaml
 from conftest import REPO
@@ -10,6 +12,7 @@ from antidote_pl.errors import ConfigError
 from antidote_pl.experiment import pipeline
 from antidote_pl.experiment.pipeline import _key
 from antidote_pl.experiment.specs import StageSpec, stage_output_dir, stage_text
+from antidote_pl.stages.cli import validate_config
 
 ALIGN = str(REPO / "configs/tiny/align.yaml")
 
@@ -58,7 +61,13 @@ def test_list_config_text_covers_every_file(tmp_path):
 def test_list_config_output_dir_is_the_composed_one(tmp_path):
     spec = StageSpec("aligned_vaccine", [ALIGN, vaccine_fragment(tmp_path)])
     assert stage_output_dir(spec, "s") == "outputs/tiny/align_vaccine"
-    assert stage_output_dir(StageSpec("a", [vaccine_fragment(tmp_path), ALIGN]), "s") == "outputs/tiny/align"
+    # Read through the command's own parser, not a YAML merge: a fragment without a class_path
+    # before its base is refused here exactly as `fit --config fragment --config align.yaml` is.
+    upside_down = [vaccine_fragment(tmp_path), ALIGN]
+    with pytest.raises(ArgumentError, match="defense.init_args.rho"):
+        validate_config(upside_down)
+    with pytest.raises(ArgumentError, match="defense.init_args.rho"):
+        stage_output_dir(StageSpec("a", upside_down), "s")
 
 
 def test_list_config_is_validated_and_run_as_repeated_config(tmp_path, monkeypatch):

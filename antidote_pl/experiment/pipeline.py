@@ -105,13 +105,11 @@ def _run_command(spec: StageSpec) -> None:
         run_fit(spec.configs, OVERWRITE, args=spec.overrides)
 
 
-def _validate_stage(spec: StageSpec) -> dict[str, Any] | None:
-    """Parses a stage's configs; for a model stage, returns its seeds (for the manifest)."""
+def _validate_stage(spec: StageSpec) -> Any:
+    """Parses a stage's configs as its command will (a model stage's cheap parts built too)."""
     if spec.command == "tokenizer":
-        parse_tokenizer_config(spec.configs, spec.overrides)
-        return None
-    cfg = validate_config(spec.configs, spec.overrides)
-    return {"seed_everything": cfg.get("seed_everything"), "data": cfg.get("data.init_args.seed")}
+        return parse_tokenizer_config(spec.configs, spec.overrides)
+    return validate_config(spec.configs, spec.overrides)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -235,7 +233,6 @@ class Pipeline:
         unknown = [r for r in self.references if r not in names]
         if unknown:
             raise bad_value("references", unknown, f"stage names from {names}")
-        self.stage_dirs = {s.name: stage_output_dir(s, f"stages[{i}]") for i, s in enumerate(self.stages)}
         check_last_is_fit(self.stages, "stages", "the last stage is repaired")
         models = [s.name for s in self.stages if s.command == "fit"]
         not_models = [r for r in self.references if r not in models]
@@ -243,13 +240,11 @@ class Pipeline:
             raise bad_value("references", not_models, f"names of fit stages (models) from {models}")
 
     def _read_baseline(self, b: int, base: BaselineSpec) -> list[str]:
-        """The baseline's stage texts (and its repair fragment's); records its stage directories."""
+        """The baseline's stage texts (and its repair fragment's)."""
         field = f"baselines[{b}]"
         if not base.stages:
             raise bad_value(f"{field}.stages", base.stages, "at least one stage")
         texts = [stage_text(s, f"{field}.stages[{i}]") for i, s in enumerate(base.stages)]
-        for i, spec in enumerate(base.stages):
-            self.stage_dirs[spec.name] = stage_output_dir(spec, f"{field}.stages[{i}]")
         check_last_is_fit(base.stages, f"{field}.stages", "a baseline's last stage is evaluated")
         if base.repair_fragment is not None:
             texts.append(read_config(base.repair_fragment, f"{field}.repair_fragment"))
@@ -258,14 +253,19 @@ class Pipeline:
 
     def _parse_configs(self) -> None:
         """Parses every config the run will use, as its step will; nothing is loaded."""
-        # Each model stage's seeds, as parsed here, go into the manifest.
-        self.stage_seeds = {}
-        for spec in self.all_stages:
-            seeds = _validate_stage(spec)
-            if seeds is not None:
-                self.stage_seeds[spec.name] = seeds
+        # Each stage's output directory and each model stage's seeds (for the manifest), as parsed.
+        self.stage_dirs, self.stage_seeds = {}, {}
+        for field, spec in self._stage_fields():
+            cfg = _validate_stage(spec)
+            self.stage_dirs[spec.name] = stage_output_dir(spec, field, cfg)
+            if spec.command == "fit":
+                self.stage_seeds[spec.name] = {
+                    "seed_everything": cfg.get("seed_everything"),
+                    "data": cfg.get("data.init_args.seed"),
+                }
         for method, fragment in self.repair.methods.items():
-            check_method_kind(method, [*self.repair.configs, fragment], method in self.repair.values)
+            configs, args = [*self.repair.configs, fragment], self.repair.args(method)
+            check_method_kind(method, configs, method in self.repair.values, args)
             values = self._score_values(self.out / "scores" / method, method)
             validate_config([*self.repair.configs, fragment], self.repair.args(method), values)
         for base in self.baselines:
@@ -320,6 +320,15 @@ class Pipeline:
         with self.times.timed(step):
             fn(*args)
         output.mark_done(key, self.times.ran[step])
+
+    def _stage_fields(self) -> list[tuple[str, StageSpec]]:
+        """Every stage (main, then baselines') with its place in the pipeline config."""
+        main = [(f"stages[{i}]", s) for i, s in enumerate(self.stages)]
+        return main + [
+            (f"baselines[{b}].stages[{i}]", s)
+            for b, base in enumerate(self.baselines)
+            for i, s in enumerate(base.stages)
+        ]
 
     @property
     def all_stages(self) -> list[StageSpec]:

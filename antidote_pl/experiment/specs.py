@@ -1,8 +1,9 @@
 """What a pipeline run is made of: its stage, repair, baseline and durability specs, and their files.
 
 The specs are the ``pipeline:`` YAML's blocks (parsed by the ``pipeline`` command); the helpers read
-their config files (the texts that key the pipeline's caches) and find the directory a stage writes,
-before anything runs.
+their config files (the texts that key the pipeline's caches) and, through the very parser each step
+runs with (never a hand-made YAML merge), find the directory a stage writes and the class in a
+repair's ``pruner:`` slot, before anything runs.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from antidote_pl.callbacks.repair import BaseRepairCallback
 from antidote_pl.errors import bad_value, check_choice
+from antidote_pl.stages.cli import parse_config
+from antidote_pl.stages.tokenizer import parse_tokenizer_config
 
 STAGE_COMMANDS = ("fit", "tokenizer")
 
@@ -156,63 +157,46 @@ def config_text(config: str | list[str], field: str) -> str:
     return "\0".join(read_config(c, f"{field}[{i}]") for i, c in enumerate(config))
 
 
-def _override(overrides: list[str], flag: str) -> str | None:
-    """The value given to ``flag`` in command-line ``overrides`` (``--f=v`` or ``--f v``), if any."""
-    for i, arg in enumerate(overrides):
-        if arg.startswith(f"{flag}="):
-            return arg.split("=", 1)[1]
-        if arg == flag and i + 1 < len(overrides):
-            return overrides[i + 1]
-    return None
+def parse_stage(spec: StageSpec, field: str) -> Any:
+    """A stage's config files and overrides as its command parses them, with nothing built.
 
-
-def _composed_yaml(configs: list[str]) -> dict[str, Any]:
-    """Config files merged in order (later files win, key by key), as repeated ``--config`` does."""
-    merged: dict[str, Any] = {}
-    for config in configs:
-        _deep_update(merged, yaml.safe_load(Path(config).read_text()) or {})
-    return merged
-
-
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
+    Raises:
+        ConfigError: for an unknown ``command``, or a key, value or file its parser refuses.
+    """
+    check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
+    if spec.command == "tokenizer":
+        return parse_tokenizer_config(spec.configs, spec.overrides)
+    return parse_config(spec.configs, spec.overrides)
 
 
 def stage_text(spec: StageSpec, field: str) -> str:
     """A stage's config text for its cache key; a tokenizer's ``corpus_config`` text is part of it,
     so editing the pretraining data retrains the tokenizer too."""
+    check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
     text = config_text(spec.config, f"{field}.config")
     if spec.command == "tokenizer":
-        corpus = _override(spec.overrides, "--corpus_config") or _composed_yaml(spec.configs).get(
-            "corpus_config"
-        )
+        corpus = parse_stage(spec, field).get("corpus_config")
         if corpus:
             text += "\0" + read_config(corpus, f"{field}.corpus_config")
     return text
 
 
-def stage_output_dir(spec: StageSpec, field: str) -> str:
-    """The directory a stage writes (its composed config, or an override).
+def stage_output_dir(spec: StageSpec, field: str, parsed: Any = None) -> str:
+    """The directory a stage writes, as its parser resolves it (files composed, then overrides).
 
     ``fit`` stages write ``model.init_args.output_dir``, ``tokenizer`` stages ``output_dir``.
+
+    Args:
+        spec: The stage.
+        field: Its place in the pipeline config, for error messages (e.g. ``stages[0]``).
+        parsed: The stage's config as :func:`parse_stage` (or a validation) returned it, if at hand.
     """
-    check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
-    flag = "--model.init_args.output_dir" if spec.command == "fit" else "--output_dir"
-    overridden = _override(spec.overrides, flag)
-    if overridden is not None:
-        return overridden
-    cfg = _composed_yaml(spec.configs)
-    if spec.command == "fit":
-        out = (cfg.get("model") or {}).get("init_args", {}).get("output_dir")
-    else:
-        out = cfg.get("output_dir")
+    cfg = parse_stage(spec, field) if parsed is None else parsed
+    key = "model.init_args.output_dir" if spec.command == "fit" else "output_dir"
+    out = cfg.get(key)
     if not out:
-        raise bad_value(f"{field}.config", spec.config, f"a {spec.command} config that sets {flag[2:]}")
-    return out
+        raise bad_value(f"{field}.config", spec.config, f"a {spec.command} config that sets {key}")
+    return str(out)
 
 
 def check_last_is_fit(stages: list[StageSpec], field: str, why: str) -> None:
@@ -237,26 +221,26 @@ def run_inputs(
     }
 
 
-def pruner_class(configs: list[str]) -> type | None:
-    """The class in the ``pruner:`` slot of composed configs (the last file that names one wins)."""
-    path = None
-    for config in configs:
-        pruner = (yaml.safe_load(Path(config).read_text()) or {}).get("pruner") or {}
-        path = pruner.get("class_path", path) if isinstance(pruner, dict) else path
+def pruner_class(configs: list[str], args: list[str] | None = None) -> type | None:
+    """The class in the ``pruner:`` slot of composed configs and overrides (``None`` when empty)."""
+    pruner = parse_config(configs, args).get("pruner")
+    path = pruner.get("class_path") if pruner is not None else None
     if not path or "." not in path:
         return None
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name, None)
 
 
-def check_method_kind(method: str, configs: list[str], has_values: bool) -> None:
+def check_method_kind(
+    method: str, configs: list[str], has_values: bool, args: list[str] | None = None
+) -> None:
     """A weight-editing callback needs ``repair.values`` (its knob is no alpha); a pruning one must
     have none (it is swept over ``repair.alphas``).
 
     Raises:
         ConfigError: naming the method, for either mismatch.
     """
-    cls = pruner_class(configs)
+    cls = pruner_class(configs, args)
     name = getattr(cls, "__name__", "its callback")
     edits = isinstance(cls, type) and issubclass(cls, BaseRepairCallback)
     if edits and not has_values:

@@ -193,6 +193,13 @@ class _ValidatingCLI(_OverridingCLI):
         self._prevalidate()
 
 
+class _ParsingCLI(_ValidatingCLI):
+    """Parses a config and builds nothing (see :func:`parse_config`)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _config_errors_unwrapped() -> Iterator[None]:
     """Re-raises a :class:`ConfigError` that jsonargparse wrapped in a parse error as itself.
@@ -282,6 +289,26 @@ def validate_config(
         warnings.simplefilter("ignore")
         cli = _ValidatingCLI(args=_config_args(configs, overrides or ()), overrides=values, run=False)
     return cli.config
+
+
+def parse_config(configs: Sequence[str], overrides: Sequence[str] | None = None):
+    """Composes config files and overrides exactly as ``python -m antidote_pl fit`` would, building
+    nothing: what a run will use, read through the parser (repeated ``--config``, later values win,
+    links, ``class_path`` resolution) rather than by merging YAML by hand.
+
+    Args:
+        configs: Config files, composed in order.
+        overrides: Command-line style overrides, e.g. ``["--model.init_args.output_dir=x"]``.
+
+    Returns:
+        The parsed config (a jsonargparse namespace; ``cfg.get("model.init_args.output_dir")``).
+
+    Raises:
+        ConfigError: or a jsonargparse error, naming the key and the problem.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _ParsingCLI(args=_config_args(configs, overrides or ()), run=False).config
 
 
 CONFIG_FLAGS = ("-c", "--config")
