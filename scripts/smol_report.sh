@@ -27,4 +27,4 @@ python -m antidote_pl pipeline --config "$config" "$@"
 echo "smol pipeline wall time: $(( $(date +%s) - start )) s"
 mkdir -p "$(dirname "$report")"
 python -m antidote_pl report --run "$run" --out "$report" --notes "${report%.md}_notes.md" --pipeline_config "$config"
-python -m antidote_pl posthoc --run "$run" --out "$analysis" --eval_config configs/smol/eval.yaml
+python -m antidote_pl posthoc --run "$run" --out "$analysis"

@@ -155,6 +155,11 @@ def test_judge_from_manifest(tmp_path):
     entry = {"text": "model:\n  init_args:\n    judge: {class_path: my.pkg.StrictJudge}\n"}
     (run.directory / "manifest.json").write_text(json.dumps({"configs": {"evaluation": entry}}))
     assert primary_judge(run, None)[0] == "StrictJudge"
+    # The judge the evaluator built, recorded in report.json, wins over the recorded config text (a
+    # composed evaluation, e.g. eval.yaml then a judge fragment, is several files in one entry).
+    report = json.loads((run.directory / "report.json").read_text()) | {"primary_judge": "LMJudge"}
+    (run.directory / "report.json").write_text(json.dumps(report))
+    assert primary_judge(run, None)[0] == "LMJudge"
 
 
 def test_clear_errors(tmp_path):

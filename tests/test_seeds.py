@@ -151,8 +151,11 @@ def test_smol_report_verdicts(tmp_path):
         ["--run", str(run), "--out", str(out), "--notes", str(notes), "--pipeline_config", str(config)]
     )
     text = out.read_text()
-    assert "Aligned HS (keyword) ≤ 5: **holds**, 1.0 ± 0.0" in text
-    assert "Attacked HS (keyword) ≥ 60: **holds**, 89.5 ± 0.7" in text
+    # No primary judge recorded (runs before the LM judge): the keyword judge's.
+    assert "Aligned HS (KeywordJudge) ≤ 5: **holds**, 1.0 ± 0.0" in text
+    assert "Attacked HS (KeywordJudge) ≥ 60: **holds**, 89.5 ± 0.7" in text
+    # The header names this run's files, not the fp32 job's defaults.
+    assert f"--out {out} --notes {notes} --pipeline_config {config}" in text
     assert "**Partial run: 2 of the 3 configured seeds finished**" in text and "missing: 2" in text
     # The pipeline's analyses (here: HS at an FA budget chosen on validation) summarised over seeds.
     assert (

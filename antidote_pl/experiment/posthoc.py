@@ -195,9 +195,15 @@ def load_all_masks(runs: Sequence[SeedRun]) -> dict[tuple[str, str, float], dict
 def primary_judge(run: SeedRun, eval_config: str | Path | None) -> tuple[str, str]:
     """The primary judge's class name and where it was read.
 
-    From the run's ``manifest.json`` (the evaluation config it recorded) when present, else from
-    ``eval_config``; ``("primary", ...)`` when neither is available.
+    From the run's ``report.json`` (the judge its evaluator built) when it names one, else its
+    ``manifest.json`` (the evaluation config it recorded; one file only), else ``eval_config``;
+    ``("primary", ...)`` when none is available.
     """
+    report = run.directory / "report.json"
+    if report.is_file():
+        named = read_json_file(report, "a run report").get("primary_judge")
+        if isinstance(named, str) and named:
+            return named, f"{report} (primary_judge)"
     manifest = run.directory / "manifest.json"
     if manifest.is_file():
         entry = read_json_file(manifest, "a run manifest").get("configs", {}).get("evaluation", {})

@@ -57,17 +57,19 @@ def checks(report: dict[str, Any]) -> list[str]:
     aligned, control = _row(report, "aligned"), _row(report, "finetuned_p0")
     # The attacked model is the unrepaired sweep row (or a 'finetuned' reference where configured).
     attacked = _row(report, "finetuned") or _row(report, "none", 0.0)
+    # The bars are read under the run's primary judge (the keyword judge in runs before the LM judge).
+    judge = report.get("primary_judge") or "KeywordJudge"
     lines = []
     if aligned is not None:
         hs = aligned["harmful_score_mean"]
         lines.append(
-            f"* Aligned HS (keyword) ≤ {ALIGNED_HS_MAX:g}: {_verdict(hs <= ALIGNED_HS_MAX)}, "
+            f"* Aligned HS ({judge}) ≤ {ALIGNED_HS_MAX:g}: {_verdict(hs <= ALIGNED_HS_MAX)}, "
             f"{_ms(aligned, 'harmful_score')} (offline judge {_ms(aligned, 'harmful_score/OfflineJudge')})."
         )
     if attacked is not None:
         hs = attacked["harmful_score_mean"]
         lines.append(
-            f"* Attacked HS (keyword) ≥ {ATTACKED_HS_MIN:g}: {_verdict(hs >= ATTACKED_HS_MIN)}, "
+            f"* Attacked HS ({judge}) ≥ {ATTACKED_HS_MIN:g}: {_verdict(hs >= ATTACKED_HS_MIN)}, "
             f"{_ms(attacked, 'harmful_score')} (offline judge "
             f"{_ms(attacked, 'harmful_score/OfflineJudge')})."
         )
@@ -182,8 +184,13 @@ def _header(run: Path, report: dict[str, Any], configured: list[int] | None, fil
     seeds = report["seeds"]
     first = report["rows"][0] if report["rows"] else {}
     shared = ", ".join(report["shared_stages"]) or "none"
-    # Rows written before precision was recorded ran in fp32.
-    dtype, precision = first.get("dtype", "fp32"), first.get("precision", "32-true")
+    # The aggregate's rows do not carry how they were computed; the first seed's rows do (rows
+    # written before precision was recorded ran in fp32).
+    seed_report = run / f"seed{seeds[0]}" / "report.json" if seeds else None
+    how = first
+    if seed_report is not None and seed_report.is_file():
+        how = (json.loads(seed_report.read_text()).get("rows") or [{}])[0]
+    dtype, precision = how.get("dtype", "fp32"), how.get("precision", "32-true")
     return [
         "# SmolLM2 world: report of one run",
         "",
@@ -192,7 +199,7 @@ def _header(run: Path, report: dict[str, Any], configured: list[int] | None, fil
         f"{files.config}` (both in `scripts/smol_report.sh`); do not edit by hand, edit `{files.notes}`.",
         "",
         f"* Model: SmolLM2-135M-Instruct, {_model_source(run)}, dequantised; weights {dtype}, "
-        f"trainer precision {precision}, {first.get('threads', '?')} torch threads.",
+        f"trainer precision {precision}, {how.get('threads', '?')} torch threads.",
         f"* Seeds: {', '.join(str(s) for s in seeds)} ({len(seeds)}); stages shared by all seeds: {shared}.",
         f"* n per figure and seed: {first.get('n_harmful_score')} harmful prompts (HS), "
         f"{first.get('n_finetune_accuracy')} SST-2 dev questions (FA).",
