@@ -213,8 +213,11 @@ def test_pipeline_config_parses(configs):
         if stage.command == "fit":
             resolve(*(REPO / f for f in files))  # a base and its fragment compose
     evaluation = [cfg.evaluation] if isinstance(cfg.evaluation, str) else list(cfg.evaluation)
-    for path in [cfg.repair.config, *evaluation, *cfg.repair.methods.values()]:
+    repair = [cfg.repair.config] if isinstance(cfg.repair.config, str) else list(cfg.repair.config)
+    for path in [*repair, *evaluation, *cfg.repair.methods.values()]:
         assert (REPO / path).is_file(), path
+    if len(repair) > 1:
+        resolve(*(REPO / f for f in repair))  # the repair's files compose too
     if len(evaluation) > 1:
         resolve(*(REPO / f for f in evaluation))  # the evaluation's files compose too
     for base in built.baselines or []:

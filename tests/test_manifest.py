@@ -409,15 +409,18 @@ def test_retrain_points_every_stage_and_reference_at_new_directories(recorded_ru
 
 
 def test_relocation_refuses_a_stage_directory_it_cannot_reach(tmp_path):
+    # Stage files as the parser reads them: the tiny pretraining config with its output moved, and
+    # one that names stage a's directory inside a list (a base adapter to merge).
+    base = str(REPO / "configs/tiny/pretrain.yaml")
     config = tmp_path / "stage.yaml"
     config.write_text(f"model: {{init_args: {{output_dir: {tmp_path / 'a'}}}}}\n")
     uses = tmp_path / "uses.yaml"
-    listed = f"trainer: {{callbacks: [{tmp_path / 'a'}]}}\n"
-    uses.write_text(f"model: {{init_args: {{output_dir: {tmp_path / 'b'}}}}}\n" + listed)
-    specs = {"stages": [StageSpec("a", str(config)), StageSpec("b", str(uses))], "baselines": []}
-    specs["repair"] = RepairSpec(str(config), [0.1], {})
+    listed = f"merge_adapters: [{tmp_path / 'a'}]"
+    uses.write_text(f"model: {{init_args: {{output_dir: {tmp_path / 'b'}, {listed}}}}}\n")
+    specs = {"stages": [StageSpec("a", [base, str(config)]), StageSpec("b", [base, str(uses)])]}
+    specs |= {"baselines": [], "repair": RepairSpec(str(config), [0.1], {})}
     with pytest.raises(ConfigError, match="inside a list"):
         relocated(specs, str(tmp_path / "new"))
-    specs["stages"] = [StageSpec("a", str(config)), StageSpec("again", str(config))]
+    specs["stages"] = [StageSpec("a", [base, str(config)]), StageSpec("again", [base, str(config)])]
     with pytest.raises(ConfigError, match="stages write distinct directories"):
         relocated(specs, str(tmp_path / "new"))
