@@ -267,7 +267,7 @@ class Pipeline:
             configs, args = [*self.repair.configs, fragment], self.repair.args(method)
             check_method_kind(method, configs, method in self.repair.values, args)
             values = self._score_values(self.out / "scores" / method, method)
-            validate_config([*self.repair.configs, fragment], self.repair.args(method), values)
+            validate_config(configs, args, values)
         for base in self.baselines:
             if base.repair_fragment is not None:
                 validate_config([*self.repair.configs, base.repair_fragment])

@@ -161,7 +161,9 @@ def parse_stage(spec: StageSpec, field: str) -> Any:
     """A stage's config files and overrides as its command parses them, with nothing built.
 
     Raises:
-        ConfigError: for an unknown ``command``, or a key, value or file its parser refuses.
+        ConfigError: for an unknown ``command``.
+        argparse.ArgumentError: (jsonargparse's) for a key, value or file the command's parser refuses,
+            exactly as the command would.
     """
     check_choice(f"{field}.command", spec.command, STAGE_COMMANDS)
     if spec.command == "tokenizer":
