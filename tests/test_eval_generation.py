@@ -127,6 +127,30 @@ def test_state_restored_and_order_kept():
     assert generate(model, tok, [], max_new_tokens=5) == []
 
 
+def test_head_sees_contiguous_inputs_while_generating_and_the_hook_goes_after():
+    """The prefill's last-position slice reaches the head contiguous (a strided one sends bf16
+    ``linear`` on CPU through a batched matmul that copies the head's weight per prompt)."""
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok))
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    # A forward hook sees the input as the head's forward got it, after every pre-hook.
+    probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    try:
+        generate(model, tok, random_prompts(6, seed=2), max_new_tokens=3, batch_size=3)
+    finally:
+        probe.remove()
+    assert seen and all(seen)
+    assert not head._forward_pre_hooks  # nothing of generate's stays on the model
+    # The slice really is strided: without generate's hook, a prefill hands the head a view.
+    seen.clear()
+    probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    ids = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")["input_ids"]
+    model(input_ids=ids, logits_to_keep=1)
+    probe.remove()
+    assert seen == [False]
+
+
 def test_borrows_eos_as_pad_and_restores():
     tok = word_tokenizer(pad=False)
     model = tiny_llama(len(tok))

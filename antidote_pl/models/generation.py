@@ -70,14 +70,34 @@ def _generation_mode(model: nn.Module, tokenizer) -> Iterator[None]:
     model.eval()
     # Left padding keeps every prompt's last token at the right edge, where generation appends.
     tokenizer.padding_side = "left"
+    hook = _contiguous_head_input(model)
     try:
         with torch.inference_mode():
             yield
     finally:
+        if hook is not None:
+            hook.remove()
         tokenizer.padding_side = padding_side
         if borrow_pad:
             tokenizer.pad_token = None
         model.train(was_training)
+
+
+def _contiguous_head_input(model: nn.Module):
+    """Makes the output head's input contiguous while generating; returns the hook's handle.
+
+    Why: the prefill hands the LM head only the last position, a strided view of the hidden states
+    (``logits_to_keep=1``). On CPU, bf16 ``linear`` over that view with a frozen weight (torch
+    2.13) falls back to a batched matmul that first copies the head's weight once per prompt
+    (40 x 49,152 x 576 values for a SmolLM2 batch): about 60% of a bf16 prefill's time
+    (``benchmarks/bench_prefill.py``). A contiguous input takes the plain matrix product: the same
+    products, summed by another kernel (bf16 logits may differ in their last bit).
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module):
+        return None
+    return head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 def _device_of(model: nn.Module) -> torch.device:
