@@ -177,6 +177,22 @@ def test_a_placeholder_without_its_run_name_is_an_error(capsys):
     )
 
 
+def test_a_seed_placeholder_in_a_stage_path_is_an_error(capsys):
+    """Only the pipeline fills {seed}, in the overrides it passes: one in a stage path is refused."""
+    with pytest.raises(SystemExit) as exc:
+        run(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS_DIR / "tiny/finetune.yaml"),
+                "--model.init_args.output_dir=outputs/tiny/seed{seed}/finetune",
+            ]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "outputs/tiny/seed{seed}/finetune" in err and "list of seeds" in err
+
+
 @pytest.mark.parametrize("fragment", SOURCE_FRAGMENTS, ids=rel)
 def test_source_fragments_build_sources(fragment):
     from antidote_pl.data.records import Source, source_from_spec

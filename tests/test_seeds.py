@@ -44,6 +44,14 @@ def test_seeded_specs_substitute_every_placeholder():
     assert stages[1].overrides[0] == "--data.init_args.seed={seed}"
 
 
+def test_seed_filling_leaves_the_parsers_run_names():
+    """{model}/{task}/{variant} belong to the stage's parser (run:); the pipeline fills {seed} only."""
+    stages = [StageSpec("f", "f.yaml", ["--model.init_args.output_dir=outputs/{model}/seed{seed}"])]
+    repair = RepairSpec("r.yaml", [0.1], {"wanda": "w.yaml"})
+    s, _, _ = seeded_specs(4, stages, repair)
+    assert s[0].overrides == ["--model.init_args.output_dir=outputs/{model}/seed4"]
+
+
 def test_placeholder_without_seeds_is_refused():
     stages, repair = specs()
     with pytest.raises(

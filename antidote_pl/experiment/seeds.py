@@ -49,33 +49,31 @@ from antidote_pl.utils.io import (
     mark_output_dir,
     save_png,
 )
+from antidote_pl.utils.placeholders import SEED, fill_placeholders, placeholders_in
 from antidote_pl.utils.tables import format_seed_cell, mean_std
 
-PLACEHOLDER = "{seed}"
+PLACEHOLDER = "{" + SEED + "}"
 #: Per-row figures aggregated over seeds (percentages, and the realised removed fraction).
 METRICS = ("removed_fraction", "harmful_score", "finetune_accuracy", "coherent_rate")
 
 
 def _with_seed(args: list[str], seed: int) -> list[str]:
-    return [a.replace(PLACEHOLDER, str(seed)) for a in args]
+    # Only {seed}: {model}, {task} and {variant} stay for the stage's parser to fill from run:.
+    return fill_placeholders("overrides", list(args), {SEED: seed})
+
+
+def _seeded(args: list[str]) -> bool:
+    return any(SEED in placeholders_in(a) for a in args)
 
 
 def _placeholders(stages, repair, baselines) -> list[str]:
-    where = [
-        f"stages[{i}].overrides" for i, s in enumerate(stages) if any(PLACEHOLDER in a for a in s.overrides)
-    ]
-    if any(PLACEHOLDER in a for a in repair.overrides):
+    where = [f"stages[{i}].overrides" for i, s in enumerate(stages) if _seeded(s.overrides)]
+    if _seeded(repair.overrides):
         where.append("repair.overrides")
-    where += [
-        f"repair.method_overrides.{m}"
-        for m, a in repair.method_overrides.items()
-        if any(PLACEHOLDER in x for x in a)
-    ]
+    where += [f"repair.method_overrides.{m}" for m, a in repair.method_overrides.items() if _seeded(a)]
     for b, base in enumerate(baselines or []):
         where += [
-            f"baselines[{b}].stages[{i}].overrides"
-            for i, s in enumerate(base.stages)
-            if any(PLACEHOLDER in a for a in s.overrides)
+            f"baselines[{b}].stages[{i}].overrides" for i, s in enumerate(base.stages) if _seeded(s.overrides)
         ]
     return where
 
@@ -150,7 +148,7 @@ def run_seeds(
     lock = claim_output_dir(output_dir, "output_dir", overwrite=True, inputs=inputs, replace=False)
     mark_output_dir(output_dir, "pipeline")
     out = Path(output_dir)
-    shared = [s.name for s in stages if not any(PLACEHOLDER in a for a in s.overrides)]
+    shared = [s.name for s in stages if not _seeded(s.overrides)]
     reports: dict[int, dict[str, Any]] = {}
     try:
         for seed in seeds:

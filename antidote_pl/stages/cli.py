@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,10 +20,11 @@ from jsonargparse.typing import register_type
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from antidote_pl.errors import ConfigError, bad_file, bad_value
+from antidote_pl.errors import ConfigError, bad_file
 from antidote_pl.models.loading import TINY_WORLD
 from antidote_pl.utils.console import StageProgressBar
 from antidote_pl.utils.files import read_yaml_file
+from antidote_pl.utils.placeholders import RUN_NAMES, SEED, fill_placeholders
 from antidote_pl.utils.threads import DEFAULT_THREADS, check_threads, pinned_threads, set_threads
 
 DEFAULT_SEED = 42
@@ -388,11 +388,8 @@ def data_tokenizer(model_tokenizer: str | None, model_name_or_path: str | None, 
     return given or model
 
 
-#: ``run.<name>`` arguments and the ``{<name>}`` placeholders they fill in stage paths.
-RUN_NAMES = ("model", "task", "variant")
-#: Path arguments of the stage and evaluation modules in which the placeholders are filled.
+#: Path arguments of the stage and evaluation modules in which the run names are filled.
 RUN_PATH_FIELDS = ("output_dir", "adapter_path", "merge_adapters", "stage")
-_PLACEHOLDER = re.compile(r"\{(" + "|".join(RUN_NAMES) + r")\}")
 
 
 def add_run_names(parser) -> None:
@@ -402,7 +399,7 @@ def add_run_names(parser) -> None:
     evaluator's ``stage``) may say ``outputs/{model}/{task}/{variant}/finetune``; the names come from
     ``run:``, so a stage config states its paths once and a model fragment (``run: {model: ...}``)
     combines with a task fragment (``run: {task: ...}``) without either naming the other's paths.
-    Paths without placeholders are left as they are.
+    Paths without placeholders are left as they are (the syntax: :mod:`antidote_pl.utils.placeholders`).
     """
     for name in RUN_NAMES:
         parser.add_argument(
@@ -427,21 +424,13 @@ def _path_filler(field: str):
 def fill_run_names(field: str, value: Any, names: dict[str, str | None]) -> Any:
     """``value`` (a path or a list of paths) with ``{model}``, ``{task}``, ``{variant}`` filled in.
 
+    A ``{seed}`` still there is refused too: the pipeline fills it in the overrides it passes, never
+    in a config file's paths, so one left here would name a directory literally.
+
     Raises:
-        ConfigError: when a placeholder's ``run.<name>`` is not set.
+        ConfigError: when a placeholder's ``run.<name>`` is not set, or on a ``{seed}``.
     """
-    if isinstance(value, list):
-        return [fill_run_names(f"{field}[{i}]", v, names) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def name(match: re.Match) -> str:
-        key = match.group(1)
-        if names[key] is None:
-            raise bad_value(field, value, f"a path whose {{{key}}} is known: set run.{key}")
-        return str(names[key])
-
-    return _PLACEHOLDER.sub(name, value)
+    return fill_placeholders(field, value, {**names, SEED: None})
 
 
 def _same_spec(a: str, b: str) -> bool:
