@@ -31,6 +31,7 @@ from antidote_pl.experiment.seeds import (
     write_aggregate_report,
 )
 from antidote_pl.utils.console import say
+from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.io import atomic_write_text
 
 #: Issue #11's bars for the SmolLM2 world.
@@ -189,7 +190,7 @@ def _header(run: Path, report: dict[str, Any], configured: list[int] | None, fil
     seed_report = run / f"seed{seeds[0]}" / "report.json" if seeds else None
     how = first
     if seed_report is not None and seed_report.is_file():
-        how = (json.loads(seed_report.read_text()).get("rows") or [{}])[0]
+        how = (read_json_file(seed_report, "a seed's run report").get("rows") or [{}])[0]
     dtype, precision = how.get("dtype", "fp32"), how.get("precision", "32-true")
     return [
         "# SmolLM2 world: report of one run",

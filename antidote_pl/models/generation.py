@@ -89,7 +89,7 @@ def _contiguous_head_input(model: nn.Module):
     Why: the prefill hands the LM head only the last position, a strided view of the hidden states
     (``logits_to_keep=1``). On CPU, bf16 ``linear`` over that view with a frozen weight (torch
     2.13) falls back to a batched matmul that first copies the head's weight once per prompt
-    (40 x 49,152 x 576 values for a SmolLM2 batch): about 60% of a bf16 prefill's time
+    (40 x 49,152 x 576 values for a SmolLM2 batch): 60-70% of a bf16 prefill's time
     (``benchmarks/bench_prefill.py``). A contiguous input takes the plain matrix product: the same
     products, summed by another kernel (bf16 logits may differ in their last bit).
     """
