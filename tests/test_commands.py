@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import REPO
 
-from antidote_pl.commands import check, pipeline, posthoc, replay, report, rescore, train_judge
+from antidote_pl.commands import check, compare, pipeline, posthoc, replay, report, rescore, train_judge
 from antidote_pl.commands.dispatch import COMMANDS, Command, main, run
 
 EXPECTED = {
@@ -24,6 +24,7 @@ EXPECTED = {
     "report",
     "check",
     "posthoc",
+    "compare",
 }
 #: Commands whose parser is the project's own (the LightningCLI ones and the tokenizer stage's
 #: parser are checked by their own tests).
@@ -35,6 +36,7 @@ PARSERS = {
     "report": report.build_parser,
     "check": check.build_parser,
     "posthoc": posthoc.build_parser,
+    "compare": compare.build_parser,
 }
 SNAKE_FLAG = re.compile(r"--[a-z][a-z0-9_.]*\+?")
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from antidote_pl.commands import (
     check,
+    compare,
     pipeline,
     posthoc,
     replay,
@@ -54,6 +55,7 @@ COMMANDS: dict[str, Command] = {
     "report": Command(report.main, report.HELP),
     "check": Command(check.main, check.HELP),
     "posthoc": Command(posthoc.main, posthoc.HELP),
+    "compare": Command(compare.main, compare.HELP),
 }
 
 
