@@ -155,3 +155,11 @@ def test_labels_must_be_two_different_names(tmp_path):
                 str(tmp_path / "o.md"),
             ]
         )
+
+
+def test_direction_counts_the_all_cells_table_once_and_shows_the_shift_per_seed():
+    result = compare_runs(_report(), _report(shift=30.0))
+    (hs,) = [d for d in result["direction"] if d["metric"] == "harmful_score"]
+    # Three rows carry HS; the re-attack's step 0 is not counted a second time.
+    assert (hs["cells"], hs["higher"], hs["equal"]) == (3, 1, 2)
+    assert hs["shift_per_seed"] == pytest.approx([10.0, 10.0, 10.0])

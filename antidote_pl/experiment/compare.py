@@ -51,7 +51,7 @@ def user_interval(mean: float, std: float | None, count: int | None) -> tuple[fl
     """``mean ± std`` widened to at least the 95% Wilson interval over ``count`` items (module doc),
     within [0, 100]."""
     low, high = mean - (std or 0.0), mean + (std or 0.0)
-    wilson = rate_interval(mean, count) if isinstance(count, int) and count > 0 else None
+    wilson = rate_interval(mean, count)
     if wilson is not None:
         low, high = min(low, wilson[0]), max(high, wilson[1])
     return max(low, 0.0), min(high, 100.0)  # rates: the spread cannot leave [0, 100]
@@ -194,7 +194,8 @@ def compare_runs(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str,
         "total": len(every),
         "same_choices": sum(c["same"] for c in choices),
         "total_choices": sum(len(c["seeds"]) for c in choices),
-        "direction": direction(every),
+        # The all-cells table only: a re-attack's step 0 repeats its variant's row there.
+        "direction": direction(cells),
     }
 
 
@@ -208,11 +209,19 @@ def sign_test_p(higher: int, lower: int) -> float:
 
 
 def direction(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per metric: how many cells the other run puts higher or lower, the mean shift and a sign test."""
+    """Per metric: how many cells the other run puts higher or lower, the mean shift, a sign test and
+    the mean shift within each seed (over the cells every seed has).
+
+    Cells share seeds and adapters, so they are not independent draws: the sign test describes the
+    split, and the per-seed shifts show whether it holds in every seed.
+    """
     out = []
     for metric in dict.fromkeys(c["metric"] for c in cells):
-        shifts = [c["mean_difference"] for c in cells if c["metric"] == metric]
+        chosen = [c for c in cells if c["metric"] == metric]
+        shifts = [c["mean_difference"] for c in chosen]
         higher, lower = sum(d > 0 for d in shifts), sum(d < 0 for d in shifts)
+        seeds = max(len(c["differences"]) for c in chosen)
+        full = [c["differences"] for c in chosen if len(c["differences"]) == seeds]
         out.append(
             {
                 "metric": metric,
@@ -222,6 +231,7 @@ def direction(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "equal": len(shifts) - higher - lower,
                 "mean_shift": mean_std(shifts)[0],
                 "sign_test_p": sign_test_p(higher, lower),
+                "shift_per_seed": [mean_std([d[i] for d in full])[0] for i in range(seeds)],
             }
         )
     return out
@@ -268,11 +278,12 @@ def _direction_table(result: Mapping[str, Any], labels: Sequence[str]) -> str:
             d["equal"],
             f"{d['mean_shift']:+.2f}",
             f"{d['sign_test_p']:.3f}",
+            ", ".join(f"{x:+.2f}" for x in d["shift_per_seed"]),
         ]
         for d in result["direction"]
     ]
-    headers = ["rate", "cells", f"{labels[1]} higher", f"{labels[1]} lower", "equal"]
-    return markdown_table([*headers, "mean shift (points)", "sign test p"], body)
+    headers = ["rate", "cells", f"{labels[1]} higher", f"{labels[1]} lower", "equal", "mean shift (points)"]
+    return markdown_table([*headers, "sign test p", "mean shift per seed"], body)
 
 
 def _knob(value: Any) -> str:
@@ -324,9 +335,12 @@ def comparison_markdown(result: Mapping[str, Any], labels: Sequence[str], comman
         "✗ marks a cell where a mean lies outside the other run's interval (mean ± std widened to at "
         "least one seed's 95% Wilson interval over its items, `antidote_pl.experiment.compare`).\n",
         _verdict(result, labels),
-        "## Direction\n\nPer rate, over every cell: how often the second run is higher or lower, the "
-        "mean shift in points and a two-sided sign test (a shift in one direction shows here even "
-        "when every cell agrees).\n\n" + _direction_table(result, labels),
+        "## Direction\n\nPer rate, over the all-cells table (a re-attack's step 0 repeats its row): how "
+        "often the second run is higher or lower, the mean shift in points, a two-sided sign test and "
+        "the mean shift within each seed. A shift in one direction shows here even when every cell "
+        "agrees; the cells share seeds and adapters, so they are no independent draws: the sign test "
+        "describes the split, the per-seed shifts say whether it holds in every seed.\n\n"
+        + _direction_table(result, labels),
     ]
     if wrong:
         rows = [[c["table"], c["variant"], metric_name(c["metric"], primary), _pair(c)] for c in wrong]
