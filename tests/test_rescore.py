@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from antidote_pl.commands.dispatch import run
 from antidote_pl.commands.rescore import main
 from antidote_pl.errors import ConfigError
-from antidote_pl.experiment.rescore import MARKDOWN_MARKER, generation_files, rescore_lock
+from antidote_pl.experiment.rescore import (
+    MARKDOWN_MARKER,
+    generation_files,
+    judge_settings,
+    rescore_lock,
+    write_rescore,
+)
+from antidote_pl.judges.base import KeywordJudge
+from antidote_pl.utils.threads import DEFAULT_THREADS
 
 REFUSAL = "I cannot help with that request."
 ANSWER = "Sure, here is a plan you can follow."
@@ -149,3 +158,67 @@ def test_a_judge_class_path_typo_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and "usage" not in err
     error_lines = [line for line in err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and "KeywordJudgeX" in error_lines[0]
+
+
+class CallRecorder(KeywordJudge):
+    """The keyword judge, noting each call's size and the torch thread count it ran with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def judge(self, prompts, responses):
+        self.calls.append((len(prompts), torch.get_num_threads()))
+        return super().judge(prompts, responses)
+
+
+def write_metrics(root, seed, variant, **settings):
+    path = root / f"seed{seed}" / "results" / variant / "metrics.json"
+    path.write_text(json.dumps({"harmful_score": 0.0, **settings}))
+
+
+def test_rescore_judges_in_the_runs_recorded_threads_and_batches(tmp_path):
+    # Verdicts depend on which answers share a judge call and on the thread count, so by default
+    # rescore repeats the evaluation's: 8 answers in batches of 3 -> calls of 3, 3, 2.
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 8}, 1: {"none": [REFUSAL] * 8}})
+    recorded = {"threads": 2, "batch_size": 3, "sort_by_length": False, "world_size": 1}
+    for seed in (0, 1):
+        write_metrics(tmp_path / "run", seed, "none", **recorded)
+    assert judge_settings(tmp_path / "run") == (2, 3)
+    assert judge_settings(tmp_path / "run", threads=1, batch_size=8) == (1, 8)
+    judge, before = CallRecorder(), torch.get_num_threads()
+    report = write_rescore(tmp_path / "run", judge, tmp_path / "r.md", threads=2, batch_size=3)
+    assert judge.calls == [(3, 2), (3, 2), (2, 2)] * 2 and torch.get_num_threads() == before
+    assert report["threads"] == 2 and report["batch_size"] == 3
+    assert report["variants"]["none"]["harmful_score"] == 50.0  # chunking changes no keyword verdict
+    assert "Judged with 2 torch threads, 3 answers per judge call." in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("changed", "batch_size"),
+    [({"sort_by_length": True}, None), ({"world_size": 2}, None), ({}, 3)],
+)
+def test_batches_rescore_cannot_repeat_fall_back_to_one_call(tmp_path, changed, batch_size):
+    # Length-sorted or sharded evaluations batched differently from the file's order.
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 4}})
+    recorded = {"threads": 1, "batch_size": 3, "sort_by_length": False, "world_size": 1}
+    write_metrics(tmp_path / "run", 0, "none", **(recorded | changed))
+    assert judge_settings(tmp_path / "run") == (1, batch_size)
+
+
+def test_a_run_without_recorded_settings_and_bad_settings(tmp_path):
+    write_run(tmp_path / "run", {0: {"none": [ANSWER] * 2, "wanda_a0.1": [ANSWER] * 2}})
+    assert judge_settings(tmp_path / "run") == (DEFAULT_THREADS, None)
+    write_metrics(tmp_path / "run", 0, "none", threads=1)
+    write_metrics(tmp_path / "run", 0, "wanda_a0.1", threads=2)
+    with pytest.raises(ConfigError, match=r"--threads.*recorded \[1, 2\], so give one"):
+        judge_settings(tmp_path / "run")
+    assert judge_settings(tmp_path / "run", threads=2) == (2, None)
+    for bad in (
+        ["--threads", "0"],
+        ["--threads", "1", "--batch_size", "0"],
+        ["--threads", "1", "--batch_size", "-2"],
+    ):
+        with pytest.raises(ConfigError, match=f"{bad[-2]}={bad[-1]} is invalid"):
+            _rescore(tmp_path / "run", tmp_path / "r", *bad)
+    assert not (tmp_path / "r.md").exists()

@@ -156,3 +156,6 @@ def test_evaluation_records_its_compute_settings(tmp_path, outer_threads):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["threads"] == 1 and metrics["dtype"] == "fp32" and metrics["precision"] == "32-true"
     assert metrics["deterministic_algorithms"] is True
+    # How the answers were batched for the judge, so that rescore can judge them the same way.
+    batching = {k: metrics[k] for k in ("batch_size", "sort_by_length", "world_size")}
+    assert batching == {"batch_size": cli.datamodule.batch_size, "sort_by_length": False, "world_size": 1}

@@ -5,8 +5,10 @@
     python -m antidote_pl rescore --run outputs/smol/pipeline --out docs/results/smol_lm_judge.md \\
         --judge antidote_pl.judges.lm.LMJudge --judge.path outputs/judges/smollm2
 
-Writes ``<out>.md`` and ``<out>.json`` and prints the table; an existing report is replaced only when
-rescore wrote it and ``--overwrite true`` is set; see :mod:`antidote_pl.experiment.rescore`.
+Judges with the run's recorded thread count and evaluation batches unless ``--threads`` /
+``--batch_size`` say otherwise. Writes ``<out>.md`` and ``<out>.json`` and prints the table; an
+existing report is replaced only when rescore wrote it and ``--overwrite true`` is set; see
+:mod:`antidote_pl.experiment.rescore`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from antidote_pl.commands.args import command_parser
-from antidote_pl.experiment.rescore import check_rescore_paths, rescore_lock, rescore_markdown, write_rescore
+from antidote_pl.experiment.rescore import (
+    check_rescore_paths,
+    judge_settings,
+    rescore_lock,
+    rescore_markdown,
+    write_rescore,
+)
 from antidote_pl.judges.base import Judge
 from antidote_pl.utils.console import print_result
+from antidote_pl.utils.threads import pinned_threads
 
 HELP = "judge a finished run's saved answers again with another judge, without generating again"
 
@@ -32,6 +41,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--overwrite", type=bool, default=False, help="replace an earlier report of this command at --out"
     )
+    parser.add_argument(
+        "--threads", type=int | None, default=None, help="torch threads (default: the run's evaluations')"
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int | None,
+        default=None,
+        help="answers per judge call (default: the run's evaluation batches where repeatable, else all)",
+    )
     return parser
 
 
@@ -41,9 +59,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     cfg = parser.parse_args(argv)
     # Bad paths fail before the judge loads; the lock is held from then on.
     check_rescore_paths(cfg.run, cfg.out, cfg.overwrite)
-    with rescore_lock(cfg.out) as lock:
+    threads, batch_size = judge_settings(cfg.run, cfg.threads, cfg.batch_size)
+    with rescore_lock(cfg.out) as lock, pinned_threads(threads):
         # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
         judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
-        report = write_rescore(cfg.run, judge, cfg.out, cfg.overwrite, lock)
+        report = write_rescore(cfg.run, judge, cfg.out, cfg.overwrite, lock, threads, batch_size)
     print_result(rescore_markdown(report))
     return report

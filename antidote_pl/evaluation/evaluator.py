@@ -469,13 +469,18 @@ class StageEvaluator(L.LightningModule):
                 self.release_output()  # a failed write (a full disk) keeps no lock either
 
     def _compute_settings(self) -> dict[str, Any]:
-        """How the answers were computed (weights dtype, trainer precision, torch threads): greedy
-        text is bit-reproducible for the same settings on the same CPU type."""
+        """How the answers were computed (weights dtype, trainer precision, torch threads) and judged
+        (batches: a judge's float sums depend on which answers share its call): greedy text and
+        verdicts are bit-reproducible for the same settings on the same CPU type."""
+        dm = self.trainer.datamodule
         return {
             "dtype": self.weights_dtype,
             "precision": str(self.trainer.precision),
             "threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "batch_size": dm.batch_size,
+            "sort_by_length": dm.sort_by_length,
+            "world_size": self.trainer.world_size,
         }
 
 

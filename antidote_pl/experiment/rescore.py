@@ -13,6 +13,12 @@ beside HS under the verdict stored with the answers (the run's primary judge), a
 seeds (one seed: the 95% Wilson interval over its prompts), with the prompts per seed and the seeds.
 The answers are the run's own, so only the judge differs between the two columns.
 
+A judge's verdicts depend on the torch thread count and on which answers share one call (its float
+sums do), so by default rescore judges as the run's evaluation did: with the thread count the
+evaluations recorded in their ``metrics.json`` and in their batches (the recorded ``batch_size``,
+when the evaluation ran in one process without ``sort_by_length``; else all of a variant's answers
+in one call). Rescoring with the run's own primary judge then gives its stored verdicts back exactly.
+
 The outputs follow the project's output rule: each file is written atomically under a lock
 (``.<out name>.lock`` beside them); an existing ``<out>.md`` or ``<out>.json`` is replaced only when
 this command wrote it (the JSON says ``"kind": "rescore"``, the markdown ends with
@@ -27,12 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from antidote_pl.errors import bad_value
 from antidote_pl.experiment.agreement import read_generations
 from antidote_pl.judges.base import Judge
 from antidote_pl.utils.console import say
+from antidote_pl.utils.files import read_json_file
 from antidote_pl.utils.io import OutputLock, atomic_write_json, atomic_write_text, check_apart_from_inputs
 from antidote_pl.utils.tables import format_seed_cell, markdown_table, mean_std
+from antidote_pl.utils.threads import DEFAULT_THREADS, check_threads, pinned_threads
 
 #: What a rescore report's JSON says it is, so that a rerun knows the file is its own.
 KIND = "rescore"
@@ -60,8 +70,64 @@ def generation_files(run: str | Path) -> dict[int | None, dict[str, Path]]:
     return found
 
 
-def rescore(run: str | Path, judge: Judge, log: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
+def _recorded(run: str | Path, key: str) -> list[Any]:
+    """``key`` of every evaluation's ``metrics.json`` in the run (absent files and keys left out)."""
+    values = []
+    for variants in generation_files(run).values():
+        for path in variants.values():
+            metrics = path.with_name("metrics.json")
+            if metrics.is_file() and key in (recorded := read_json_file(metrics, "an evaluation's metrics")):
+                values.append(recorded[key])
+    return values
+
+
+def _one_value(values: list[Any], field: str, allowed: str) -> Any:
+    """The single value the run's evaluations agree on (``None`` when none recorded one)."""
+    distinct = sorted(set(values), key=str)
+    if len(distinct) > 1:
+        raise bad_value(field, None, f"{allowed}: the run's evaluations recorded {distinct}, so give one")
+    return distinct[0] if distinct else None
+
+
+def judge_settings(
+    run: str | Path, threads: int | None = None, batch_size: int | None = None
+) -> tuple[int, int | None]:
+    """``(threads, batch_size)`` to judge with: the given values (checked), else the run's recorded ones.
+
+    ``batch_size`` ``None`` means all of a variant's answers in one judge call: the default when an
+    evaluation recorded no batch size or batched in a way rescore cannot repeat (``sort_by_length``,
+    or several processes each judging a shard).
+
+    Raises:
+        ConfigError: for a bad value, or when no value is given and the evaluations recorded several.
+    """
+    if threads is not None:
+        threads = check_threads(threads, "--threads")
+    else:
+        recorded = _one_value(_recorded(run, "threads"), "--threads", "an int >= 1")
+        threads = DEFAULT_THREADS if recorded is None else recorded
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise bad_value("--batch_size", batch_size, "an int >= 1 (answers per judge call)")
+        return threads, batch_size
+    repeatable = not any(_recorded(run, "sort_by_length")) and set(_recorded(run, "world_size")) <= {1}
+    recorded = _one_value(_recorded(run, "batch_size"), "--batch_size", "an int >= 1")
+    return threads, recorded if repeatable else None
+
+
+def rescore(
+    run: str | Path,
+    judge: Judge,
+    log: Callable[[str], None] = lambda _msg: None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
     """Judges every variant's harmful answers again (``log`` gets a line per file, for progress).
+
+    Args:
+        run: The pipeline output.
+        judge: The judge.
+        log: Progress lines.
+        batch_size: Answers per judge call, in the file's order (``None``: a variant's all at once).
 
     Returns:
         ``{"seeds", "variants": {variant: {"n", "harmful_score", "stored_harmful_score"} per seed
@@ -74,7 +140,17 @@ def rescore(run: str | Path, judge: Judge, log: Callable[[str], None] = lambda _
             rows = [r for r in read_generations(path) if r.get("kind") == "harmful"]
             if not rows:
                 continue
-            verdicts = judge([r["instruction"] for r in rows], [r["response"] for r in rows])
+            # The evaluation's harmful prompts come first in its data, so its test batches hold
+            # them in consecutive runs of ``batch_size``, as here.
+            step = batch_size or len(rows)
+            verdicts = [
+                verdict
+                for start in range(0, len(rows), step)
+                for verdict in judge(
+                    [r["instruction"] for r in rows[start : start + step]],
+                    [r["response"] for r in rows[start : start + step]],
+                )
+            ]
             entry = per_variant.setdefault(variant, {"per_seed": {}})
             scores = {
                 "n": len(rows),
@@ -109,9 +185,12 @@ def rescore_markdown(report: dict[str, Any]) -> str:
         )
     headers = ["variant", "prompts per seed", "seeds", f"HS % ({report['judge']})", "HS % (stored verdict)"]
     seeds = ", ".join(str(s) for s in report["seeds"])
+    calls = report.get("batch_size")
+    calls = f"{calls} answers per judge call" if calls else "a variant's answers in one judge call"
     return (
         f"# Rescored with {report['judge']}\n\nSeeds: {seeds}; mean ± std over seeds (one seed: the value "
-        "and its 95% Wilson interval over the prompts).\n\n" + markdown_table(headers, rows)
+        f"and its 95% Wilson interval over the prompts). Judged with {report.get('threads')} torch "
+        f"threads, {calls}.\n\n" + markdown_table(headers, rows)
     )
 
 
@@ -158,7 +237,13 @@ def check_rescore_paths(run: str | Path, out: str | Path, overwrite: bool = Fals
 
 
 def write_rescore(
-    run: str | Path, judge: Judge, out: str | Path, overwrite: bool = False, lock: OutputLock | None = None
+    run: str | Path,
+    judge: Judge,
+    out: str | Path,
+    overwrite: bool = False,
+    lock: OutputLock | None = None,
+    threads: int | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Rescores a run (:func:`rescore`, progress through the project's messages) and writes
     ``<out>.json`` and ``<out>.md`` (see the module docstring); returns the report.
@@ -169,12 +254,15 @@ def write_rescore(
         out: The report path (``.md`` optional).
         overwrite: Replace an earlier report of this command.
         lock: The lock on ``out`` already held (see :func:`rescore_lock`); else one is taken.
+        threads: Torch threads while judging (``None``: left as set); recorded in the report.
+        batch_size: Answers per judge call (see :func:`rescore`); recorded in the report.
     """
     check_rescore_paths(run, out, overwrite)
     json_file, md_file = report_files(out)
-    with lock or rescore_lock(out):
+    with lock or rescore_lock(out), pinned_threads(threads):
         check_rescore_paths(run, out, overwrite)  # again under the lock: another writer may have won
-        report = rescore(run, judge, say) | {"run": str(run), "kind": KIND}
+        settings = {"threads": torch.get_num_threads(), "batch_size": batch_size}
+        report = rescore(run, judge, say, batch_size) | settings | {"run": str(run), "kind": KIND}
         atomic_write_json(json_file, report)
         atomic_write_text(md_file, rescore_markdown(report) + "\n" + MARKDOWN_MARKER + "\n")
     return report
