@@ -1,0 +1,99 @@
+"""The whole test suite at two commits, side by side: did the suite get slower? (issue #26)
+
+Each commit is checked out into a fresh git worktree (in a temporary directory this script creates
+and removes), so both runs see what a fresh clone sees: no ``outputs/``, an empty GGUF cache
+(``ANTIDOTE_PL_GGUF_CACHE`` in the temporary directory). There README's test command runs,
+``python -m pytest -q`` (plus ``--junitxml`` for the per-test times), one commit after the other, in
+this interpreter's environment. Reported per commit: the wall time, the number of tests by outcome
+and the summed test times; and over the tests present at both commits (same node id) their summed
+times and the ratio, since a suite that gained tests takes longer without any test getting slower.
+
+Run from the repository root, with nothing else using the cores::
+
+    python benchmarks/bench_suite.py --baseline a9bfc9c --candidate HEAD --out benchmarks/results/suite.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from antidote_pl.utils.io import atomic_write_json
+
+
+def test_times(junit_xml: Path) -> dict[str, dict[str, object]]:
+    """``{node id: {"seconds", "outcome"}}`` from pytest's JUnit XML."""
+    times = {}
+    for case in ET.parse(junit_xml).getroot().iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = child.tag
+        node = f"{case.get('classname', '')}::{case.get('name', '')}"
+        times[node] = {"seconds": float(case.get("time", 0.0)), "outcome": outcome}
+    return times
+
+
+def run_suite(commit: str, scratch: Path) -> dict[str, object]:
+    """Runs README's test command at ``commit`` in a fresh worktree under ``scratch``."""
+    tree, xml = scratch / f"tree_{commit}", scratch / f"junit_{commit}.xml"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], check=True)
+    env = dict(os.environ, ANTIDOTE_PL_GGUF_CACHE=str(scratch / f"gguf_{commit}"))
+    try:
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"],
+            cwd=tree,
+            env=env,
+            check=False,
+        )
+        wall = time.perf_counter() - start
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=True)
+    sha = subprocess.run(["git", "rev-parse", commit], capture_output=True, text=True, check=True).stdout
+    tests = test_times(xml)
+    outcomes = [t["outcome"] for t in tests.values()]
+    return {
+        "commit": sha.strip(),
+        "exit_code": done.returncode,
+        "wall_seconds": wall,
+        "tests": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+        "test_seconds": sum(t["seconds"] for t in tests.values()),
+        "per_test": tests,
+    }
+
+
+def common_times(baseline: dict, candidate: dict) -> dict[str, float]:
+    """Summed times of the tests present at both commits, and their ratio (candidate / baseline)."""
+    shared = sorted(set(baseline["per_test"]) & set(candidate["per_test"]))
+    base = sum(baseline["per_test"][n]["seconds"] for n in shared)
+    cand = sum(candidate["per_test"][n]["seconds"] for n in shared)
+    return {"tests": len(shared), "baseline_seconds": base, "candidate_seconds": cand, "ratio": cand / base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", required=True, help="commit to compare against")
+    parser.add_argument("--candidate", default="HEAD", help="commit measured (default HEAD)")
+    parser.add_argument("--out", required=True, help="JSON written here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
+        runs = {name: run_suite(getattr(args, name), Path(tmp)) for name in ("baseline", "candidate")}
+    common = common_times(runs["baseline"], runs["candidate"])
+    atomic_write_json(args.out, {"machine": f"{os.cpu_count()} CPU cores", **runs, "common": common})
+    for name, r in runs.items():
+        print(f"{name} {r['commit'][:7]}: wall {r['wall_seconds']:.0f} s, tests {r['tests']}")
+    print(
+        f"{common['tests']} tests at both commits: {common['baseline_seconds']:.0f} s -> "
+        f"{common['candidate_seconds']:.0f} s ({common['ratio']:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
