@@ -1,16 +1,17 @@
 """The whole test suite at two commits, side by side: did the suite get slower? (issue #26)
 
-Each commit is checked out into a fresh git worktree (in a temporary directory this script creates
-and removes), so both runs see what a fresh clone sees: no ``outputs/``, an empty GGUF cache
-(``ANTIDOTE_PL_GGUF_CACHE`` in the temporary directory). There README's test command runs,
-``python -m pytest -q`` (plus ``--junitxml`` for the per-test times), one commit after the other, in
-this interpreter's environment. Reported per commit: the wall time, the number of tests by outcome
-and the summed test times; and over the tests present at both commits (same node id) their summed
-times and the ratio, since a suite that gained tests takes longer without any test getting slower.
+Each commit is checked out into a fresh git worktree (a directory beside the checkout, so that
+``../shared`` resolves as there, created and removed by this script), so both runs see what a fresh
+clone sees: no ``outputs/``, an empty GGUF cache (``ANTIDOTE_PL_GGUF_CACHE`` in a temporary
+directory). There README's test command runs, ``python -m pytest -q`` (plus ``--junitxml`` for the
+per-test times), one commit after the other, in this interpreter's environment with ``PYTHONPATH``
+set to the worktree. Reported per commit: the wall time, the number of tests by outcome and the
+summed test times; and over the tests present at both commits (same node id) their summed times and
+the ratio, since a suite that gained tests takes longer without any test getting slower.
 
 Run from the repository root, with nothing else using the cores::
 
-    python benchmarks/bench_suite.py --baseline a9bfc9c --candidate HEAD --out benchmarks/results/suite.json
+    python benchmarks/bench_suite.py --baseline 93baa58 --candidate HEAD --out benchmarks/results/suite.json
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from antidote_pl.utils.io import atomic_write_json
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_times(junit_xml: Path) -> dict[str, dict[str, object]]:
@@ -41,10 +44,13 @@ def test_times(junit_xml: Path) -> dict[str, dict[str, object]]:
 
 
 def run_suite(commit: str, scratch: Path) -> dict[str, object]:
-    """Runs README's test command at ``commit`` in a fresh worktree under ``scratch``."""
-    tree, xml = scratch / f"tree_{commit}", scratch / f"junit_{commit}.xml"
+    """Runs README's test command at ``commit`` in a fresh worktree beside this checkout (so that
+    ``../shared`` resolves as for the checkout); the JUnit XML and GGUF cache go under ``scratch``."""
+    tree = Path(tempfile.mkdtemp(prefix=f"bench_suite_{commit}_", dir=REPO.parent))
+    xml = scratch / f"junit_{commit}.xml"
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], check=True)
-    env = dict(os.environ, ANTIDOTE_PL_GGUF_CACHE=str(scratch / f"gguf_{commit}"))
+    # PYTHONPATH: subprocesses started by tests import this commit's package, not the installed one.
+    env = dict(os.environ, ANTIDOTE_PL_GGUF_CACHE=str(scratch / f"gguf_{commit}"), PYTHONPATH=str(tree))
     try:
         start = time.perf_counter()
         done = subprocess.run(
@@ -56,6 +62,8 @@ def run_suite(commit: str, scratch: Path) -> dict[str, object]:
         wall = time.perf_counter() - start
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=True)
+        if tree.exists():
+            tree.rmdir()
     sha = subprocess.run(["git", "rev-parse", commit], capture_output=True, text=True, check=True).stdout
     tests = test_times(xml)
     outcomes = [t["outcome"] for t in tests.values()]
