@@ -195,6 +195,8 @@ def test_ddp_evaluation_equals_single_process(eval_stage, tmp_path):
     # Every prompt answered exactly once, in index order, with identical text and verdicts.
     assert [r["index"] for r in ddp_rows] == list(range(N_HARMFUL + N_TASK))
     assert ddp_rows == single_rows
-    # Same counts, rates (exact: sum-reduced integer counters), per-category rates and fingerprint.
+    # Same counts, rates (exact: sum-reduced integer counters), per-category rates and fingerprint;
+    # only the recorded process count differs.
+    assert (ddp.pop("world_size"), single.pop("world_size")) == (DDP["devices"], 1)
     assert ddp == single
     assert ddp_logged == single_logged and "test/harmful_score" in ddp_logged

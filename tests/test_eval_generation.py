@@ -344,6 +344,8 @@ def test_evaluator_reports_sorted_batches_in_the_original_order(tmp_path, monkey
     plain_calls = list(seen)
     seen.clear()
     sorted_results, sorted_rows = run(True, "sorted")
+    # Same answers and rates; the results record how the prompts were batched.
+    assert (sorted_results.pop("sort_by_length"), plain_results.pop("sort_by_length")) == (True, False)
     assert sorted_rows == plain_rows and sorted_results == plain_results
     assert sorted(p for c in seen for p in c) == sorted(p for c in plain_calls for p in c)
     assert seen != plain_calls  # the batches really were formed otherwise
