@@ -27,7 +27,6 @@ from antidote_pl.experiment.rescore import (
 )
 from antidote_pl.judges.base import Judge
 from antidote_pl.utils.console import print_result
-from antidote_pl.utils.threads import pinned_threads
 
 HELP = "judge a finished run's saved answers again with another judge, without generating again"
 
@@ -60,7 +59,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     # Bad paths fail before the judge loads; the lock is held from then on.
     check_rescore_paths(cfg.run, cfg.out, cfg.overwrite)
     threads, batch_size = judge_settings(cfg.run, cfg.threads, cfg.batch_size)
-    with rescore_lock(cfg.out) as lock, pinned_threads(threads):
+    with rescore_lock(cfg.out) as lock:
         # ``instantiate`` since jsonargparse 4.49; the project allows 4.32+.
         judge = getattr(parser, "instantiate", parser.instantiate_classes)(cfg).judge
         report = write_rescore(cfg.run, judge, cfg.out, cfg.overwrite, lock, threads, batch_size)

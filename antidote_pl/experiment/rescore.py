@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from antidote_pl.errors import bad_value
+from antidote_pl.errors import bad_value, check_int
 from antidote_pl.experiment.agreement import read_generations
 from antidote_pl.judges.base import Judge
 from antidote_pl.utils.console import say
@@ -70,22 +70,17 @@ def generation_files(run: str | Path) -> dict[int | None, dict[str, Path]]:
     return found
 
 
-def _recorded(run: str | Path, key: str) -> list[Any]:
-    """``key`` of every evaluation's ``metrics.json`` in the run (absent files and keys left out)."""
-    values = []
-    for variants in generation_files(run).values():
-        for path in variants.values():
-            metrics = path.with_name("metrics.json")
-            if metrics.is_file() and key in (recorded := read_json_file(metrics, "an evaluation's metrics")):
-                values.append(recorded[key])
-    return values
+def _recorded_settings(run: str | Path) -> list[dict[str, Any]]:
+    """Every evaluation's ``metrics.json`` in the run (evaluations without one left out)."""
+    files = [path.with_name("metrics.json") for v in generation_files(run).values() for path in v.values()]
+    return [read_json_file(f, "an evaluation's metrics") for f in files if f.is_file()]
 
 
-def _one_value(values: list[Any], field: str, allowed: str) -> Any:
-    """The single value the run's evaluations agree on (``None`` when none recorded one)."""
-    distinct = sorted(set(values), key=str)
+def _one_value(recorded: list[dict[str, Any]], key: str, field: str) -> Any:
+    """The single ``key`` the run's evaluations agree on (``None`` when none recorded it)."""
+    distinct = sorted({r[key] for r in recorded if key in r}, key=str)
     if len(distinct) > 1:
-        raise bad_value(field, None, f"{allowed}: the run's evaluations recorded {distinct}, so give one")
+        raise bad_value(field, None, f"an int >= 1: the run's evaluations recorded {distinct}, so give one")
     return distinct[0] if distinct else None
 
 
@@ -101,18 +96,17 @@ def judge_settings(
     Raises:
         ConfigError: for a bad value, or when no value is given and the evaluations recorded several.
     """
+    recorded = _recorded_settings(run)
     if threads is not None:
         threads = check_threads(threads, "--threads")
     else:
-        recorded = _one_value(_recorded(run, "threads"), "--threads", "an int >= 1")
-        threads = DEFAULT_THREADS if recorded is None else recorded
+        threads = _one_value(recorded, "threads", "--threads") or DEFAULT_THREADS
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise bad_value("--batch_size", batch_size, "an int >= 1 (answers per judge call)")
+        check_int("--batch_size", batch_size, 1)
         return threads, batch_size
-    repeatable = not any(_recorded(run, "sort_by_length")) and set(_recorded(run, "world_size")) <= {1}
-    recorded = _one_value(_recorded(run, "batch_size"), "--batch_size", "an int >= 1")
-    return threads, recorded if repeatable else None
+    repeatable = all(not r.get("sort_by_length") and r.get("world_size", 1) == 1 for r in recorded)
+    batch_size = _one_value(recorded, "batch_size", "--batch_size")
+    return threads, batch_size if repeatable else None
 
 
 def rescore(
