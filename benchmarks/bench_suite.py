@@ -3,11 +3,14 @@
 Each commit is checked out into a fresh git worktree (a directory beside the checkout, so that
 ``../shared`` resolves as there, created and removed by this script), so both runs see what a fresh
 clone sees: no ``outputs/``, an empty GGUF cache (``ANTIDOTE_PL_GGUF_CACHE`` in a temporary
-directory). There README's test command runs, ``python -m pytest -q`` (plus ``--junitxml`` for the
-per-test times), one commit after the other, in this interpreter's environment with ``PYTHONPATH``
-set to the worktree. Reported per commit: the wall time, the number of tests by outcome and the
-summed test times; and over the tests present at both commits (same node id) their summed times and
-the ratio, since a suite that gained tests takes longer without any test getting slower.
+directory). There README's test command at that commit runs (the ``python -m pytest`` line of its
+README, e.g. ``python -m pytest -q`` before the suite ran on two xdist workers and
+``python -m pytest -q -n 2`` since; plus ``--junitxml`` for the per-test times), one commit after
+the other, in this interpreter's environment with ``PYTHONPATH`` set to the worktree. Reported per
+commit: the wall time (what CI waits for), the number of tests by outcome and the summed test times;
+and over the tests present at both commits (same node id) their summed times and the ratio, since a
+suite that gained tests takes longer without any test getting slower. With workers, a test's time
+also holds the other worker's load on the shared cores, so summed times exceed the wall time.
 
 Run from the repository root, with nothing else using the cores::
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,15 @@ def test_times(junit_xml: Path) -> dict[str, dict[str, object]]:
     return times
 
 
+def readme_test_command(tree: Path) -> list[str]:
+    """The README's test command at a checkout (its first line starting ``python -m pytest``), with
+    this interpreter for ``python``."""
+    for line in (tree / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("python -m pytest"):
+            return [sys.executable, *shlex.split(line)[1:]]
+    raise SystemExit(f"{tree / 'README.md'} has no line starting 'python -m pytest'")
+
+
 def run_suite(commit: str, scratch: Path) -> dict[str, object]:
     """Runs README's test command at ``commit`` in a fresh worktree beside this checkout (so that
     ``../shared`` resolves as for the checkout); the JUnit XML and GGUF cache go under ``scratch``."""
@@ -52,9 +65,10 @@ def run_suite(commit: str, scratch: Path) -> dict[str, object]:
     # PYTHONPATH: subprocesses started by tests import this commit's package, not the installed one.
     env = dict(os.environ, ANTIDOTE_PL_GGUF_CACHE=str(scratch / f"gguf_{commit}"), PYTHONPATH=str(tree))
     try:
+        command = readme_test_command(tree)
         start = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"],
+            [*command, "-p", "no:cacheprovider", f"--junitxml={xml}"],
             cwd=tree,
             env=env,
             check=False,
@@ -69,6 +83,7 @@ def run_suite(commit: str, scratch: Path) -> dict[str, object]:
     outcomes = [t["outcome"] for t in tests.values()]
     return {
         "commit": sha.strip(),
+        "command": " ".join(["python", *command[1:]]),
         "exit_code": done.returncode,
         "wall_seconds": wall,
         "tests": {o: outcomes.count(o) for o in sorted(set(outcomes))},

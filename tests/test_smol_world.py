@@ -58,7 +58,11 @@ def smol_run(tmp_path_factory):
     os.chdir(work)
     try:
         cfg = yaml.safe_load((REPO / "configs/smol/pipeline.yaml").read_text())
+        # One torch thread (the configs pin 2): under README's `-n 2` the other xdist worker runs
+        # on the other core, and a 2-thread OpenMP team sharing a core waits at every barrier
+        # (this run measured 6.8x slower so).
         small = [
+            "--threads=1",
             "--trainer.max_steps=1",
             "--data.init_args.batch_size=2",
             "--data.init_args.max_length=64",
@@ -81,9 +85,10 @@ def smol_run(tmp_path_factory):
         # The re-attack, shrunk: one step of the unrepaired model and the random ablation.
         cfg["durability"].update(checkpoints=[0, 1], alpha=0.1, methods=["random"], from_budget=None)
         # The realignment set, its size and max_length come from each seed's fine-tune stage.
-        cfg["repair"]["overrides"] += ["--data.init_args.batch_size=4"]
+        cfg["repair"]["overrides"] += ["--data.init_args.batch_size=4", "--threads=1"]
         # The keyword and n-gram judges only: the LM judge is trained once by hand (not in CI).
         eval_cfg = yaml.safe_load((REPO / cfg["evaluation"][0]).read_text())
+        eval_cfg["threads"] = 1
         eval_cfg["data"]["init_args"].update(task_limit=3, fa_validation_size=2, batch_size=8)
         eval_cfg["data"]["init_args"]["harmful"]["init_args"]["limit_each"] = 2
         eval_cfg["model"]["init_args"].update(harmful_max_new_tokens=8, task_max_new_tokens=2)
