@@ -20,6 +20,7 @@ Run from the repository root, with nothing else using the cores::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 from antidote_pl.utils.io import atomic_write_json
@@ -56,33 +58,43 @@ def readme_test_command(tree: Path) -> list[str]:
     raise SystemExit(f"{tree / 'README.md'} has no line starting 'python -m pytest'")
 
 
-def run_suite(commit: str, scratch: Path) -> dict[str, object]:
-    """Runs README's test command at ``commit`` in a fresh worktree beside this checkout (so that
-    ``../shared`` resolves as for the checkout); the JUnit XML and GGUF cache go under ``scratch``."""
-    tree = Path(tempfile.mkdtemp(prefix=f"bench_suite_{commit}_", dir=REPO.parent))
-    xml = scratch / f"junit_{commit}.xml"
+@contextlib.contextmanager
+def worktree(commit: str, prefix: str) -> Iterator[Path]:
+    """A fresh git worktree of ``commit`` beside this checkout (so that ``../shared`` resolves as
+    for the checkout), removed afterwards; also used by ``bench_memory.py``."""
+    tree = Path(tempfile.mkdtemp(prefix=f"{prefix}_{commit}_", dir=REPO.parent))
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], check=True)
-    # PYTHONPATH: subprocesses started by tests import this commit's package, not the installed one.
-    env = dict(os.environ, ANTIDOTE_PL_GGUF_CACHE=str(scratch / f"gguf_{commit}"), PYTHONPATH=str(tree))
     try:
-        command = readme_test_command(tree)
-        start = time.perf_counter()
-        done = subprocess.run(
-            [*command, "-p", "no:cacheprovider", f"--junitxml={xml}"],
-            cwd=tree,
-            env=env,
-            check=False,
-        )
-        wall = time.perf_counter() - start
+        yield tree
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=True)
         if tree.exists():
             tree.rmdir()
-    sha = subprocess.run(["git", "rev-parse", commit], capture_output=True, text=True, check=True).stdout
+
+
+def full_sha(commit: str) -> str:
+    """The commit's full hash."""
+    done = subprocess.run(["git", "rev-parse", commit], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def run_suite(commit: str, scratch: Path) -> dict[str, object]:
+    """Runs README's test command at ``commit`` in a fresh worktree; the JUnit XML and GGUF cache go
+    under ``scratch``."""
+    xml = scratch / f"junit_{commit}.xml"
+    with worktree(commit, "bench_suite") as tree:
+        # PYTHONPATH: subprocesses started by tests import this commit's package, not the installed one.
+        env = dict(os.environ, ANTIDOTE_PL_GGUF_CACHE=str(scratch / f"gguf_{commit}"), PYTHONPATH=str(tree))
+        command = readme_test_command(tree)
+        start = time.perf_counter()
+        done = subprocess.run(
+            [*command, "-p", "no:cacheprovider", f"--junitxml={xml}"], cwd=tree, env=env, check=False
+        )
+        wall = time.perf_counter() - start
     tests = test_times(xml)
     outcomes = [t["outcome"] for t in tests.values()]
     return {
-        "commit": sha.strip(),
+        "commit": full_sha(commit),
         "command": " ".join(["python", *command[1:]]),
         "exit_code": done.returncode,
         "wall_seconds": wall,

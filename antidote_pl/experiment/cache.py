@@ -52,6 +52,7 @@ from antidote_pl.utils.console import say
 from antidote_pl.utils.files import REALIGNMENT_WINDOW_KEY, looks_local, read_json_file, read_stage_metadata
 from antidote_pl.utils.hashing import directory_fingerprint, path_identity
 from antidote_pl.utils.io import add_output_files, atomic_write_json
+from antidote_pl.utils.memory import release_freed_memory
 
 DONE_FILE = "pipeline_done.json"
 # What an evaluation reads from a stage directory; anything else there (e.g. DONE_FILE, which
@@ -327,10 +328,13 @@ class StepTimes:
 
     @contextlib.contextmanager
     def timed(self, step: str) -> Iterator[None]:
-        """Records the seconds of ``step`` if it finishes."""
+        """Records the seconds of ``step`` if it finishes, then returns the memory it freed to the
+        operating system (a step's peak would otherwise stay resident through every later step:
+        :mod:`antidote_pl.utils.memory`)."""
         t0 = time.perf_counter()
         yield
         self.ran[step] = time.perf_counter() - t0
+        release_freed_memory()
 
     def reuse(self, step: str, seconds: float | None) -> None:
         """Records a step served from an earlier run."""
