@@ -14,7 +14,8 @@ also holds the other worker's load on the shared cores, so summed times exceed t
 
 Run from the repository root, with nothing else using the cores::
 
-    python benchmarks/bench_suite.py --baseline 93baa58 --candidate HEAD --out benchmarks/results/suite.json
+    python benchmarks/bench_suite.py --baseline 93baa58 --candidate HEAD --repeats 3 \\
+        --out benchmarks/results/suite.json
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,20 +114,42 @@ def common_times(baseline: dict, candidate: dict) -> dict[str, float]:
     return {"tests": len(shared), "baseline_seconds": base, "candidate_seconds": cand, "ratio": cand / base}
 
 
+def repeated(runs: list[dict]) -> dict[str, object]:
+    """One commit's runs: the first run's record (per-test times included), every run's wall time and
+    their median."""
+    walls = [r["wall_seconds"] for r in runs]
+    worst = max(r["exit_code"] for r in runs)
+    median = statistics.median(walls)
+    return {**runs[0], "exit_code": worst, "wall_seconds_runs": walls, "wall_seconds": median}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", required=True, help="commit to compare against")
     parser.add_argument("--candidate", default="HEAD", help="commit measured (default HEAD)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per commit, alternating (default 1)")
     parser.add_argument("--out", required=True, help="JSON written here")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be an int >= 1, got {args.repeats}")
+    names = ("baseline", "candidate")
+    done: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
-        runs = {name: run_suite(getattr(args, name), Path(tmp)) for name in ("baseline", "candidate")}
+        # Alternating, so a drift of the machine's speed over the hour reaches both commits alike.
+        for i in range(args.repeats):
+            scratch = Path(tmp) / f"run{i}"
+            scratch.mkdir()
+            for name in names:
+                done[name].append(run_suite(getattr(args, name), scratch))
+    runs = {name: repeated(done[name]) for name in names}
     common = common_times(runs["baseline"], runs["candidate"])
     atomic_write_json(args.out, {"machine": f"{os.cpu_count()} CPU cores", **runs, "common": common})
     for name, r in runs.items():
-        print(f"{name} {r['commit'][:7]}: wall {r['wall_seconds']:.0f} s, tests {r['tests']}")
+        walls = ", ".join(f"{w:.0f}" for w in r["wall_seconds_runs"])
+        median = r["wall_seconds"]
+        print(f"{name} {r['commit'][:7]}: wall {walls} s (median {median:.0f}), tests {r['tests']}")
     print(
-        f"{common['tests']} tests at both commits: {common['baseline_seconds']:.0f} s -> "
+        f"{common['tests']} tests at both commits (first runs): {common['baseline_seconds']:.0f} s -> "
         f"{common['candidate_seconds']:.0f} s ({common['ratio']:.2f}x)"
     )
 
