@@ -2,12 +2,12 @@
 
 glibc's allocator keeps freed heap memory for later allocations instead of returning it, so one
 step's peak stays in a process's resident size for the rest of a many-step run. In the SmolLM2
-pipeline the peak is refusal re-alignment with k = 64 (64 sequences in one training batch): a
-shrunk one-seed run (``benchmarks/bench_memory.py``) stayed resident at about 12 GB through every
-later evaluation although the evaluations need under 4 GB, and the full 3-seed fp32 run was killed
-by the kernel's out-of-memory killer on a 24 GiB machine. ``malloc_trim(0)`` after each step gives
-the free pages back. It moves no tensor and changes no result; where the C library has no
-``malloc_trim`` (macOS, musl) it does nothing.
+pipeline the peak is refusal re-alignment with k = 64 (64 sequences in one training batch): after
+it, a shrunk one-seed run (``benchmarks/bench_memory.py``) stayed resident at 7-10 GB through every
+later evaluation and the re-attack, which need 2-6 GB; the full 3-seed fp32 run sat at about 17 GB
+through its evaluations and was killed by the out-of-memory killer on a 24 GiB machine.
+``malloc_trim(0)`` after each step gives the free pages back. It moves no tensor and changes no
+result; where the C library has no ``malloc_trim`` (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
