@@ -59,8 +59,7 @@ def smol_run(tmp_path_factory):
     try:
         cfg = yaml.safe_load((REPO / "configs/smol/pipeline.yaml").read_text())
         # One torch thread (the configs pin 2): under README's `-n 2` the other xdist worker runs
-        # on the other core, and a 2-thread OpenMP team sharing a core waits at every barrier
-        # (this run measured 6.8x slower so).
+        # on the other core, and a 2-thread OpenMP team sharing a core waits at every barrier.
         small = [
             "--threads=1",
             "--trainer.max_steps=1",
