@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from antidote_pl.utils.io import atomic_write_json
+
 PROFILE = Path(__file__).with_name("profile_evaluation.py")
 
 
@@ -93,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 3:
         parser.error(f"--repeats={args.repeats}: expected >= 3 (the first is left out)")
     result = measure(args.stage, args.configs, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     rates = result["evaluations_per_minute"]
     print(
         f"one process, 2 threads: {rates['one_process']:.2f} evaluations/min; "
