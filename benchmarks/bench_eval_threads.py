@@ -33,7 +33,7 @@ PROFILE = Path(__file__).with_name("profile_evaluation.py")
 
 def _start(stage: str, configs: list[str], threads: int, work: Path, name: str, repeats: int):
     """Starts one profiling process with ``threads`` pinned by a config fragment."""
-    fragment = work / f"threads{threads}.yaml"
+    fragment = work / f"{name}_threads.yaml"  # one per process: never rewritten while read
     fragment.write_text(f"threads: {threads}\n")
     command = [
         sys.executable,
